@@ -1,0 +1,26 @@
+# Two commands on a fresh machine with only python3: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The main job: train a flow map on a 2-D toy target on the CPU, print the few-step table, draw the samples.
+demo: $(STAMP)
+	$(PY) -m fmjax.demo --workdir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/loss_cost.py
+
+clean:
+	rm -rf $(VENV) runs
