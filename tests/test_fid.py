@@ -157,3 +157,32 @@ def test_sharded_multiprocess_features_match_single_process(tmp_path):
     np.testing.assert_allclose(r['mu'], expected.mean(0), rtol=1e-5)
     np.testing.assert_allclose(r['sigma'], np.cov(expected, rowvar=False), rtol=1e-4, atol=1e-6)
     assert int(r['num_traces']) == 1 and int(r['num_devices']) == 8
+
+
+def test_source_batches_cover_each_example_once_over_hosts():
+  from fmjax.evaluation import reference_stats
+  source = [{'image': np.full((2, 2, 1), i, np.uint8)} for i in range(11)]  # grayscale
+  per_host = [list(reference_stats.source_batches(source, 10, 2, process_index=p, process_count=3))
+              for p in range(3)]
+  assert [len(b) for b in per_host] == [2, 2, 2]  # same number of (collective) batches each
+  seen = sorted(int(img[0, 0, 0]) for batches in per_host for b in batches for img in b)
+  assert seen == list(range(10))
+  assert per_host[0][0].shape == (2, 2, 2, 3) and per_host[2][1].shape[0] == 1
+  with pytest.raises(ValueError, match='num_samples 12 > 11'):
+    next(reference_stats.source_batches(source, 12, 2))
+
+
+def test_reference_statistics_end_to_end_with_fake_network(tmp_path):
+  from fmjax.evaluation import reference_stats
+  rng = np.random.default_rng(8)
+  source = [{'image': rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)} for _ in range(9)]
+  params = {'w': rng.normal(size=(48, 6)).astype(np.float32)}
+  extractor = fid.FeatureExtractor(params, batch_size=4, feature_fn=fake_features)
+  batches = reference_stats.source_batches(source, 9, extractor.local_batch)
+  stats = fid.compute_statistics(extractor, batches, 9, dataset='fake', split='train',
+                                 feature_extractor='fake')
+  fid.save_statistics(str(tmp_path / 's.npz'), stats)
+  images = np.stack([s['image'] for s in source])
+  expected = np.asarray(fake_features(params, images), np.float64)
+  np.testing.assert_allclose(fid.load_statistics(str(tmp_path / 's.npz')).mu, expected.mean(0),
+                             rtol=1e-5)

@@ -258,7 +258,10 @@ def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_sampl
   Args:
     extractor: a `FeatureExtractor`.
     batches: iterable of host-local image batches (arrays, or dicts holding `image_key`); uint8
-      NHWC, or floats in `value_range` (then quantized with `resize.to_uint8`).
+      NHWC, or floats in `value_range` (then quantized with `resize.to_uint8`). With several
+      processes, every process must yield the same number of batches of the same size
+      (possibly empty; `reference_stats.source_batches` does this), since each batch is a
+      collective gather.
     num_samples: images to use in total (over all processes); 50,000 for reported numbers.
     **provenance: at least `dataset` and `split` for reference statistics; `count`, `resize` and
       `feature_extractor` are filled in.
@@ -268,7 +271,8 @@ def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_sampl
     images = batch[image_key] if isinstance(batch, dict) else batch
     if value_range is not None:
       images = resize.to_uint8(images, value_range)
-    for start in range(0, len(images), extractor.local_batch):
+    # An empty local batch still makes the call: every process must join each gather.
+    for start in range(0, max(len(images), 1), extractor.local_batch):
       features = extractor(images[start:start + extractor.local_batch])
       acc = acc or FeatureStats(features.shape[1])
       acc.update(features[:num_samples - acc.count])
