@@ -100,6 +100,11 @@ def test_statistics_provenance_round_trip(tmp_path):
   other = fid.Statistics(stats.mu, stats.sigma, dict(stats.provenance, feature_extractor='f:2'))
   with pytest.raises(ValueError, match='not comparable'):
     fid.fid(loaded, other)
+  np.savez(str(tmp_path / 'legacy.npz'), mu=stats.mu, sigma=stats.sigma)  # TTUR-style file
+  with pytest.raises(ValueError, match='no provenance'):
+    fid.load_statistics(str(tmp_path / 'legacy.npz'))
+  legacy = fid.load_statistics(str(tmp_path / 'legacy.npz'), allow_missing_provenance=True)
+  assert abs(fid.fid(legacy, loaded)) < 1e-9
   with pytest.raises(ValueError, match='lacks'):
     fid.save_statistics(path, fid.statistics(rng.normal(size=(10, 8)), dataset='x'))
 

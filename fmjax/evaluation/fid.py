@@ -120,12 +120,17 @@ def save_statistics(path: str, stats: Statistics) -> None:
              provenance=np.array(json.dumps(stats.provenance, sort_keys=True)))
 
 
-def load_statistics(path: str) -> Statistics:
+def load_statistics(path: str, allow_missing_provenance: bool = False) -> Statistics:
+  """Reads `save_statistics` output. Files without provenance (e.g. the TTUR code's published
+  `fid_stats_*.npz`, same `mu`/`sigma` keys) load only with `allow_missing_provenance=True`."""
   with np.load(path, allow_pickle=False) as data:
-    if 'provenance' not in data.files:
+    if 'provenance' in data.files:
+      return Statistics(data['mu'], data['sigma'], json.loads(str(data['provenance'])))
+    if not allow_missing_provenance:
       raise ValueError(f'{path} has no provenance: recompute the statistics with '
-                       'fmjax.evaluation.fid.compute_statistics')
-    return Statistics(data['mu'], data['sigma'], json.loads(str(data['provenance'])))
+                       'python -m fmjax.evaluation.reference_stats, or pass '
+                       'allow_missing_provenance=True if you know how it was made')
+    return Statistics(data['mu'], data['sigma'], {'source': path, 'count': -1})
 
 
 # ---------------------------------------------------------------------------------------------
