@@ -30,18 +30,28 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def make_toy_target(data: ml_collections.ConfigDict):
-  """The toy target named by config.data (fmjax.data.toy.make_target) from its public fields."""
+  """The toy target named by config.data (fmjax.data.toy.make_target) from its public fields.
+
+  gaussian: N(0, scale^2 I) in `dim` dimensions. gmm: `means` (K x D), `stds` (K, default
+  0.3), `weights` (K, default equal), or a random layout from `seed` when means is None.
+  checkerboard: the 4 x 4 board on [-4 scale, 4 scale]^2. rings: radii scaled by `scale`.
+  """
   from fmjax.data import toy
   name = data.name
   if name == 'gmm':
-    kwargs = dict(dim=data.dim, means=_array_or_none(data.means), stds=_array_or_none(data.stds),
-                  weights=_array_or_none(data.weights), num_components=data.num_components,
-                  seed=data.seed)
-  elif name == 'gaussian':
-    kwargs = dict(dim=data.dim, scale=data.scale)
-  else:
-    kwargs = dict(scale=data.scale)
-  return toy.make_target(name, **kwargs)
+    if data.means is None:
+      return toy.make_target('gmm', seed=data.seed, num_components=data.num_components, dim=data.dim)
+    means = np.asarray(data.means, np.float32)
+    k = means.shape[0]
+    stds = np.full(k, 0.3, np.float32) if data.stds is None else _array_or_none(data.stds)
+    weights = np.ones(k, np.float32) if data.weights is None else _array_or_none(data.weights)
+    return toy.make_target('gmm', means=means, stds=stds, weights=weights)
+  if name == 'gaussian':
+    return toy.make_target('gaussian', mean=np.zeros(data.dim, np.float32),
+                           std=np.full(data.dim, data.scale, np.float32))
+  if name == 'checkerboard':
+    return toy.make_target('checkerboard', size=4.0 * data.scale)
+  return toy.make_target('rings', radius=1.3 * data.scale)
 
 
 def _array_or_none(value):
