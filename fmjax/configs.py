@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.at_end = True              # run the few-step sweep after the last step
   c.eval.num_samples = 2000
   c.eval.steps = (1, 2, 4, 8)       # few-step sweep of the flow map on a uniform grid
   c.eval.ema_index = 0              # which EMA copy to evaluate (-1 = raw parameters)

@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
       save(force=True)
     manager.wait_until_finished()
     manager.close()
-    results = evaluate(setup, state, step, logger, final=True)
+    results = evaluate(setup, state, step, logger, final=True) if config.eval.at_end else {'step': step}
     logger.close()
     return results
 
