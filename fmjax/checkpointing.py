@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -43,6 +44,8 @@ def checkpoint_dir(workdir: str) -> str:
 def make_manager(workdir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """Keep the last `keep` checkpoints plus every `keep_every`-th step; clean interrupted saves."""
+  if not read_only:
+    remove_interrupted_saves(workdir)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep if keep > 0 else None,
       keep_period=keep_every if keep_every > 0 else None,
@@ -52,6 +55,26 @@ def make_manager(workdir: str, *, keep: int = 3, keep_every: int = 0, async_save
       read_only=read_only,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+TMP_MARKER = '.orbax-checkpoint-tmp'
+
+
+def remove_interrupted_saves(workdir: str) -> list[str]:
+  """Deletes the temporary folders of saves that never completed (process 0 only).
+
+  Orbax also does this in the background when a manager starts; doing it here, before the
+  manager exists, means no later listing can race with it.
+  """
+  root = checkpoint_dir(workdir)
+  if jax.process_index() != 0 or not os.path.isdir(root):
+    return []
+  removed = []
+  for name in os.listdir(root):
+    if TMP_MARKER in name:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+      removed.append(name)
+  return removed
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,

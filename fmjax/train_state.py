@@ -110,7 +110,7 @@ def make_train_step(rule, tx: optax.GradientTransformation, ema_decays) -> Calla
         'nonfinite_max_run': jnp.maximum(state['nonfinite_max_run'], run),
         'nonfinite_total': state['nonfinite_total'] + (~ok).astype(jnp.int32),
     }
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    skipped=(~ok).astype(jnp.float32))
     return new_state, metrics
 
