@@ -59,9 +59,10 @@ def test_eval_mode_reproduces_the_final_metrics(trained):
 
 
 def test_load_and_sample(trained):
+  import fmjax
   import fmjax.api
   workdir, _ = trained
-  model = fmjax.api.load(str(workdir))
+  model = fmjax.load(str(workdir))
   assert model.step == 8 and model.example_shape == (2,)
   key = jax.random.PRNGKey(3)
   x = model.sample(key, 64, steps=2)
