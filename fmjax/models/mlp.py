@@ -18,10 +18,13 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, dim: int, *, hidden: int = 512, depth: int = 4, time_dim: int = 64,
-               num_classes: int = 0, time_conditioning: str = 's_t', dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               num_classes: int = 0, time_conditioning: str = 's_t', time_scale: float = 100.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
     self.time_conditioning = time_conditioning
+    # Frequencies up to time_scale rad per unit time: enough to resolve t in [0, 1] without
+    # the large time derivatives that DiT's 1000 t would feed into every jvp.
+    self.time_scale = time_scale
     self.dtype = dtype
     self.input = nnx.Linear(dim + 2 * time_dim, hidden, dtype=dtype, rngs=rngs)
     self.label_embedding = (nnx.Embed(num_classes + 1, hidden, dtype=dtype, rngs=rngs)
@@ -40,9 +43,9 @@ class MLP(nnx.Module):
     s, t = embeddings.broadcast_times(s, t, x.shape[0])
     a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
     features = jnp.concatenate([
-        x.astype(jnp.float32),
-        embeddings.sinusoidal_embedding(a, self.time_dim),
-        embeddings.sinusoidal_embedding(b, self.time_dim)], axis=-1)
+        x.astype(a.dtype),
+        embeddings.sinusoidal_embedding(a, self.time_dim, scale=self.time_scale),
+        embeddings.sinusoidal_embedding(b, self.time_dim, scale=self.time_scale)], axis=-1)
     h = self.input(features.astype(self.dtype))
     if self.label_embedding is not None:
       if labels is None:
