@@ -109,6 +109,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.reference_samples = 2000
   c.eval.grid_size = 8              # image sets: the sample grid is grid_size x grid_size
   c.eval.guidance_scale = 1.0
+  # The ODE baseline on the learned velocity v_{t,t}, at matching and larger NFE (budgets a
+  # method cannot meet exactly, e.g. 1 NFE for Heun, are skipped).
+  c.eval.ode_method = 'euler'       # 'euler' | 'heun' | 'midpoint' | 'rk4'
+  c.eval.ode_nfe = (1, 2, 4, 8, 16, 32, 64)
+  # Toy targets with an exact map (gaussian, gmm): (s, t) pairs for the one-jump RMSE.
+  c.eval.exact_pairs = ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0), (0.25, 0.75), (0.9, 1.0))
+  # Image sets: FID with the standard Inception network (fmjax.evaluation.fid).
+  c.eval.fid = True                 # False: sample grids only, no Inception weights needed
+  c.eval.fid_num_samples = 50_000   # generated samples per sampler (50k for reported numbers)
+  c.eval.fid_batch_size = 250       # global generation + feature batch
+  c.eval.fid_reference = ''         # .npz of fmjax.evaluation.reference_stats ('' = the cache's
+                                    # fid_stats/<data.name>_<data.split>.npz)
+  c.eval.fid_reference_samples = 0  # shown in the reference command (0 = the whole split)
+  c.eval.inception_weights = ''     # '' = the prepare_inception cache
 
   c.sample = ml_collections.ConfigDict()   # --mode=sample
   c.sample.num = 64
@@ -169,5 +183,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.sharding.data == -1 or config.sharding.data >= 1,
        'config.sharding.data must be -1 (all devices) or >= 1.')
   need(all(int(k) >= 1 for k in config.eval.steps), 'config.eval.steps must be positive step counts.')
+  from fmjax import samplers
+  need(config.eval.ode_method in samplers.ODE_METHODS,
+       f'config.eval.ode_method = {config.eval.ode_method!r}; choose one of {sorted(samplers.ODE_METHODS)}.')
+  need(all(int(n) >= 1 for n in config.eval.ode_nfe), 'config.eval.ode_nfe must be positive NFE budgets.')
+  need(all(len(p) == 2 and 0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0 for p in config.eval.exact_pairs),
+       'config.eval.exact_pairs must be (s, t) pairs of times in [0, 1].')
+  need(config.eval.fid_num_samples >= 2, 'config.eval.fid_num_samples must be >= 2.')
+  need(config.eval.fid_batch_size >= 1, 'config.eval.fid_batch_size must be positive.')
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')

@@ -49,7 +49,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """Restores the latest checkpoint of WORKDIR and runs the few-step evaluation on it."""
   import jax
   from fmjax import checkpointing, logging_utils, train
+  from fmjax.evaluation import sweep
   setup = train.Setup(config, workdir)
+  sweep.check_fid_ready(config)
   with jax.set_mesh(setup.mesh):
     manager = checkpointing.make_manager(workdir, read_only=True)
     step = manager.latest_step()

@@ -1,0 +1,230 @@
+"""The few-step sweep (fmjax.evaluation.sweep): flow map vs ODE at equal NFE on a toy model and on
+a tiny image set (with an injected feature function instead of the 299x299 Inception network),
+exact-map errors that vanish on the exact map and equal the perturbation otherwise, and the
+missing-weights / missing-statistics error raised before training."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax import configs, interpolants, logging_utils, samplers, train
+from fmjax.data import toy
+from fmjax.evaluation import fid, sweep
+
+
+def _tiny_toy_config():
+  c = configs.base_config()
+  c.data.name = 'gmm'
+  c.data.means = ((-2.0, 0.0), (2.0, 1.0), (0.0, -2.0))
+  c.data.stds = (0.3, 0.3, 0.3)
+  c.data.weights = (1.0, 1.0, 1.0)
+  c.model.hidden, c.model.depth, c.model.time_dim = 16, 2, 8
+  c.eval.num_samples = 128
+  c.eval.steps = (1, 2)
+  c.eval.ode_nfe = (1, 2, 4)
+  c.eval.exact_pairs = ((0.0, 1.0), (0.5, 1.0))
+  return c
+
+
+def test_plan_reports_nfe_per_method():
+  heun = sweep.plan((1, 2, 4), 'heun', (1, 2, 3, 4, 8))
+  assert [(s.family, s.steps, s.nfe, s.key) for s in heun] == [
+      ('flow_map', 1, 1, '1'), ('flow_map', 2, 2, '2'), ('flow_map', 4, 4, '4'),
+      ('ode', 1, 2, '2'), ('ode', 2, 4, '4'), ('ode', 4, 8, '8')]   # 1 and 3 NFE: no Heun run
+  assert all(s.nfe == samplers.ode_nfe(s.steps, 'heun') for s in heun if s.family == 'ode')
+  guided = sweep.plan((1,), 'euler', (2,), guided=True)
+  assert [s.nfe for s in guided] == [2, 4]    # classifier-free guidance doubles every NFE
+  with pytest.raises(ValueError, match='ode_method'):
+    sweep.plan((1,), 'leapfrog', (2,))
+
+
+def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
+  config = _tiny_toy_config()
+  setup = train.Setup(config, str(tmp_path))
+  state = setup.init_state()
+  logger = logging_utils.MetricsLogger(str(tmp_path), 0, 0, jsonl=False)
+  with jax.set_mesh(setup.mesh):
+    results = train.evaluate(setup, state, 5, logger, final=False)
+  logger.close()
+  saved = json.loads((tmp_path / 'eval_5.json').read_text())
+  assert saved == json.loads(json.dumps(results))
+  assert set(saved['few_step']) == {'1', '2'} and set(saved['ode']) == {'1', '2', '4'}
+  assert [saved['ode'][k]['nfe'] for k in ('1', '2', '4')] == [1, 2, 4]
+  assert set(saved['flow_map_error']) == {'0->1', '0.5->1'}
+  assert os.path.getsize(tmp_path / 'metric_vs_nfe.png') > 1000
+  assert os.path.exists(tmp_path / 'plots' / 'metric_vs_nfe_5.png')
+  # An untrained network (zero output layer) does not move x0: every sampler returns the noise,
+  # so all metrics agree across samplers and RMSE* is the distance of x0 to the exact X_{0,1}(x0).
+  rows = list(saved['few_step'].values()) + list(saved['ode'].values())
+  for name in ('energy_distance', 'sliced_wasserstein', 'rmse_vs_exact'):
+    np.testing.assert_allclose([r[name] for r in rows], rows[0][name], rtol=1e-5)
+  error = saved['flow_map_error']['0->1']
+  np.testing.assert_allclose(error['rmse'], error['rmse_identity'], rtol=1e-5)
+  assert rows[0]['energy_distance'] > 10 * abs(saved['target_vs_target']['energy_distance'])
+  table = sweep.format_table(results)
+  assert 'flow map' in table and 'ODE euler' in table
+  assert len([l for l in table.splitlines() if ' |  ' in l]) == 1 + 3   # header + NFE 1, 2, 4
+
+
+def _gmm():
+  return toy.make_target('gmm', means=np.array([[-2.0, 0.0], [2.0, 1.0]]),
+                         stds=np.array([0.4, 0.3]), weights=np.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize('target', [_gmm(), toy.make_target('gaussian', mean=np.array([1.0, -0.5]),
+                                                             std=np.array([0.5, 2.0]))],
+                         ids=['gmm', 'gaussian'])
+def test_exact_map_scores_zero_and_a_perturbed_map_scores_the_perturbation(target):
+  interp = interpolants.get('linear')
+  key, n = jax.random.PRNGKey(1), 256
+  pairs = ((0.0, 1.0), (0.25, 0.75))
+  exact = sweep.flow_map_error(toy.ExactFlowMap(target, interp), None, target, interp, key, n, pairs)
+  for row in exact.values():
+    assert row['rmse'] < 1e-5 and row['rmse_identity'] > 0.3
+  eps = 0.1
+  bumped = sweep.flow_map_error(toy.ExactFlowMap(target, interp, perturbation=eps), None, target,
+                                interp, key, n, pairs)
+  # The perturbation adds eps (t - s) sin(x + s + 2t): its RMSE, on the same x ~ I_s, by hand.
+  k0, k1 = jax.random.split(key)
+  x0, x1 = jax.random.normal(k0, (n, 2)), target.sample(k1, n)
+  for s, t in pairs:
+    x = np.asarray(interp.sample(jnp.full((n,), s), x0, x1), np.float64)
+    expected = np.sqrt(np.mean(np.sum((eps * (t - s) * np.sin(x + s + 2 * t)) ** 2, axis=1)))
+    np.testing.assert_allclose(bumped[f'{s:g}->{t:g}']['rmse'], expected, rtol=1e-3)
+    assert bumped[f'{s:g}->{t:g}']['rmse'] > 0.01
+
+
+def test_exact_map_samplers_against_the_exact_jump():
+  target, interp = _gmm(), interpolants.get('linear')
+  flow_map = toy.ExactFlowMap(target, interp)
+  specs = sweep.plan((1, 2), 'euler', (1, 4, 32))
+  fns = sweep.make_sample_fns(flow_map, specs)
+  n = 512
+  x0 = jax.random.normal(jax.random.PRNGKey(2), (n, 2))
+  reference = target.sample(jax.random.PRNGKey(3), n)
+  other = target.sample(jax.random.PRNGKey(4), n)
+  results, _ = sweep.toy_sweep(fns, None, x0, None, reference, reference_other=other, target=target,
+                               interpolant=interp, flow_map=flow_map, exact_pairs=((0.0, 1.0),))
+  # Composing exact jumps is the exact jump; the ODE's Euler error shrinks with NFE.
+  for k in ('1', '2'):
+    assert results['few_step'][k]['rmse_vs_exact'] < 1e-3
+  ode = [results['ode'][k]['rmse_vs_exact'] for k in ('1', '4', '32')]
+  assert ode[0] > ode[1] > ode[2] > 1e-3
+  # Exact samples are as close to the target as a second draw of it.
+  floor = results['target_vs_target']['energy_distance']
+  assert abs(results['few_step']['1']['energy_distance'] - floor) < 0.02
+  assert results['ode']['1']['energy_distance'] > 0.1
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _fake_features(params, images):
+  """A cheap stand-in for Inception: a fixed projection of the uint8 pixels to 8 features."""
+  x = jnp.asarray(images, jnp.float32).reshape(images.shape[0], -1) / 255.0
+  return x @ params['w']
+
+
+@pytest.fixture(scope='module')
+def mnist_dir(tmp_path_factory):
+  from fmjax.data import mnist5k
+  path = tmp_path_factory.mktemp('tfds')
+  mnist5k.build(str(path))
+  return str(path)
+
+
+def _image_config(data_dir, tmp_path):
+  c = configs.base_config()
+  c.data.name = 'mnist5k'
+  c.data.data_dir = data_dir
+  c.data.num_classes = 10
+  c.model.hidden, c.model.depth, c.model.time_dim = 16, 2, 8
+  c.train.batch_size = 8
+  c.eval.steps = (1, 2)
+  c.eval.ode_nfe = (2, 4)
+  c.eval.ode_method = 'heun'
+  c.eval.grid_size = 2
+  c.eval.fid_num_samples = 30       # two batches of 16, the last one padded
+  c.eval.fid_batch_size = 16
+  c.eval.fid_reference = str(tmp_path / 'ref.npz')
+  c.eval.inception_weights = str(tmp_path / 'no_weights.npz')
+  return c
+
+
+def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
+  config = _image_config(mnist_dir, tmp_path)
+  w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (28 * 28 * 3, 8))) / 28
+  extractor = fid.FeatureExtractor({'w': w}, batch_size=16, feature_fn=_fake_features)
+  # Reference statistics of 200 training images, the way reference_stats makes them.
+  from fmjax.evaluation import reference_stats
+  import tensorflow_datasets as tfds
+  source = tfds.data_source('mnist5k', split='train', data_dir=mnist_dir)
+  batches = reference_stats.source_batches(source, 200, extractor.local_batch)
+  fid.save_statistics(config.eval.fid_reference, fid.compute_statistics(
+      extractor, batches, 200, dataset='mnist5k', split='train', resize='none',
+      feature_extractor='fake'))
+  setup = train.Setup(config, str(tmp_path / 'run'))
+  logger = logging_utils.MetricsLogger(setup.workdir, 0, 0, jsonl=False)
+  with jax.set_mesh(setup.mesh):
+    results = train.evaluate(setup, setup.init_state(), 0, logger, final=True, feature_fn=extractor)
+  logger.close()
+  saved = json.loads((tmp_path / 'run' / 'final_metrics.json').read_text())
+  assert set(saved['few_step']) == {'1', '2'} and set(saved['ode']) == {'2', '4'}
+  assert [saved['ode'][k]['steps'] for k in ('2', '4')] == [1, 2]
+  assert saved['fid_reference']['count'] == 200 and saved['fid_num_samples'] == 30
+  assert os.path.getsize(tmp_path / 'run' / 'fid_vs_nfe.png') > 1000
+  assert os.path.exists(tmp_path / 'run' / 'samples' / 'step_0_ode_heun_4nfe.png')
+  # Untrained network = identity map: every sampler returns its noise, so every FID equals the
+  # FID of the 30 noise images themselves (padding rows of the last batch dropped), by hand.
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
+  noise = np.concatenate([np.asarray(x0)[:valid] for x0, _, valid in
+                          sweep.noise_batches(key, (28, 28, 1), 30, 16, num_classes=10)])
+  by_hand = fid.fid(fid.statistics(_fake_features({'w': w}, sweep.to_rgb_uint8(noise))),
+                    fid.load_statistics(config.eval.fid_reference))
+  for row in list(saved['few_step'].values()) + list(saved['ode'].values()):
+    assert row['num_samples'] == 30
+    np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
+  assert by_hand > 1.0
+  assert 'FID' in sweep.format_table(results)
+
+
+def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path):
+  config = _image_config(mnist_dir, tmp_path)
+  with pytest.raises(sweep.MissingFIDAssetsError) as error:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  message = str(error.value)
+  assert 'python -m fmjax.evaluation.prepare_inception' in message
+  assert ('python -m fmjax.evaluation.reference_stats --dataset mnist5k --split train '
+          f'--data_dir {mnist_dir} --out {config.eval.fid_reference}') in message
+  assert '--config.eval.fid=False' in message
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')     # nothing trained
+  config.eval.fid = False
+  sweep.check_fid_ready(config)                                  # FID off: nothing needed
+
+
+def test_traced_step_samplers_equal_the_library_samplers():
+  """One compilation per family must not change the numbers: equal to fmjax.samplers."""
+  from fmjax import build
+  config = _tiny_toy_config()
+  config.data.num_classes = 3
+  init, apply = build.build_network(config, (2,), 3)
+  params = jax.tree.map(lambda p: p + 0.1, init(jax.random.PRNGKey(0)))   # a non-trivial map
+  flow_map = build.build_flow_map(config, apply, interpolants.get('linear'))
+  x0 = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
+  labels = jnp.arange(16) % 3
+  specs = sweep.plan((1, 3), 'heun', (2, 6))
+  fns = sweep.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
+  for spec in specs:
+    got = fns[spec](params, x0, labels)
+    if spec.family == 'flow_map':
+      want = samplers.flow_map_sample(flow_map, params, x0, samplers.uniform_grid(spec.steps),
+                                      labels, null_label=3, guidance_scale=1.5)
+    else:
+      want = samplers.make_ode_sampler(flow_map, spec.steps, 'heun', null_label=3)(
+          params, x0, labels, guidance_scale=1.5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(got - x0).max()) > 0.01
