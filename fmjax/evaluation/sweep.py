@@ -510,3 +510,20 @@ def write_outputs(results: dict, workdir: str, *, final: bool, logger=None) -> d
   if logger is not None:
     logger.scalars(step, scalars(results))
   return paths
+
+
+def markdown_table(results: dict) -> str:
+  """The sweep as a Markdown table (one row per NFE, flow map and ODE side by side), for reports:
+  python -c "import json,sys; from fmjax.evaluation import sweep; print(sweep.markdown_table(json.load(open(sys.argv[1]))))" WORKDIR/final_metrics.json
+  """
+  names = metric_names(results)
+  method = next((r.get('method') for r in results.get('ode', {}).values()), 'ode')
+  short = {'fid': 'FID', 'energy_distance': 'energy dist.', 'sliced_wasserstein': 'sliced W1',
+           'rmse_vs_exact': 'RMSE vs exact X_{0,1}'}
+  head = ['NFE'] + [f'flow map {short[n]}' for n in names] + [f'ODE ({method}) {short[n]}' for n in names]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for nfe, fm, ode in rows_by_nfe(results):
+    cells = [str(nfe)] + [f'{fm[n]:.4g}' if fm else '' for n in names] + [
+        f'{ode[n]:.4g}' if ode else '' for n in names]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
