@@ -227,9 +227,12 @@ def evaluate(setup: Setup, state, step: int, logger, *, final: bool, feature_fn=
   else:
     results, samples = _image_sweep(setup, params, sample_fns, key, feature_fn)
   results = {'step': step, **results}
+  # Gathers are collectives: every process joins them before process 0 alone writes.
+  samples = {spec: np.asarray(_gather(x)) for spec, x in samples.items()}
+  reference = np.asarray(_gather(reference)) if toy else None
   if not logging_utils.is_main_process():
     return results
-  _write_samples(setup, step, samples, logger, toy, reference if toy else None)
+  _write_samples(setup, step, samples, logger, toy, reference)
   logger.info(sweep.format_table(results))
   sweep.write_outputs(results, workdir, final=final, logger=logger)
   return results
@@ -267,19 +270,25 @@ def _image_sweep(setup: Setup, params, sample_fns, key, feature_fn):
     if feature_fn.feature_fn is inception.features:
       provenance.update(resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id())
   return sweep.image_sweep(sample_fns, params, noise, feature_fn, reference,
-                           config.eval.fid_num_samples, keep=grid, provenance=provenance)
+                           config.eval.fid_num_samples, keep=grid, provenance=provenance,
+                           log=_main_print)
+
+
+def _main_print(line: str) -> None:
+  if logging_utils.is_main_process():
+    print(line, flush=True)
 
 
 def _write_samples(setup: Setup, step: int, samples: dict, logger, toy: bool, reference) -> None:
   """Scatter plots (toys) or image grids of every sampler to WORKDIR/samples and TensorBoard."""
   workdir, config = setup.workdir, setup.config
-  gathered = {spec: np.asarray(_gather(x)) for spec, x in samples.items()}
+  gathered = samples
   if toy:
     panels = [(spec.label, v) for spec, v in gathered.items() if spec.family == 'flow_map']
     odes = [(spec.label, v) for spec, v in gathered.items() if spec.family == 'ode']
     panels += odes[-1:]   # the most accurate ODE solve, for comparison
     picture = logging_utils.scatter_png(os.path.join(workdir, 'samples', f'step_{step}.png'), panels,
-                                        np.asarray(_gather(reference)))
+                                        reference)
     logger.image(step, 'samples/few_step', picture)
     return
   for spec, v in gathered.items():
@@ -292,7 +301,7 @@ def _write_samples(setup: Setup, step: int, samples: dict, logger, toy: bool, re
 
 def _gather(x):
   """A (possibly multi-process sharded) array as a full host array on every process."""
-  if jax.process_count() > 1 and not x.is_fully_addressable:
+  if jax.process_count() > 1 and not getattr(x, "is_fully_addressable", True):
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(x, tiled=True)
   return jax.device_get(x)

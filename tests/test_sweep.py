@@ -216,7 +216,7 @@ def test_traced_step_samplers_equal_the_library_samplers():
   flow_map = build.build_flow_map(config, apply, interpolants.get('linear'))
   x0 = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
   labels = jnp.arange(16) % 3
-  specs = sweep.plan((1, 3), 'heun', (2, 6))
+  specs = sweep.plan((3,), 'heun', (6,))
   fns = sweep.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
   for spec in specs:
     got = fns[spec](params, x0, labels)
@@ -228,3 +228,32 @@ def test_traced_step_samplers_equal_the_library_samplers():
           params, x0, labels, guidance_scale=1.5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(got - x0).max()) > 0.01
+
+
+def test_two_processes_run_the_sweep_together(tmp_path):
+  """2 JAX processes x 2 CPU devices: sharded samples, gathered metrics, one writer, no hang."""
+  import subprocess
+  from train_testlib import env_with_devices, free_port, worker_command
+  overrides = {'data.on_device': False, 'train.batch_size': 16, 'train.num_steps': 2,
+               'eval.ode_nfe': [1, 2]}
+  port = free_port()
+  procs = [subprocess.Popen(worker_command(tmp_path, overrides, '--eval', '--coordinator',
+                                           f'127.0.0.1:{port}', '--num_processes', 2,
+                                           '--process_id', i),
+                            env=env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  results = []
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, f'{out[-2000:]}\n{err[-4000:]}'
+    results.append(json.loads(out.split('RESULTS ', 1)[1].splitlines()[0]))
+  assert results[0] == results[1]          # every process holds the same metrics
+  assert set(results[0]['few_step']) == {'1', '2'} and set(results[0]['ode']) == {'1', '2'}
+  saved = json.loads((tmp_path / 'final_metrics.json').read_text())
+  assert saved == results[0]
+  assert os.path.exists(tmp_path / 'samples' / 'step_2.png')

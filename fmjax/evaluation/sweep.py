@@ -27,6 +27,8 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -158,6 +160,14 @@ def _rmse(a, b) -> float:
   return float(np.sqrt(np.mean(np.sum((a - b) ** 2, axis=1))))
 
 
+def _host(x) -> np.ndarray:
+  """A full host copy of a (possibly multi-process sharded) array, on every process."""
+  if not getattr(x, 'is_fully_addressable', True):
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def has_exact_map(target) -> bool:
   return hasattr(target, 'flow_map') and hasattr(target, 'velocity')
 
@@ -213,7 +223,7 @@ def toy_sweep(sample_fns: dict, params, x0, labels, reference, *, reference_othe
     row['energy_distance'] = float(toy_metrics.energy_distance(x, reference))
     row['sliced_wasserstein'] = float(toy_metrics.sliced_wasserstein(x, reference))
     if exact:
-      row['rmse_vs_exact'] = _rmse(jax.device_get(x), jax.device_get(exact_x1))
+      row['rmse_vs_exact'] = _rmse(_host(x), _host(exact_x1))
     results['few_step' if spec.family == 'flow_map' else 'ode'][spec.key] = row
     if keep_samples:
       kept[spec] = x
@@ -283,7 +293,8 @@ def noise_batches(key, shape, num_samples: int, batch_size: int, *, num_classes:
 
 def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature_fn: Callable,
                 reference, num_samples: int, *, value_range=(-1.0, 1.0), keep: int = 0,
-                provenance: dict | None = None) -> tuple[dict, dict]:
+                provenance: dict | None = None, log: Callable[[str], None] | None = None
+                ) -> tuple[dict, dict]:
   """FID of every sampler against `reference` (`fid.Statistics`), streaming over batches.
 
   Args:
@@ -293,13 +304,14 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       (a `fid.FeatureExtractor`, whose local batch must hold a process's share of a batch).
     reference: `fid.Statistics` of the training set.
     keep: how many samples of each sampler to return (for sample grids).
+    log: called with one line per finished sampler (FID runs can take hours on a CPU).
   Returns (results, {spec: first `keep` samples}).
   """
   from fmjax.evaluation import fid
   results = {'few_step': {}, 'ode': {}}
   kept = {}
   for spec, fn in sample_fns.items():
-    acc, grid = None, []
+    acc, grid, started = None, [], time.time()
     for x0, labels, valid in noise():
       x = fn(params, x0, labels)
       local = host_local_rows(x)
@@ -319,6 +331,8 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
     results['few_step' if spec.family == 'flow_map' else 'ode'][spec.key] = row
     if keep:
       kept[spec] = np.concatenate(grid)[:keep]
+    if log is not None:
+      log(f'  {spec.label}: FID {row["fid"]:.4g} ({acc.count} samples, {time.time() - started:.0f} s)')
   results['fid_reference'] = dict(reference.provenance)
   results['fid_num_samples'] = int(num_samples)
   return results, kept
@@ -504,7 +518,8 @@ def write_outputs(results: dict, workdir: str, *, final: bool, logger=None) -> d
     name = 'fid_vs_nfe' if 'fid' in metric_names(results) else 'metric_vs_nfe'
     paths['plot'] = os.path.join(workdir, f'{name}.png')
     picture = plot(results, paths['plot'])
-    plot(results, os.path.join(workdir, 'plots', f'{name}_{step}.png'))
+    os.makedirs(os.path.join(workdir, 'plots'), exist_ok=True)
+    shutil.copyfile(paths['plot'], os.path.join(workdir, 'plots', f'{name}_{step}.png'))
     if logger is not None:
       logger.image(step, f'eval/{name}', picture)
   if logger is not None:
