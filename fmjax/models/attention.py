@@ -208,3 +208,17 @@ def attention_fn(name: str = 'naive', **options) -> Callable[[jax.Array, jax.Arr
   if name == 'blockwise':
     return functools.partial(blockwise_attention, **options)
   raise ValueError(f'Unknown attention implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.')
+
+
+def multi_head_self_attention(qkv: jax.Array, num_heads: int, attend: Callable = naive_attention) -> jax.Array:
+  """[batch, seq, 3 * channels] projections -> [batch, seq, channels] attended values.
+
+  The q/k/v split and head layout the U-Net and DiT share; `attend` is any implementation
+  from `attention_fn` (all take and return [batch, seq, heads, head_dim]).
+  """
+  b, n, c3 = qkv.shape
+  channels = c3 // 3
+  if channels % num_heads:
+    raise ValueError(f'{channels} channels do not split into {num_heads} heads.')
+  q, k, v = jnp.split(qkv.reshape(b, n, 3, num_heads, channels // num_heads), 3, axis=2)
+  return attend(q[:, :, 0], k[:, :, 0], v[:, :, 0]).reshape(b, n, channels)
