@@ -101,7 +101,7 @@ class MeanFlowMap:
 _NEAR_DIAGONAL = 1e-2
 
 
-def _divided_difference(f, s, t):
+def divided_difference(f, s, t):
   """(f(t) - f(s)) / (t - s), by the midpoint derivative f'((s + t) / 2) when |t - s| is small.
 
   The midpoint rule is second-order accurate, so both branches agree to ~1e-6 at the
@@ -157,8 +157,8 @@ class XPredictionFlowMap:
     alpha_s = self._alpha_s(s, x)
     beta_s = self.interpolant.beta(s_b)
     alpha = self.interpolant.alpha
-    dd_alpha = _divided_difference(alpha, s_b, t_b)
-    dd_cross = _divided_difference(lambda u: self.interpolant.beta(u) * alpha_s - alpha(u) * beta_s, s_b, t_b)
+    dd_alpha = divided_difference(alpha, s_b, t_b)
+    dd_cross = divided_difference(lambda u: self.interpolant.beta(u) * alpha_s - alpha(u) * beta_s, s_b, t_b)
     d = self.denoise(params, s, t, x, labels)
     return (dd_alpha * x + dd_cross * d) / alpha_s
 

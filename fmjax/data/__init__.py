@@ -1,0 +1,1 @@
+"""Data: toy targets with exact flow maps, and dataset pipelines."""
