@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 # The main job: train a flow map on a 2-D toy target on the CPU, print the few-step table, draw the samples.
 demo: $(STAMP)
-	$(PY) -m fmjax.demo --workdir runs/demo
+	$(PY) -m fmjax.main --config=experiments/toy_checkerboard.py --workdir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

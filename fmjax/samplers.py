@@ -30,7 +30,10 @@ def _batch_time(t, x):
 
 
 def guided(fn, labels, null_label, guidance_scale):
-  """Classifier-free guidance of any f(..., labels): f_null + w (f_c - f_null), in one batched call.
+  """Classifier-free guidance of f(*arrays, labels): f_null + w (f_c - f_null), in one batched call.
+
+  Every positional argument of the returned function is a [batch, ...] array (doubled for the
+  batched call); close over params.
 
   Used both for velocities and for flow-map average velocities (the usual approximation for
   maps trained without guidance; maps trained with guidance folded in need scale 1).
@@ -55,11 +58,12 @@ def flow_map_sample(flow_map, params, x0, times, labels=None, *, null_label=None
   data in one evaluation.
   """
   times = jnp.asarray(times, jnp.float32)
-  v = guided(flow_map.v, labels, null_label, guidance_scale)
+  v = guided(lambda s, t, x, y: flow_map.v(params, s, t, x, y), labels, null_label,
+             guidance_scale)
 
   def step(x, st):
     s, t = _batch_time(st[0], x), _batch_time(st[1], x)
-    return x + expand(t - s, x) * v(params, s, t, x), None
+    return x + expand(t - s, x) * v(s, t, x), None
 
   x, _ = jax.lax.scan(lambda x, st: step(x, st), x0, jnp.stack([times[:-1], times[1:]], axis=1))
   return x

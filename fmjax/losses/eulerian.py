@@ -128,11 +128,10 @@ def meanflow_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0,
     s, t = times_lib.sample_pairs(key, rows.x1.shape[0], options.times)
     x_s = ctx.interpolant.sample(s, rows.x0, rows.x1)
     v_c = v_u = None
-    if (guidance and rows.labels is not None) or improved:
-      if rows.labels is not None:
-        v_c, v_u = _model_velocities(fm, net, s, x_s, rows.labels, options.null_label)
-      else:
-        v_c = sg(fm.velocity(net, s, x_s, None))
+    if guidance and rows.labels is not None:
+      v_c, v_u = _model_velocities(fm, net, s, x_s, rows.labels, options.null_label)
+    elif improved:
+      v_c = sg(fm.velocity(net, s, x_s, rows.labels))
     target = target_velocity(s, x_s, rows, v_c, v_u)
     # MeanFlow moves x along its target velocity; iMF along the model's own velocity.
     w = v_c if improved else target

@@ -1,0 +1,173 @@
+"""Default experiment configuration and its validation.
+
+Every experiment in `experiments/` starts from `base_config()` and changes what it needs.
+The field names here are a public interface (users override them on the command line as
+`--config.section.key=VALUE`): rename nothing without a deprecation path.
+
+Sections:
+  seed                  one integer from which every PRNG key is derived (fold_in by step)
+  interpolant           'linear' | 'trigonometric'
+  data                  the target: toy ('gaussian', 'gmm', 'checkerboard', 'rings') or an image
+                        set ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
+  model                 the network ('mlp' here; 'unet' / 'dit' through fmjax.models.build)
+  flow_map              the parameterization of X_{s,t} (fmjax.flow_maps.make)
+  loss                  `name` picks the rule of fmjax.losses; every other key is passed to it
+  teacher               a trained workdir whose velocity distills into the flow map
+  optim                 optax optimizer, warmup + schedule, clipping, EMA decays
+  train                 the budget and the cadence of logging, evaluation and checkpoints
+  sharding              the device mesh (data x fsdp) and the FSDP size rule
+  eval                  the few-step sweep run at eval time
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TOY_DATASETS = ('gaussian', 'gmm', 'checkerboard', 'rings')
+IMAGE_DATASETS = ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults: a small 2-D toy run that trains in seconds on a CPU."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.interpolant = 'linear'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'gmm'
+  c.data.dim = 2                    # toy targets: dimension of x
+  # Gaussian mixture (config.data.name = 'gmm'): K x D means, K stds, K weights. Empty means
+  # draws a random layout of `num_components` components from `data.seed`.
+  c.data.means = ml_collections.FieldReference(None, field_type=object)
+  c.data.stds = ml_collections.FieldReference(None, field_type=object)
+  c.data.weights = ml_collections.FieldReference(None, field_type=object)
+  c.data.num_components = 8
+  c.data.seed = 0
+  c.data.scale = 1.0                # gaussian: std; checkerboard / rings: overall size
+  c.data.on_device = True           # toy targets: sample inside a jitted function on device
+  c.data.data_dir = ''              # image sets: TFDS data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.split = 'train'
+  c.data.num_classes = 0            # > 0: class-conditional training (labels fed to the network)
+  c.data.shuffle_seed = 0
+  c.data.worker_count = 0           # grain worker processes (0 = in the main process)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mlp'
+  c.model.hidden = 256
+  c.model.depth = 4
+  c.model.time_dim = 64
+  c.model.time_conditioning = 's_t'
+  c.model.dtype = 'float32'
+  c.model.kwargs = ml_collections.ConfigDict()   # extra arguments for fmjax.models.build
+
+  c.flow_map = ml_collections.ConfigDict()
+  c.flow_map.parameterization = 'displacement'
+  c.flow_map.sigma_data = 0.5
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = 'lsd'
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.workdir = ''            # distillation rules: a trained fmjax workdir
+  c.teacher.step = -1               # -1 = latest checkpoint
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adam'             # 'adam' | 'adamw' | 'radam'
+  c.optim.learning_rate = 1e-3
+  c.optim.schedule = 'constant'     # 'constant' | 'cosine' | 'linear', after the warmup
+  c.optim.warmup_steps = 100
+  c.optim.final_lr_fraction = 0.0   # cosine / linear decay end point
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0           # global-norm clipping; 0 disables it
+  c.optim.ema_decays = (0.999,)     # one EMA copy of the network parameters per decay
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 2000
+  c.train.batch_size = 256          # global batch, over all processes
+  c.train.log_every = 100
+  c.train.eval_every = 0            # 0 = only at the end
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3      # keep the last N ...
+  c.train.keep_every = 0            # ... and every K-th step forever (0 = none)
+  c.train.async_checkpointing = True
+  c.train.max_nonfinite_in_a_row = 10
+  c.train.loss_log_file = True      # append every logged step's metrics to WORKDIR/metrics.jsonl
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.data = -1              # size of the data axis (-1 = all devices left)
+  c.sharding.fsdp = 1               # size of the FSDP axis (parameters and optimizer state)
+  c.sharding.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.at_end = True              # run the few-step sweep after the last step
+  c.eval.num_samples = 2000
+  c.eval.steps = (1, 2, 4, 8)       # few-step sweep of the flow map on a uniform grid
+  c.eval.ema_index = 0              # which EMA copy to evaluate (-1 = raw parameters)
+  c.eval.reference_samples = 2000
+  c.eval.grid_size = 8              # image sets: the sample grid is grid_size x grid_size
+  c.eval.guidance_scale = 1.0
+
+  c.sample = ml_collections.ConfigDict()   # --mode=sample
+  c.sample.num = 64
+  c.sample.steps = 1
+  return c
+
+
+_MODES = ('train', 'eval', 'sample')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run, with a message that says what to change."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that ml_collections' type checks cannot (ranges, names, combinations).
+
+  Raises ConfigError before any device work starts.
+  """
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(msg)
+
+  from fmjax import interpolants
+  need(config.interpolant in interpolants._REGISTRY,
+       f'config.interpolant = {config.interpolant!r}; choose one of {sorted(interpolants._REGISTRY)}.')
+  data = config.data
+  need(data.name in TOY_DATASETS + IMAGE_DATASETS,
+       f'config.data.name = {data.name!r}; choose one of {TOY_DATASETS + IMAGE_DATASETS}.')
+  if data.name == 'gmm' and data.means is not None:
+    import numpy as np
+    means = np.asarray(data.means, np.float64)
+    need(means.ndim == 2, f'config.data.means must be K x D, got shape {means.shape}.')
+    k, d = means.shape
+    need(d == data.dim, f'config.data.means has D = {d} columns but config.data.dim = {data.dim}; '
+         'set --config.data.dim to match.')
+    for field in ('stds', 'weights'):
+      value = data[field]
+      if value is not None:
+        need(np.asarray(value).shape == (k,),
+             f'config.data.{field} must have K = {k} entries (one per mean), got {np.asarray(value).shape}.')
+    if data.weights is not None:
+      need(np.all(np.asarray(data.weights) >= 0) and np.sum(data.weights) > 0,
+           'config.data.weights must be non-negative and not all zero.')
+  train = config.train
+  need(train.num_steps >= 0, 'config.train.num_steps must be >= 0.')
+  need(train.batch_size > 0, 'config.train.batch_size must be positive.')
+  need(train.log_every > 0, 'config.train.log_every must be positive.')
+  need(train.checkpoint_every >= 0, 'config.train.checkpoint_every must be >= 0 (0 = only at the end).')
+  need(train.max_nonfinite_in_a_row > 0, 'config.train.max_nonfinite_in_a_row must be positive.')
+  need(config.optim.name in ('adam', 'adamw', 'radam'),
+       f"config.optim.name = {config.optim.name!r}; choose 'adam', 'adamw' or 'radam'.")
+  need(config.optim.schedule in ('constant', 'cosine', 'linear'),
+       f"config.optim.schedule = {config.optim.schedule!r}; choose 'constant', 'cosine' or 'linear'.")
+  for d in config.optim.ema_decays:
+    need(0.0 <= d < 1.0, f'config.optim.ema_decays entries must be in [0, 1), got {d}.')
+  need(config.sharding.fsdp >= 1, 'config.sharding.fsdp must be >= 1.')
+  need(config.sharding.data == -1 or config.sharding.data >= 1,
+       'config.sharding.data must be -1 (all devices) or >= 1.')
+  need(all(int(k) >= 1 for k in config.eval.steps), 'config.eval.steps must be positive step counts.')
+  need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
+       f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')

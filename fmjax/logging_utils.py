@@ -1,0 +1,142 @@
+"""What a person watches during a run: console lines, TensorBoard, metrics.jsonl, PNG grids.
+
+Only process 0 writes (every process computes the same replicated scalars).
+  console        step, steps/s, ETA and every loss term, every config.train.log_every steps
+  TensorBoard    scalars and sample images under WORKDIR/tensorboard (tensorboardX: no TF)
+  metrics.jsonl  one JSON line per logged step (exact float32 values: resume tests compare them)
+  PNG            sample pictures in WORKDIR/samples/, final few-step metrics in WORKDIR/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+class MetricsLogger:
+  """Console + TensorBoard + metrics.jsonl; inert on processes other than 0."""
+
+  def __init__(self, workdir: str, num_steps: int, start_step: int, *, jsonl: bool = True,
+               tensorboard: bool = True, stream=None):
+    self.active = is_main_process()
+    self.workdir = workdir
+    self.num_steps = num_steps
+    self.stream = stream or sys.stdout
+    self._last_time, self._last_step = time.time(), start_step
+    self._jsonl = None
+    self._writer = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if jsonl:
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+
+  def log_train(self, step: int, metrics: dict) -> None:
+    """step = number of updates done; metrics are host floats of the last update."""
+    if not self.active:
+      return
+    now = time.time()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    eta = (self.num_steps - step) / rate if rate > 0 else float('inf')
+    terms = '  '.join(f'{k} {v:.4g}' for k, v in sorted(metrics.items()))
+    print(f'step {step:>7d}/{self.num_steps}  {rate:7.2f} steps/s  ETA {_format_duration(eta):>7}  '
+          f'{terms}', file=self.stream, flush=True)
+    if self._jsonl:
+      self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}) + '\n')
+      self._jsonl.flush()
+    self.scalars(step, {f'train/{k}': v for k, v in metrics.items()}, extra={'train/steps_per_s': rate})
+
+  def scalars(self, step: int, values: dict, extra: dict | None = None) -> None:
+    if not self.active or self._writer is None:
+      return
+    for k, v in {**values, **(extra or {})}.items():
+      self._writer.add_scalar(k, float(v), step)
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    """An HWC uint8 image into TensorBoard."""
+    if self.active and self._writer is not None:
+      self._writer.add_image(tag, image, step, dataformats='HWC')
+
+  def info(self, message: str) -> None:
+    if self.active:
+      print(message, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._writer is not None:
+      self._writer.close()
+
+
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+  """[N, H, W, C] images in [-1, 1] -> one HWC uint8 grid, `columns` wide."""
+  images = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.zeros((rows * h, columns * w, c), np.uint8)
+  for i in range(n):
+    r, q = divmod(i, columns)
+    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+  return grid[..., 0] if c == 1 else grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  plt.imsave(path, image, cmap='gray' if image.ndim == 2 else None)
+
+
+def scatter_png(path: str, panels: list[tuple[str, np.ndarray]], reference: np.ndarray | None = None
+                ) -> np.ndarray:
+  """Side-by-side 2-D scatter plots (first two coordinates); returns the picture as HWC uint8."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  count = len(panels) + (reference is not None)
+  fig, axes = plt.subplots(1, count, figsize=(3 * count, 3.2), squeeze=False)
+  everything = [p for _, p in panels] + ([reference] if reference is not None else [])
+  lo = np.percentile(np.concatenate(everything)[:, :2], 0.5, axis=0)
+  hi = np.percentile(np.concatenate(everything)[:, :2], 99.5, axis=0)
+  pad = 0.1 * (hi - lo)
+  items = list(panels) + ([('target', reference)] if reference is not None else [])
+  for ax, (title, pts) in zip(axes[0], items):
+    ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, color='k' if title == 'target' else 'C0')
+    ax.set_title(title, fontsize=9)
+    ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+    ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  fig.canvas.draw()
+  picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return picture

@@ -1,0 +1,109 @@
+r"""Command-line entry point.
+
+  python -m fmjax.main --config=experiments/toy_gmm.py --workdir=runs/gmm \
+      [--config.train.num_steps=5000 ...] [--mode=train|eval|sample]
+
+--config names an experiment file with get_config(arg=None) (`file.py:ARG` passes ARG);
+every field can be overridden as --config.section.key=VALUE. An unknown key or a value of
+the wrong type stops here, before JAX touches a device. Multi-host jobs: run the same
+command on every host; jax.distributed starts by itself on TPU pods and SLURM, or from
+--coordinator/--num_processes/--process_id (or FMJAX_COORDINATOR / FMJAX_NUM_PROCESSES /
+FMJAX_PROCESS_ID).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/NAME.py[:ARG].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'],
+                          'train (resumes if WORKDIR has a checkpoint), eval (few-step sweep of the '
+                          'latest checkpoint) or sample (config.sample.num samples to WORKDIR/samples).')
+_COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-host only).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host only).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index (multi-host only).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run(config, workdir: str, mode: str) -> dict:
+  """What main does after flag parsing (importable, so tests and notebooks can call it)."""
+  from fmjax import configs
+  configs.validate(config)
+  if mode == 'train':
+    from fmjax import train
+    return train.train_and_evaluate(config, workdir)
+  if mode == 'eval':
+    return evaluate_checkpoint(config, workdir)
+  return sample_to_workdir(config, workdir)
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """Restores the latest checkpoint of WORKDIR and runs the few-step evaluation on it."""
+  import jax
+  from fmjax import checkpointing, logging_utils, train
+  setup = train.Setup(config, workdir)
+  with jax.set_mesh(setup.mesh):
+    manager = checkpointing.make_manager(workdir, read_only=True)
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; '
+                              'train first with --mode=train.')
+    saved_config, _, _ = checkpointing.restore_json(manager, step)
+    checkpointing.check_compatible(saved_config, config, workdir)
+    state = checkpointing.restore_state(manager, step, setup.abstract_state)
+    logger = logging_utils.MetricsLogger(workdir, config.train.num_steps, step, jsonl=False)
+    results = train.evaluate(setup, state, step, logger, final=True)
+    logger.close()
+    manager.close()
+  return results
+
+
+def sample_to_workdir(config, workdir: str) -> dict:
+  """config.sample.num samples with config.sample.steps flow-map steps -> WORKDIR/samples/."""
+  import jax
+  import numpy as np
+  from fmjax import api, logging_utils
+  model = api.load(workdir)
+  x = np.asarray(model.sample(jax.random.PRNGKey(config.seed), config.sample.num,
+                              steps=config.sample.steps))
+  if not logging_utils.is_main_process():
+    return {}
+  out = os.path.join(workdir, 'samples', f'samples_{model.step}_{config.sample.steps}steps')
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  np.save(out + '.npy', x)
+  if x.ndim == 2:
+    logging_utils.scatter_png(out + '.png', [(f'{config.sample.steps} step(s)', x)])
+  else:
+    columns = int(np.ceil(np.sqrt(len(x))))
+    logging_utils.save_png(out + '.png', logging_utils.image_grid(x, columns))
+  print(f'wrote {out}.npy and {out}.png')
+  return {'path': out + '.npy', 'step': model.step}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax and JAX log every checkpoint step at INFO; keep the console to fmjax's own lines.
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  from fmjax import configs
+  try:
+    configs.validate(config)
+  except configs.ConfigError as e:
+    sys.exit(f'Bad config: {e}')
+  from fmjax import sharding
+  sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  run(config, _WORKDIR.value, _MODE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

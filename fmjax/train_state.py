@@ -1,0 +1,117 @@
+"""The training state and the one jitted update step.
+
+The state is a plain dict pytree (Orbax saves and restores it as is):
+  step                  int32, number of updates applied (skipped non-finite steps count too)
+  rng                   the run's base PRNG key; the step's key is fold_in(rng, step), so a
+                        resumed run draws exactly the keys an uninterrupted one would
+  params                the rule's parameters {'net': ..., maybe 'log_variance': ...}
+  opt_state             optax state
+  ema                   a list of EMA copies of params['net'], one per config.optim.ema_decays
+  nonfinite_run         length of the current run of skipped (non-finite) steps
+  nonfinite_max_run     the longest such run so far (what the loop checks against the limit)
+  nonfinite_total       skipped steps in all
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then constant, cosine or linear decay to the end."""
+  peak = optim.learning_rate
+  warmup = max(int(optim.warmup_steps), 0)
+  decay_steps = max(num_steps - warmup, 1)
+  end = peak * optim.final_lr_fraction
+  if optim.schedule == 'constant':
+    after = optax.constant_schedule(peak)
+  elif optim.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim.final_lr_fraction)
+  else:
+    after = optax.linear_schedule(peak, end, decay_steps)
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(optim, num_steps)
+  if optim.name == 'adam':
+    base = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  elif optim.name == 'adamw':
+    base = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay)
+  else:
+    base = optax.radam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  if optim.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), base)
+  return base
+
+
+def init_state(rule, net_init: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+               ema_decays, seed_key: jax.Array) -> dict:
+  """A fresh state; run it under jax.jit with out_shardings so it is created sharded."""
+  key_net, key_rule, key_run = jax.random.split(seed_key, 3)
+  params = rule.init(net_init(key_net), key_rule)
+  return {
+      'step': jnp.zeros((), jnp.int32),
+      'rng': key_run,
+      'params': params,
+      'opt_state': tx.init(params),
+      'ema': [jax.tree.map(jnp.copy, params['net']) for _ in ema_decays],
+      'nonfinite_run': jnp.zeros((), jnp.int32),
+      'nonfinite_max_run': jnp.zeros((), jnp.int32),
+      'nonfinite_total': jnp.zeros((), jnp.int32),
+  }
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(rule, tx: optax.GradientTransformation, ema_decays) -> Callable:
+  """train_step(state, batch) -> (state, metrics): one update, skipped if not finite.
+
+  A non-finite loss or gradient leaves params, optimizer state and EMAs untouched (selected
+  by jnp.where, so the step stays free of host syncs) and lengthens `nonfinite_run`; the
+  loop stops once `nonfinite_max_run` reaches config.train.max_nonfinite_in_a_row.
+  """
+  ema_decays = tuple(float(d) for d in ema_decays)
+
+  def train_step(state, batch):
+    step = state['step']
+    key = jax.random.fold_in(state['rng'], step)
+    batch = dict(batch, step=step)
+
+    def loss_fn(params):
+      return rule(params, batch, key)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    ema = [jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, e, params['net'])
+           for e, d in zip(state['ema'], ema_decays)]
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    run = jnp.where(ok, 0, state['nonfinite_run'] + 1)
+    new_state = {
+        'step': step + 1,
+        'rng': state['rng'],
+        'params': keep(params, state['params']),
+        'opt_state': keep(opt_state, state['opt_state']),
+        'ema': keep(ema, state['ema']),
+        'nonfinite_run': run,
+        'nonfinite_max_run': jnp.maximum(state['nonfinite_max_run'], run),
+        'nonfinite_total': state['nonfinite_total'] + (~ok).astype(jnp.int32),
+    }
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   skipped=(~ok).astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step

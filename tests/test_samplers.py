@@ -1,0 +1,68 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fmjax import flow_maps, interpolants, samplers
+from fmjax.data import toy
+from fmjax.models import functional
+from fmjax.models.mlp import MLP
+
+TARGET = toy.GaussianTarget(jnp.array([2.0, -1.0]), jnp.array([0.3, 1.5]))
+
+
+def test_k_step_sampling_with_the_exact_map_is_exact_for_every_grid():
+  interp = interpolants.trigonometric()
+  exact = toy.ExactFlowMap(TARGET, interp)
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (128, 2))
+  one_jump = TARGET.flow_map(interp, 0.0, 1.0, x0)
+  for times in (samplers.uniform_grid(1), samplers.uniform_grid(4), jnp.array([0, 0.1, 0.7, 1.0])):
+    np.testing.assert_allclose(samplers.flow_map_sample(exact, None, x0, times), one_jump, atol=1e-5)
+  # ... and lands on the target's moments.
+  samples = samplers.flow_map_sample(exact, None, jax.random.normal(jax.random.PRNGKey(1), (20000, 2)),
+                                     samplers.uniform_grid(2))
+  np.testing.assert_allclose(samples.mean(0), TARGET.mean, atol=0.05)
+  np.testing.assert_allclose(samples.std(0), TARGET.std, rtol=0.03)
+
+
+def test_ode_solvers_converge_at_their_order():
+  interp = interpolants.trigonometric()
+  x0 = jax.random.normal(jax.random.PRNGKey(2), (64, 2))
+  exact = TARGET.flow_map(interp, 0.0, 0.95, x0)
+  velocity = lambda t, x: TARGET.velocity(interp, t, x)
+  for method, order in (('euler', 1), ('heun', 2), ('rk4', 4)):
+    errors = [float(jnp.abs(samplers.ode_sample(velocity, x0, n, method, t1=0.95) - exact).max())
+              for n in (8, 16)]
+    observed = np.log2(errors[0] / errors[1])
+    assert abs(observed - order) < 0.5, (method, errors, observed)
+  assert samplers.ode_nfe(8, 'heun') == 16 and samplers.ode_nfe(8, 'rk4') == 32
+
+
+def test_jitted_samplers_compile_once_per_shape_and_grid_length():
+  traces = []
+  model = MLP(2, hidden=16, depth=2, time_dim=8, num_classes=3, rngs=nnx.Rngs(0))
+  apply, params = functional(model)
+  def counted_apply(*args):
+    traces.append(1)
+    return apply(*args)
+  fm = flow_maps.make('displacement', counted_apply, interpolants.linear())
+  sample = samplers.make_flow_map_sampler(fm, null_label=3)
+  for seed, times in ((0, samplers.uniform_grid(4)), (1, jnp.array([0.0, 0.2, 0.5, 0.6, 1.0]))):
+    x0 = jax.random.normal(jax.random.PRNGKey(seed), (32, 2))
+    sample(params, x0, times, jnp.arange(32) % 3)
+  assert len(traces) == 1   # the scan traces the network once; the second call reuses it
+
+
+def test_guidance_scale_one_is_the_conditional_sampler_and_guidance_extrapolates():
+  model = MLP(2, hidden=16, depth=2, time_dim=8, num_classes=3, rngs=nnx.Rngs(0))
+  apply, params = functional(model)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
+  fm = flow_maps.make('displacement', apply, interpolants.linear())
+  x0 = jax.random.normal(jax.random.PRNGKey(3), (8, 2))
+  labels = jnp.arange(8) % 3
+  times = samplers.uniform_grid(1)
+  conditional = samplers.flow_map_sample(fm, params, x0, times, labels, null_label=3)
+  np.testing.assert_allclose(conditional, x0 + fm.v(params, 0.0, 1.0, x0, labels), atol=1e-6)
+  unconditional = x0 + fm.v(params, 0.0, 1.0, x0, jnp.full((8,), 3))
+  guided = samplers.flow_map_sample(fm, params, x0, times, labels, null_label=3, guidance_scale=3.0)
+  np.testing.assert_allclose(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
