@@ -29,13 +29,39 @@ PRESETS: dict[str, tuple[str, dict]] = {
 _LOOKUP = {k.lower(): k for k in (*FAMILIES, *PRESETS)}
 
 
-def resolve(name: str, **kwargs) -> tuple[str, dict]:
-  """name (case-insensitive) + overrides -> (family, constructor kwargs)."""
+# Config spellings accepted for the constructors' argument names.
+ALIASES = {'channels': 'model_channels', 'channel_mults': 'channel_mult',
+           'attention_resolutions': 'attn_resolutions', 'width': 'hidden'}
+
+
+def _shape_kwargs(family: str, example_shape) -> dict:
+  """Constructor sizes from one example's shape: [dim] for the MLP, [H, W, C] for images."""
+  shape = tuple(int(d) for d in example_shape)
+  if family == 'mlp':
+    return {'dim': int(np.prod(shape))}
+  if len(shape) != 3 or shape[0] != shape[1]:
+    raise ValueError(f'The {family} takes square NHWC images; example_shape (one example, no '
+                     f'batch) must be (size, size, channels), got {shape}.')
+  return {'image_size': shape[0], 'in_channels': shape[2]}
+
+
+def resolve(name: str, *, example_shape=None, **kwargs) -> tuple[str, dict]:
+  """name (case-insensitive) + overrides -> (family, constructor kwargs).
+
+  `example_shape` (one example, no batch dimension) sets the input size; config spellings
+  in ALIASES are translated to the constructor's names.
+  """
   key = _LOOKUP.get(name.lower())
   if key is None:
     raise ValueError(f'Unknown network {name!r}; choose a family {sorted(FAMILIES)} or a preset '
                      f'{sorted(PRESETS)}.')
   family, preset = (key, {}) if key in FAMILIES else PRESETS[key]
+  kwargs = {ALIASES.get(k, k): v for k, v in kwargs.items()}
+  if example_shape is not None:
+    kwargs = {**_shape_kwargs(family, example_shape), **kwargs}
+  for k in ('channel_mult', 'attn_resolutions'):
+    if k in kwargs:
+      kwargs[k] = tuple(kwargs[k])
   return family, {**preset, **kwargs}
 
 

@@ -56,17 +56,22 @@ def sincos_2d_position_embedding(dim: int, grid_size: int) -> np.ndarray:
 
 
 class TimestepEmbedder(nnx.Module):
-  """Sinusoidal features -> Linear -> SiLU -> Linear, in float32 (DiT's TimestepEmbedder)."""
+  """Sinusoidal features of scale * t -> Linear -> SiLU -> Linear (DiT's TimestepEmbedder).
 
-  def __init__(self, hidden: int, frequency_dim: int = 256, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.frequency_dim = frequency_dim
+  DiT embeds integer steps 0..999; scale 1000 maps t in [0, 1] onto the same range. Run it
+  in float32 (or wider): the DiT passes dtype = promote_types(compute dtype, float32).
+  """
+
+  def __init__(self, hidden: int, frequency_dim: int = 256, *, scale: float = 1000.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.frequency_dim, self.scale = frequency_dim, scale
     std = nnx.initializers.normal(0.02)   # DiT initializes the embedding MLP with std 0.02
-    kw = dict(dtype=jnp.float32, param_dtype=param_dtype, kernel_init=std, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=std, rngs=rngs)
     self.linear0 = nnx.Linear(frequency_dim, hidden, **kw)
     self.linear1 = nnx.Linear(hidden, hidden, **kw)
 
   def __call__(self, t):
-    return self.linear1(nnx.silu(self.linear0(embeddings.sinusoidal_embedding(t, self.frequency_dim))))
+    return self.linear1(nnx.silu(self.linear0(embeddings.sinusoidal_embedding(t, self.frequency_dim, scale=self.scale))))
 
 
 def modulate(x, shift, scale):
@@ -105,6 +110,7 @@ class DiT(nnx.Module):
   def __init__(self, *, image_size: int = 32, in_channels: int = 4, patch_size: int = 2,
                hidden: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                num_classes: int = 0, time_conditioning: str = 's_t', time_frequency_dim: int = 256,
+               time_scale: float = 1000.0,
                attention: str = 'naive', attention_options: dict | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
@@ -118,9 +124,11 @@ class DiT(nnx.Module):
                                 padding='VALID', kernel_init=_xavier, **kw)
     self.grid = image_size // patch_size
     self.hidden = hidden
-    self.time_embed_a = TimestepEmbedder(hidden, time_frequency_dim, param_dtype=param_dtype, rngs=rngs)
-    self.time_embed_b = TimestepEmbedder(hidden, time_frequency_dim, param_dtype=param_dtype, rngs=rngs)
-    self.label_embedding = (nnx.Embed(num_classes + 1, hidden, dtype=jnp.float32, param_dtype=param_dtype,
+    time_kw = dict(scale=time_scale, dtype=jnp.promote_types(dtype, jnp.float32), param_dtype=param_dtype,
+                   rngs=rngs)
+    self.time_embed_a = TimestepEmbedder(hidden, time_frequency_dim, **time_kw)
+    self.time_embed_b = TimestepEmbedder(hidden, time_frequency_dim, **time_kw)
+    self.label_embedding = (nnx.Embed(num_classes + 1, hidden, dtype=time_kw['dtype'], param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                             if num_classes else None)
     self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, **kw)

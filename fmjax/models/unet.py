@@ -11,7 +11,8 @@ sCM) use on CIFAR-10.
 
 Flow-map specifics: the network sees two times, (s, t) or (t, t - s), each embedded by
 sinusoidal features in float32 and mixed by a float32 MLP (times and their embeddings
-stay float32 whatever `dtype` is: `jax.jvp` in time differentiates through them). Labels
+stay float32 whatever `dtype` is: `jax.jvp` in time differentiates through them; the
+features are of `time_scale * t`, 1000 t as DDPM/EDM's VP noise level). Labels
 use an embedding with a null row `num_classes` for classifier-free guidance.
 
 Dropout is explicit: pass `key=` to `__call__` (or to the functional `apply`) to drop;
@@ -122,7 +123,8 @@ class UNet(nnx.Module):
                model_channels: int = 128, channel_mult: Sequence[int] = (2, 2, 2),
                num_res_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                channels_per_head: int = 64, dropout: float = 0.0, emb_mult: int = 4,
-               num_classes: int = 0, time_conditioning: str = 's_t', attention: str = 'naive',
+               num_classes: int = 0, time_conditioning: str = 's_t', time_scale: float = 1000.0,
+               attention: str = 'naive',
                attention_options: dict | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % 2 ** (len(channel_mult) - 1):
@@ -134,7 +136,9 @@ class UNet(nnx.Module):
     self.time_conditioning, self.dtype, self.model_channels = time_conditioning, dtype, model_channels
     attend = attention_lib.attention_fn(attention, **(attention_options or {}))
     emb_channels = model_channels * emb_mult
-    f32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    self.time_scale = time_scale
+    # float32 at least: bf16 would round the time differences a jvp in time resolves.
+    f32 = dict(dtype=jnp.promote_types(dtype, jnp.float32), param_dtype=param_dtype, rngs=rngs)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     # Conditioning: [emb(a), emb(b)] (+ label) -> MLP, all float32.
@@ -178,8 +182,9 @@ class UNet(nnx.Module):
     """The float32 conditioning vector [batch, emb_channels] of (s, t, labels)."""
     s, t = embeddings.broadcast_times(s, t, batch)
     a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
-    emb = jnp.concatenate([embeddings.sinusoidal_embedding(a, self.model_channels),
-                           embeddings.sinusoidal_embedding(b, self.model_channels)], axis=-1)
+    emb = jnp.concatenate([
+        embeddings.sinusoidal_embedding(a, self.model_channels, scale=self.time_scale),
+        embeddings.sinusoidal_embedding(b, self.model_channels, scale=self.time_scale)], axis=-1)
     if self.label_embedding is not None:
       if labels is None:
         labels = jnp.full((batch,), self.num_classes, jnp.int32)
