@@ -7,8 +7,9 @@ For each sequence length and implementation, reports XLA's own numbers for the c
 program (temporary memory from `memory_analysis()`, FLOPs from `cost_analysis()`) beside
 the measured wall time (median of --repeats runs after one warm-up). The three modes are
 what the flow-map rules need: the forward pass, `jax.jvp` (d/dt of the network: the
-Lagrangian/Eulerian tangents), and `jax.grad` of a loss on the jvp output (LSD-type rules
-that backpropagate through the tangent). Prints a markdown table and writes it to --out.
+Lagrangian/Eulerian tangents), and `jax.grad` of a loss on the forward output (rules whose
+gradient flows through the primal only, MeanFlow-style) and on the jvp output (LSD-type
+rules that backpropagate through the tangent). Prints a markdown table and writes it to --out.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def _modes(attend):
       return jnp.sum(jax.jvp(attend, (q, k, v), (dq, dk, dv))[1].astype(jnp.float32) ** 2)
     return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, dq, dk, dv)
 
-  return {'forward': forward, 'jvp': jvp, 'grad(jvp)': grad_of_jvp}
+  def grad_of_forward(q, k, v, dq, dk, dv):
+    return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2),
+                    argnums=(0, 1, 2))(q, k, v)
+
+  return {'forward': forward, 'grad(forward)': grad_of_forward, 'jvp': jvp, 'grad(jvp)': grad_of_jvp}
 
 
 def _flops(compiled):
@@ -98,7 +103,7 @@ def main():
       for mode, fn in _modes(attend).items():
         results[name, mode] = measure(fn, inputs, args.repeats,
                                       one_block[mode] if name == 'blockwise' else None)
-    for mode in ('forward', 'jvp', 'grad(jvp)'):
+    for mode in ('forward', 'grad(forward)', 'jvp', 'grad(jvp)'):
       (tn, fn_, sn), (tb, fb, sb) = results['naive', mode], results['blockwise', mode]
       gf = lambda f: 'n/a' if f is None else f'{f / 1e9:,.2f}'
       line = (f'| {n} | {mode} | {_mib(tn)} | {_mib(tb)} | {gf(fn_)} | {gf(fb)} | '

@@ -25,15 +25,6 @@ NETS = {
 }
 
 
-def _perturbed(params, seed=1, scale=0.05):
-  """Random offsets on every parameter: the zero-initialized output layers would otherwise make
-  every network the zero function, and every conditioning test vacuous."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype)
-                                      for p, k in zip(leaves, keys)])
-
-
 def _jit(fn, **kwargs):
   # Test programs run once on tiny inputs: compile them without backend optimization.
   return jax.jit(fn, compiler_options=models.FAST_COMPILE, **kwargs)
@@ -206,7 +197,7 @@ def test_one_training_step_under_each_jvp_rule(name, rule_name):
   flow_map = flow_maps.make('displacement', apply, interpolant)
   teacher = None
   if rule_name in TEACHER_RULES:
-    teacher_params = _perturbed(params, seed=7)
+    teacher_params = _random_params(params, seed=7)
     teacher = lambda t, x, labels: flow_map.velocity(teacher_params, t, x, labels)
   rule = losses.make(rule_name, flow_map, interpolant, teacher=teacher)
   state = rule.init(params, jax.random.key(0))
