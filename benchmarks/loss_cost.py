@@ -37,14 +37,14 @@ REFERENCE = {
 TEACHER_RULES = ('lmd', 'emd', 'progressive', 'fmm')
 
 
-def build_network(name: str, batch: int, num_classes: int):
+def build_network(name: str, batch: int, num_classes: int, size: str = 'small', **overrides):
   """(apply, params, example_x) for a benchmark network."""
   if name == 'mlp':
     model = MLP(2, hidden=512, depth=4, num_classes=num_classes, rngs=nnx.Rngs(0))
     apply, params = functional(model)
     return apply, params, jax.random.normal(jax.random.PRNGKey(1), (batch, 2))
   from fmjax import models   # U-Net / DiT presets for benchmarks
-  return models.build_for_benchmark(name, batch=batch, num_classes=num_classes)
+  return models.build_for_benchmark(name, size, batch=batch, num_classes=num_classes, **overrides)
 
 
 def perturb(params):
@@ -93,13 +93,16 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model', default='mlp')
   parser.add_argument('--batch', type=int, default=1024)
+  parser.add_argument('--size', default='small', help="U-Net / DiT size: tiny, small or full")
+  parser.add_argument('--attention', default='', help="U-Net / DiT attention: naive or blockwise")
   parser.add_argument('--num_classes', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--rules', default='', help='comma-separated labels to run (default: all)')
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
 
-  apply, net_params, x = build_network(args.model, args.batch, args.num_classes)
+  overrides = {'attention': args.attention} if args.attention else {}
+  apply, net_params, x = build_network(args.model, args.batch, args.num_classes, args.size, **overrides)
   net_params = perturb(net_params)
   interp = interpolants.linear()
   flow_map = flow_maps.make('displacement', apply, interp)
@@ -143,7 +146,7 @@ def main(argv=None):
   base = next(e for e in entries if e[0] == 'flow_matching')
   base_time, base_flops, base_temp = statistics.median(base[7]), base[5], base[6]
   device = jax.devices()[0]
-  lines = [f'Model `{args.model}`, batch {args.batch}, {device.platform} ({device.device_kind}), '
+  lines = [f'Model `{args.model}` ({args.size if args.model != "mlp" else "4x512"}), batch {args.batch}, {device.platform} ({device.device_kind}), '
            f'jax {jax.__version__}; flow matching: {base_flops / 1e9:.2f} GFLOP, '
            f'{base_time * 1e3:.1f} ms per step.', '',
            '| rule | rows | FLOP ratio | time ratio | temp memory ratio | reference FLOP ratio |',

@@ -64,11 +64,12 @@ def build_network(config: ml_collections.ConfigDict, example_shape, num_classes:
   def init(key):
     return _to_str_keys(nnx.split(factory(nnx.Rngs(key)))[1].to_pure_dict())
 
-  def apply(params, s, t, x, labels=None):
+  def apply(params, s, t, x, labels=None, **kwargs):
+    # kwargs reach the module: the U-Net's dropout key (`key=`) in training.
     module = nnx.merge(graphdef, _to_nnx_keys(params))
     if flatten:
-      return module(s, t, x.reshape(x.shape[0], -1), labels).reshape(x.shape)
-    return module(s, t, x, labels)
+      return module(s, t, x.reshape(x.shape[0], -1), labels, **kwargs).reshape(x.shape)
+    return module(s, t, x, labels, **kwargs)
 
   return init, apply
 
@@ -91,10 +92,14 @@ def loss_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
   return options
 
 
-def build_rule(config: ml_collections.ConfigDict, flow_map, interpolant, num_classes: int):
+def uses_dropout(config: ml_collections.ConfigDict) -> bool:
+  return float(config.model.kwargs.to_dict().get('dropout', 0.0)) > 0.0
+
+
+def build_rule(config: ml_collections.ConfigDict, flow_map, interpolant, num_classes: int,
+               teacher=None):
   """fmjax.losses.make(config.loss.name, ...) with every other config.loss key as an option."""
   from fmjax import losses
-  teacher = load_teacher(config)
   return losses.make(config.loss.name, flow_map, interpolant, teacher=teacher,
                      **loss_options(config, num_classes))
 

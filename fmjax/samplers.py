@@ -91,8 +91,13 @@ def ode_step(velocity: VelocityFn, x, s, t, method: str):
   raise ValueError(f'Unknown ODE method {method!r}; choose one of {sorted(ODE_METHODS)}.')
 
 
-def integrate(velocity: VelocityFn, x, s, t, num_steps: int, method: str = 'rk4'):
-  """Solves dx/dt = velocity(t, x) from s to t (scalars or [batch] arrays) in num_steps steps."""
+def integrate(velocity: VelocityFn, x, s, t, num_steps: int, method: str = 'rk4',
+              unroll: bool = False):
+  """Solves dx/dt = velocity(t, x) from s to t (scalars or [batch] arrays) in num_steps steps.
+
+  unroll=True unrolls the step loop (XLA's cost analysis counts a loop body once, so inside a
+  training step an unrolled solve also reports its true FLOPs).
+  """
   s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (x.shape[0],))
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
   fractions = jnp.linspace(0.0, 1.0, num_steps + 1, dtype=jnp.float32)
@@ -101,7 +106,8 @@ def integrate(velocity: VelocityFn, x, s, t, num_steps: int, method: str = 'rk4'
     a, b = s + ab[0] * (t - s), s + ab[1] * (t - s)
     return ode_step(velocity, x, a, b, method), None
 
-  x, _ = jax.lax.scan(body, x, jnp.stack([fractions[:-1], fractions[1:]], axis=1))
+  x, _ = jax.lax.scan(body, x, jnp.stack([fractions[:-1], fractions[1:]], axis=1),
+                      unroll=num_steps if unroll else 1)
   return x
 
 

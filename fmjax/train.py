@@ -76,7 +76,17 @@ class Setup:
     net_init, self.apply = build.build_network(config, self.source.example_shape,
                                                self.source.num_classes)
     self.flow_map = build.build_flow_map(config, self.apply, self.interpolant)
-    self.rule = build.build_rule(config, self.flow_map, self.interpolant, self.source.num_classes)
+    teacher = build.load_teacher(config)
+
+    def rule_for(apply):
+      return build.build_rule(config, build.build_flow_map(config, apply, self.interpolant),
+                              self.interpolant, self.source.num_classes, teacher)
+
+    self.rule = rule_for(self.apply)
+    # With dropout, the step rebuilds the rule around apply(..., key=k): one dropout key per
+    # step, derived from the step's key, so resumed runs drop the same units.
+    dropout_rule = ((lambda key: rule_for(functools.partial(self.apply, key=key)))
+                    if build.uses_dropout(config) else None)
     self.tx = train_state.make_optimizer(config.optim, config.train.num_steps)
     self.init_fn = functools.partial(train_state.init_state, self.rule, net_init, self.tx,
                                      tuple(config.optim.ema_decays))
@@ -86,7 +96,7 @@ class Setup:
                                                         config.sharding.fsdp_min_size)
     self.abstract_state = checkpointing.abstract_like(abstract, self.state_shardings)
     self.train_step = jax.jit(
-        train_state.make_train_step(self.rule, self.tx, config.optim.ema_decays),
+        train_state.make_train_step(self.rule, self.tx, config.optim.ema_decays, dropout_rule),
         in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
         donate_argnums=0)

@@ -75,8 +75,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(rule, tx: optax.GradientTransformation, ema_decays) -> Callable:
+def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
+                    dropout_rule: Callable | None = None) -> Callable:
   """train_step(state, batch) -> (state, metrics): one update, skipped if not finite.
+
+  dropout_rule(key) -> rule, if given, is the rule around a network that drops units with
+  that key; it gets a key folded from the step's key (the evaluation uses `rule`'s network,
+  which does not drop).
 
   A non-finite loss or gradient leaves params, optimizer state and EMAs untouched (selected
   by jnp.where, so the step stays free of host syncs) and lengthens `nonfinite_run`; the
@@ -89,8 +94,10 @@ def make_train_step(rule, tx: optax.GradientTransformation, ema_decays) -> Calla
     key = jax.random.fold_in(state['rng'], step)
     batch = dict(batch, step=step)
 
+    step_rule = rule if dropout_rule is None else dropout_rule(jax.random.fold_in(key, 0x0D))
+
     def loss_fn(params):
-      return rule(params, batch, key)
+      return step_rule(params, batch, key)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])

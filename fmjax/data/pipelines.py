@@ -128,8 +128,9 @@ _IMAGE_SETS = {
                 "tfds.builder('cifar10', data_dir='{data_dir}', file_format='array_record')"
                 '.download_and_prepare()"   (needs internet and TensorFlow once; copy the prepared '
                 'folder to machines without)'),
-    'imagenet256_latents': ('imagenet256_latents', 'python -m fmjax.data.latents --help   (encode '
-                            'ImageNet at 256x256 with the SD VAE into an array_record TFDS folder)'),
+    'imagenet256_latents': ('imagenet256_latents', "python -m fmjax.data.latents --shards='LATENTS/*.npz' "
+                            '--data_dir={data_dir}   (SD-VAE latents encoded where ImageNet and the VAE '
+                            'are available; `python -m fmjax.data.latents --help` shows the shard format)'),
 }
 
 

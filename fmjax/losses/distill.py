@@ -30,7 +30,7 @@ def trajectory_rule(ctx: base.Context, ode_steps: int = 16, ode_method: str = 'h
     s, t = times_lib.sample_pairs(key, rows.x1.shape[0], ctx.options.times)
     x_s = ctx.interpolant.sample(s, rows.x0, rows.x1)
     target = samplers.integrate(lambda tt, xx: ctx.teacher(tt, xx, rows.labels), x_s, s, t,
-                                ode_steps, ode_method)
+                                ode_steps, ode_method, unroll=True)
     error = fm.X(params['net'], s, t, x_s, rows.labels) - sg(target)
     return base.mean_square(error), s, t, {}
 

@@ -20,7 +20,8 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, *, hidden: int = 512, depth: int = 4, time_dim: int = 64,
                num_classes: int = 0, time_conditioning: str = 's_t', time_scale: float = 100.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
     self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
     self.time_conditioning = time_conditioning
     # Frequencies up to time_scale rad per unit time: enough to resolve t in [0, 1] without
@@ -29,26 +30,30 @@ class MLP(nnx.Module):
     self.dtype = dtype
     # Separate input projections of x, emb(s) and emb(t) (a concatenation, split): under a
     # jvp in t alone the others carry symbolic-zero tangents, so only the t block is paid for.
-    self.input = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
-    self.first_time = nnx.Linear(time_dim, hidden, use_bias=False, dtype=dtype, rngs=rngs)
-    self.second_time = nnx.Linear(time_dim, hidden, use_bias=False, dtype=dtype, rngs=rngs)
-    self.label_embedding = (nnx.Embed(num_classes + 1, hidden, dtype=dtype, rngs=rngs)
-                            if num_classes else None)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # The time projections run in float32 at least (bfloat16 would round the small time
+    # differences a jvp in time resolves; float64 stays float64 for finite-difference tests).
+    self.time_dtype = jnp.promote_types(dtype, jnp.float32)
+    time_kw = dict(kw, dtype=self.time_dtype)
+    self.input = nnx.Linear(dim, hidden, **kw)
+    self.first_time = nnx.Linear(time_dim, hidden, use_bias=False, **time_kw)
+    self.second_time = nnx.Linear(time_dim, hidden, use_bias=False, **time_kw)
+    self.label_embedding = nnx.Embed(num_classes + 1, hidden, **kw) if num_classes else None
     self.blocks = nnx.List([
-        nnx.Sequential(nnx.silu,
-                       nnx.Linear(hidden, hidden, dtype=dtype, rngs=rngs), nnx.silu,
-                       nnx.Linear(hidden, hidden, dtype=dtype, rngs=rngs))
+        nnx.Sequential(nnx.silu, nnx.Linear(hidden, hidden, **kw), nnx.silu,
+                       nnx.Linear(hidden, hidden, **kw))
         for _ in range(depth - 1)
     ])
-    self.output = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs,
-                             kernel_init=nnx.initializers.zeros)
+    self.output = nnx.Linear(hidden, dim, kernel_init=nnx.initializers.zeros, **kw)
 
   def __call__(self, s, t, x, labels=None):
+    if x.ndim != 2 or x.shape[-1] != self.dim:
+      raise ValueError(f'MLP expects x of shape [batch, {self.dim}], got {x.shape}.')
     s, t = embeddings.broadcast_times(s, t, x.shape[0])
     a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
+    emb = lambda u: embeddings.sinusoidal_embedding(u, self.time_dim, scale=self.time_scale)
     h = (self.input(x.astype(self.dtype))
-         + self.first_time(embeddings.sinusoidal_embedding(a, self.time_dim, scale=self.time_scale).astype(self.dtype))
-         + self.second_time(embeddings.sinusoidal_embedding(b, self.time_dim, scale=self.time_scale).astype(self.dtype)))
+         + (self.first_time(emb(a)) + self.second_time(emb(b))).astype(self.dtype))
     if self.label_embedding is not None:
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)

@@ -1,0 +1,119 @@
+"""Naive vs blockwise attention under forward, jvp, and grad of a loss on the jvp.
+
+    python benchmarks/attention_jvp.py                       # CPU defaults
+    python benchmarks/attention_jvp.py --seq 1024 4096 16384 --heads 16 --out attention.md
+
+For each sequence length and implementation, reports XLA's own numbers for the compiled
+program (temporary memory from `memory_analysis()`, FLOPs from `cost_analysis()`) beside
+the measured wall time (median of --repeats runs after one warm-up). The three modes are
+what the flow-map rules need: the forward pass, `jax.jvp` (d/dt of the network: the
+Lagrangian/Eulerian tangents), and `jax.grad` of a loss on the forward output (rules whose
+gradient flows through the primal only, MeanFlow-style) and on the jvp output (LSD-type
+rules that backpropagate through the tangent). Prints a markdown table and writes it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.models import attention
+
+
+def _modes(attend):
+  def forward(q, k, v, dq, dk, dv):
+    return attend(q, k, v)
+
+  def jvp(q, k, v, dq, dk, dv):
+    return jax.jvp(attend, (q, k, v), (dq, dk, dv))
+
+  def grad_of_jvp(q, k, v, dq, dk, dv):
+    def loss(q, k, v, dq, dk, dv):
+      return jnp.sum(jax.jvp(attend, (q, k, v), (dq, dk, dv))[1].astype(jnp.float32) ** 2)
+    return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, dq, dk, dv)
+
+  def grad_of_forward(q, k, v, dq, dk, dv):
+    return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2),
+                    argnums=(0, 1, 2))(q, k, v)
+
+  return {'forward': forward, 'grad(forward)': grad_of_forward, 'jvp': jvp, 'grad(jvp)': grad_of_jvp}
+
+
+def _flops(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return (cost or {}).get('flops')
+
+
+def measure(fn, args, repeats: int, flops_fn=None):
+  """(temp bytes, FLOPs, median seconds). XLA's cost analysis counts a while-loop body once,
+  so the FLOPs of a blocked program come from `flops_fn`, the same algorithm with one block
+  (its loops run once), compiled but never run."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  memory = compiled.memory_analysis()
+  temp = getattr(memory, 'temp_size_in_bytes', None) if memory is not None else None
+  flops = _flops(jax.jit(flops_fn or fn).lower(*args).compile() if flops_fn else compiled)
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return temp, flops, statistics.median(times)
+
+
+def _mib(x):
+  return 'n/a' if x is None else f'{x / 2**20:,.1f}'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--seq', type=int, nargs='+', default=[256, 1024, 4096])
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--heads', type=int, default=4)
+  parser.add_argument('--head-dim', type=int, default=64)
+  parser.add_argument('--block-size', type=int, default=256)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--out', default='attention_jvp.md')
+  args = parser.parse_args()
+
+  dtype = jnp.dtype(args.dtype)
+  impls = {'naive': attention.naive_attention,
+           'blockwise': attention.attention_fn('blockwise', block_size=args.block_size)}
+  header = (f'Attention under jvp on {jax.devices()[0].device_kind} ({jax.default_backend()}), '
+            f'batch {args.batch}, {args.heads} heads x {args.head_dim}, {args.dtype}, '
+            f'block {args.block_size}. Memory: XLA temp bytes of the compiled program; '
+            f'FLOPs: XLA cost analysis (blockwise: of the same algorithm as one block, since XLA '
+            f'counts a loop body once); time: median of {args.repeats}.')
+  lines = [header, '', '| seq | mode | naive temp MiB | blockwise temp MiB | naive GFLOP | '
+           'blockwise GFLOP | naive ms | blockwise ms |', '|---:|---|---:|---:|---:|---:|---:|---:|']
+  print(header, flush=True)
+  for n in args.seq:
+    keys = jax.random.split(jax.random.key(n), 6)
+    shape = (args.batch, n, args.heads, args.head_dim)
+    inputs = [jax.random.normal(k, shape, dtype) for k in keys]
+    results = {}
+    one_block = _modes(attention.attention_fn('blockwise', block_size=n))
+    for name, attend in impls.items():
+      for mode, fn in _modes(attend).items():
+        results[name, mode] = measure(fn, inputs, args.repeats,
+                                      one_block[mode] if name == 'blockwise' else None)
+    for mode in ('forward', 'grad(forward)', 'jvp', 'grad(jvp)'):
+      (tn, fn_, sn), (tb, fb, sb) = results['naive', mode], results['blockwise', mode]
+      gf = lambda f: 'n/a' if f is None else f'{f / 1e9:,.2f}'
+      line = (f'| {n} | {mode} | {_mib(tn)} | {_mib(tb)} | {gf(fn_)} | {gf(fb)} | '
+              f'{sn * 1e3:,.1f} | {sb * 1e3:,.1f} |')
+      lines.append(line)
+      print(line, flush=True)
+  with open(args.out, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()

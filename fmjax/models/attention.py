@@ -1,0 +1,224 @@
+"""Softmax attention that stays memory-efficient under `jax.jvp` and under grad of a jvp.
+
+The flow-map rules differentiate the network in time with `jax.jvp`, and several (LSD,
+sCT with tangent warm-up, ...) backpropagate through that jvp. Plain einsum attention
+works under jvp but materializes the [seq, seq] score matrix for the primal *and* the
+tangent; fused kernels that only define a custom VJP (cuDNN / FlashAttention bindings)
+cannot be used under `jax.jvp` at all. `blockwise_attention` is FlashAttention's online
+softmax (Dao et al. 2022, Alg. 1; Rabe & Staats 2021) with a `jax.custom_jvp` whose rule
+computes the primal and the tangent together in the same blockwise pass, in plain JAX so
+it runs on every backend.
+
+The tangent (as in sCM, Lu & Song 2024, App. F "JVP of FlashAttention"). With
+S = q k^T / sqrt(d), P = softmax(S) row-wise and O = P v:
+
+  dS = (dq k^T + q dk^T) / sqrt(d)
+  dP = P * (dS - rowsum(P * dS))
+  dO = dP v + P dv = [sum_j w_j (dS_j v_j + dv_j)] / l  -  ([sum_j w_j dS_j] / l) * O
+
+with unnormalized weights w_j = exp(S_j - m) and normalizer l = sum_j w_j. Every bracket is
+a sum over keys, so it is accumulated over key blocks with the same running max m and the
+same rescaling exp(m_old - m_new) as the primal accumulator: never a [seq, seq] array.
+
+Reverse mode. The primal and tangent kernels are a `lax.map` over query blocks whose body
+is `jax.checkpoint`ed, with a `lax.scan` over key blocks inside. Reverse-mode through
+either (grad of a loss on the output, or on the jvp output) therefore saves only the
+inputs of each query block and recomputes one query block at a time: the transient is
+O(query_block * seq), not O(seq^2). The running max is a stop-gradient (the output does
+not depend on its value), which keeps the derivative graph small and free of infinities.
+
+Softmax statistics and accumulators are float32 whatever the input dtype; the two matmuls
+per block run in the input dtype with float32 accumulation (as FlashAttention does on GPU).
+Shapes everywhere: [batch, seq, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLEMENTATIONS = ('naive', 'blockwise')
+
+# Scores of padded keys. Finite (not -inf) so that no inf - inf appears in any derivative.
+_MASKED = -1e30
+
+
+def _check_shapes(q, k, v):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError('attention expects q, k, v shaped [batch, seq, heads, head_dim]; got '
+                     f'{q.shape}, {k.shape}, {v.shape}.')
+  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f'Incompatible attention shapes q {q.shape}, k {k.shape}, v {v.shape}: '
+                     'k and v must match, and batch/heads/head_dim must agree with q.')
+
+
+def naive_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v with the full [batch, heads, seq_q, seq_k] matrix (reference)."""
+  _check_shapes(q, k, v)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o.astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Blocking helpers.
+
+
+def _to_blocks(x, block: int):
+  """[B, N, H, D] -> [N_pad / block, B, block, H, D], zero-padding N up to a multiple."""
+  b, n, h, d = x.shape
+  nb = -(-n // block)
+  x = jnp.pad(x, ((0, 0), (0, nb * block - n), (0, 0), (0, 0)))
+  return x.reshape(b, nb, block, h, d).transpose(1, 0, 2, 3, 4)
+
+
+def _from_blocks(x, n: int):
+  """[nb, B, block, H, D] -> [B, n, H, D] (dropping the padding)."""
+  nb, b, block, h, d = x.shape
+  return x.transpose(1, 0, 2, 3, 4).reshape(b, nb * block, h, d)[:, :n]
+
+
+def _key_mask(n: int, block: int):
+  nb = -(-n // block)
+  return (jnp.arange(nb * block) < n).reshape(nb, block)
+
+
+def _scores(qb, kb, mask, scale):
+  """Masked float32 scores of one (query block, key block) pair, layout [B, H, bq, bk]."""
+  s = jnp.einsum('bqhd,bkhd->bhqk', qb, kb, preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask[None, None, None, :], s, _MASKED)
+
+
+def _online_update(m, s):
+  """New running max (a stop-gradient: the output is invariant to it), rescale, weights."""
+  m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
+  return m_new, jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
+
+
+def _pv(w, vb):
+  """sum_k w[b,h,q,k] v[b,k,h,d] -> [B, H, bq, D], float32 accumulation."""
+  return jnp.einsum('bhqk,bkhd->bhqd', w.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+
+
+def _init_stats(qb):
+  b, bq, h, d = qb.shape
+  m = jnp.full((b, h, bq), _MASKED, jnp.float32)
+  return m, jnp.zeros((b, h, bq), jnp.float32), jnp.zeros((b, h, bq, d), jnp.float32)
+
+
+def _primal_query_block(qb, k_blocks, v_blocks, mask, scale):
+  """Online softmax over key blocks for one query block: returns [B, bq, H, D] float32."""
+
+  def body(carry, xs):
+    m, l, acc = carry
+    kb, vb, mb = xs
+    m_new, alpha, w = _online_update(m, _scores(qb, kb, mb, scale))
+    l = alpha * l + w.sum(-1)
+    acc = alpha[..., None] * acc + _pv(w, vb)
+    return (m_new, l, acc), None
+
+  (_, l, acc), _ = jax.lax.scan(body, _init_stats(qb), (k_blocks, v_blocks, mask))
+  return (acc / l[..., None]).transpose(0, 2, 1, 3)
+
+
+def _jvp_query_block(qb, dqb, k_blocks, v_blocks, dk_blocks, dv_blocks, mask, scale):
+  """Primal and tangent of one query block together (see the module docstring for the math)."""
+
+  def body(carry, xs):
+    m, l, acc, tacc, c = carry
+    kb, vb, dkb, dvb, mb = xs
+    m_new, alpha, w = _online_update(m, _scores(qb, kb, mb, scale))
+    ds = (jnp.einsum('bqhd,bkhd->bhqk', dqb, kb, preferred_element_type=jnp.float32)
+          + jnp.einsum('bqhd,bkhd->bhqk', qb, dkb, preferred_element_type=jnp.float32)) * scale
+    wds = w * ds
+    l = alpha * l + w.sum(-1)
+    acc = alpha[..., None] * acc + _pv(w, vb)
+    tacc = alpha[..., None] * tacc + _pv(wds, vb) + _pv(w, dvb)
+    c = alpha * c + wds.sum(-1)
+    return (m_new, l, acc, tacc, c), None
+
+  m, l, acc = _init_stats(qb)
+  init = (m, l, acc, jnp.zeros_like(acc), jnp.zeros_like(l))
+  (_, l, acc, tacc, c), _ = jax.lax.scan(body, init, (k_blocks, v_blocks, dk_blocks, dv_blocks, mask))
+  o = acc / l[..., None]
+  do = tacc / l[..., None] - (c / l)[..., None] * o
+  return o.transpose(0, 2, 1, 3), do.transpose(0, 2, 1, 3)
+
+
+def _block_sizes(q, k, block_size, query_block_size):
+  if block_size < 1:
+    raise ValueError(f'block_size must be a positive integer, got {block_size}.')
+  bk = min(block_size, k.shape[1])
+  bq = min(query_block_size or block_size, q.shape[1])
+  return bq, bk
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _blockwise(q, k, v, block_size, query_block_size):
+  bq, bk = _block_sizes(q, k, block_size, query_block_size)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  k_blocks, v_blocks, mask = _to_blocks(k, bk), _to_blocks(v, bk), _key_mask(k.shape[1], bk)
+  kernel = jax.checkpoint(
+      lambda qb: _primal_query_block(qb, k_blocks, v_blocks, mask, scale), prevent_cse=False)
+  out = jax.lax.map(kernel, _to_blocks(q, bq))
+  return _from_blocks(out, q.shape[1]).astype(q.dtype)
+
+
+@_blockwise.defjvp
+def _blockwise_jvp(block_size, query_block_size, primals, tangents):
+  q, k, v = primals
+  dq, dk, dv = tangents
+  bq, bk = _block_sizes(q, k, block_size, query_block_size)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  kv = (_to_blocks(k, bk), _to_blocks(v, bk), _to_blocks(dk.astype(k.dtype), bk),
+        _to_blocks(dv.astype(v.dtype), bk))
+  mask = _key_mask(k.shape[1], bk)
+  kernel = jax.checkpoint(
+      lambda qs: _jvp_query_block(qs[0], qs[1], *kv, mask, scale), prevent_cse=False)
+  out, tangent_out = jax.lax.map(kernel, (_to_blocks(q, bq), _to_blocks(dq.astype(q.dtype), bq)))
+  n = q.shape[1]
+  return _from_blocks(out, n).astype(q.dtype), _from_blocks(tangent_out, n).astype(q.dtype)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 128,
+                        query_block_size: int | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v by online softmax over key blocks of `block_size`.
+
+  Exact (up to float rounding) for any sequence lengths: lengths that are not multiples of
+  the block are padded and the padded keys masked. Differentiable in every mode with
+  memory linear in the sequence length per query block: forward, `jax.jvp` (a custom
+  blockwise rule), reverse mode, and reverse mode of the jvp. See the module docstring.
+  """
+  _check_shapes(q, k, v)
+  return _blockwise(q, k, v, int(block_size), None if query_block_size is None else int(query_block_size))
+
+
+def attention_fn(name: str = 'naive', **options) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+  """The attention implementation called `name`: 'naive' or 'blockwise' (options: block_size)."""
+  if name == 'naive':
+    if options:
+      raise ValueError(f"'naive' attention takes no options, got {sorted(options)}.")
+    return naive_attention
+  if name == 'blockwise':
+    return functools.partial(blockwise_attention, **options)
+  raise ValueError(f'Unknown attention implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.')
+
+
+def multi_head_self_attention(qkv: jax.Array, num_heads: int, attend: Callable = naive_attention) -> jax.Array:
+  """[batch, seq, 3 * channels] projections -> [batch, seq, channels] attended values.
+
+  The q/k/v split and head layout the U-Net and DiT share; `attend` is any implementation
+  from `attention_fn` (all take and return [batch, seq, heads, head_dim]).
+  """
+  b, n, c3 = qkv.shape
+  channels = c3 // 3
+  if channels % num_heads:
+    raise ValueError(f'{channels} channels do not split into {num_heads} heads.')
+  q, k, v = jnp.split(qkv.reshape(b, n, 3, num_heads, channels // num_heads), 3, axis=2)
+  return attend(q[:, :, 0], k[:, :, 0], v[:, :, 0]).reshape(b, n, channels)

@@ -1,0 +1,166 @@
+"""DiT (Peebles & Xie 2023, "Scalable diffusion models with transformers") with two-time conditioning.
+
+Patchify by a strided convolution, a fixed 2-D sin-cos position embedding (no learned one),
+transformer blocks with adaLN-Zero conditioning (Sec. 3.2: shift/scale/gate regressed from
+the conditioning vector, gates and the final layer zero-initialized), and an unpatchify.
+The sizes of Table 1 (B/2, L/2, XL/2: 130M / 458M / 675M parameters for 256x256 images as
+32x32x4 VAE latents) are the presets; the output predicts the flow-map velocity only (no
+learned sigma), with the same channels as the input.
+
+Flow-map specifics, as in MeanFlow (Geng et al. 2025, Sec. 4): two timestep embedders,
+one per time input ((s, t) or (t, t - s)), summed with the label embedding (null label
+`num_classes` for classifier-free guidance). Timestep embedders run in float32 whatever
+`dtype` is. The attention implementation is selectable ('naive' | 'blockwise'); the
+blockwise one is memory-efficient under `jax.jvp` and its gradients (fmjax.models.attention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fmjax.models import attention as attention_lib
+from fmjax.models import embeddings
+
+_zeros = nnx.initializers.zeros_init()
+_xavier = nnx.initializers.xavier_uniform()
+
+_LATENT = dict(image_size=32, in_channels=4, patch_size=2)
+PRESETS = {
+    'DiT-B/2': dict(**_LATENT, hidden=768, depth=12, num_heads=12),
+    'DiT-L/2': dict(**_LATENT, hidden=1024, depth=24, num_heads=16),
+    'DiT-XL/2': dict(**_LATENT, hidden=1152, depth=28, num_heads=16),
+    # DiT-S/2 for CIFAR-size pixels or small latents (Table 1's smallest width).
+    'DiT-S/2': dict(**_LATENT, hidden=384, depth=12, num_heads=6),
+    # For tests and CPU smoke runs.
+    'DiT-tiny': dict(image_size=8, in_channels=3, patch_size=2, hidden=32, depth=2, num_heads=2,
+                     time_frequency_dim=32),
+}
+
+
+def sincos_2d_position_embedding(dim: int, grid_size: int) -> np.ndarray:
+  """Fixed [grid_size^2, dim] embedding: half the channels encode the row, half the column (MAE/DiT)."""
+  if dim % 4:
+    raise ValueError(f'The 2-D sin-cos position embedding needs hidden % 4 == 0, got {dim}.')
+  omega = 1.0 / 10_000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+  rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64),
+                           np.arange(grid_size, dtype=np.float64), indexing='ij')
+
+  def one_axis(pos):
+    angles = pos.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+
+
+class TimestepEmbedder(nnx.Module):
+  """Sinusoidal features of scale * t -> Linear -> SiLU -> Linear (DiT's TimestepEmbedder).
+
+  DiT embeds integer steps 0..999; scale 1000 maps t in [0, 1] onto the same range. Run it
+  in float32 (or wider): the DiT passes dtype = promote_types(compute dtype, float32).
+  """
+
+  def __init__(self, hidden: int, frequency_dim: int = 256, *, scale: float = 1000.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.frequency_dim, self.scale = frequency_dim, scale
+    std = nnx.initializers.normal(0.02)   # DiT initializes the embedding MLP with std 0.02
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=std, rngs=rngs)
+    self.linear0 = nnx.Linear(frequency_dim, hidden, **kw)
+    self.linear1 = nnx.Linear(hidden, hidden, **kw)
+
+  def __call__(self, t):
+    return self.linear1(nnx.silu(self.linear0(embeddings.sinusoidal_embedding(t, self.frequency_dim, scale=self.scale))))
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nnx.Module):
+  """Pre-LN transformer block with adaLN-Zero (Peebles & Xie 2023, Fig. 3)."""
+
+  def __init__(self, hidden: int, num_heads: int, mlp_ratio: float = 4.0, *, attend,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    ln = dict(use_bias=False, use_scale=False, epsilon=1e-6, **kw)
+    self.num_heads, self.attend = num_heads, attend
+    self.norm1 = nnx.LayerNorm(hidden, **ln)
+    self.qkv = nnx.Linear(hidden, 3 * hidden, kernel_init=_xavier, **kw)
+    self.proj = nnx.Linear(hidden, hidden, kernel_init=_xavier, **kw)
+    self.norm2 = nnx.LayerNorm(hidden, **ln)
+    mlp_hidden = int(hidden * mlp_ratio)
+    self.fc1 = nnx.Linear(hidden, mlp_hidden, kernel_init=_xavier, **kw)
+    self.fc2 = nnx.Linear(mlp_hidden, hidden, kernel_init=_xavier, **kw)
+    self.adaln = nnx.Linear(hidden, 6 * hidden, kernel_init=_zeros, **kw)
+
+  def __call__(self, x, c):
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(nnx.silu(c)), 6, axis=-1)
+    h = self.qkv(modulate(self.norm1(x), shift1, scale1))
+    x = x + gate1[:, None, :] * self.proj(
+        attention_lib.multi_head_self_attention(h, self.num_heads, self.attend))
+    h = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), shift2, scale2)), approximate=True))
+    return x + gate2[:, None, :] * h
+
+
+class DiT(nnx.Module):
+  """net(s, t, x, labels) for x of shape [batch, image_size, image_size, in_channels] (NHWC)."""
+
+  def __init__(self, *, image_size: int = 32, in_channels: int = 4, patch_size: int = 2,
+               hidden: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+               num_classes: int = 0, time_conditioning: str = 's_t', time_frequency_dim: int = 256,
+               time_scale: float = 1000.0,
+               attention: str = 'naive', attention_options: dict | None = None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if image_size % patch_size:
+      raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}.')
+    embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
+    self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
+    self.num_classes, self.time_conditioning, self.dtype = num_classes, time_conditioning, dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    attend = attention_lib.attention_fn(attention, **(attention_options or {}))
+    self.patch_embed = nnx.Conv(in_channels, hidden, (patch_size, patch_size), strides=patch_size,
+                                padding='VALID', kernel_init=_xavier, **kw)
+    self.grid = image_size // patch_size
+    self.hidden = hidden
+    time_kw = dict(scale=time_scale, dtype=jnp.promote_types(dtype, jnp.float32), param_dtype=param_dtype,
+                   rngs=rngs)
+    self.time_embed_a = TimestepEmbedder(hidden, time_frequency_dim, **time_kw)
+    self.time_embed_b = TimestepEmbedder(hidden, time_frequency_dim, **time_kw)
+    self.label_embedding = (nnx.Embed(num_classes + 1, hidden, dtype=time_kw['dtype'], param_dtype=param_dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                            if num_classes else None)
+    self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, **kw)
+                            for _ in range(depth)])
+    self.final_norm = nnx.LayerNorm(hidden, use_bias=False, use_scale=False, epsilon=1e-6, **kw)
+    self.final_adaln = nnx.Linear(hidden, 2 * hidden, kernel_init=_zeros, **kw)
+    self.final_linear = nnx.Linear(hidden, patch_size * patch_size * in_channels, kernel_init=_zeros, **kw)
+
+  def embed(self, s, t, labels, batch: int):
+    """The float32 conditioning vector c = emb_a + emb_b + emb_label, [batch, hidden]."""
+    s, t = embeddings.broadcast_times(s, t, batch)
+    a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
+    c = self.time_embed_a(a) + self.time_embed_b(b)
+    if self.label_embedding is not None:
+      if labels is None:
+        labels = jnp.full((batch,), self.num_classes, jnp.int32)
+      c = c + self.label_embedding(labels)
+    return c
+
+  def __call__(self, s, t, x, labels=None):
+    if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, self.in_channels):
+      raise ValueError(f'DiT expects NHWC inputs [batch, {self.image_size}, {self.image_size}, '
+                       f'{self.in_channels}], got {x.shape}.')
+    b, p, g = x.shape[0], self.patch_size, self.grid
+    c = self.embed(s, t, labels, b).astype(self.dtype)
+    h = self.patch_embed(x.astype(self.dtype)).reshape(b, g * g, -1)
+    # A fixed embedding, built as a compile-time constant (kept out of params so no optimizer moves it).
+    h = h + jnp.asarray(sincos_2d_position_embedding(self.hidden, g), self.dtype)[None]
+    for block in self.blocks:
+      h = block(h, c)
+    shift, scale = jnp.split(self.final_adaln(nnx.silu(c)), 2, axis=-1)
+    h = self.final_linear(modulate(self.final_norm(h), shift, scale))
+    # Unpatchify: [b, g*g, p*p*C] -> [b, g*p, g*p, C].
+    h = h.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5)
+    return h.reshape(b, g * p, g * p, self.in_channels).astype(x.dtype)
