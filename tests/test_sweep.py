@@ -235,7 +235,7 @@ def test_two_processes_run_the_sweep_together(tmp_path):
   import subprocess
   from train_testlib import env_with_devices, free_port, worker_command
   overrides = {'data.on_device': False, 'train.batch_size': 16, 'train.num_steps': 2,
-               'eval.ode_nfe': [1, 2]}
+               'train.checkpoint_every': 0, 'loss.name': 'flow_matching', 'eval.ode_nfe': [1, 2]}
   port = free_port()
   procs = [subprocess.Popen(worker_command(tmp_path, overrides, '--eval', '--coordinator',
                                            f'127.0.0.1:{port}', '--num_processes', 2,
