@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.data.name = 'checkerboard'
   c.data.dim = 2
   c.data.scale = 1.0
-  c.loss.name = arg or 'lsd'
+  configs.set_toy_rule(c, arg or 'lsd')
   c.train.num_steps = 3000
   c.train.batch_size = 512
   c.train.log_every = 500

@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.data.name = 'gaussian'
   c.data.dim = dim
   c.data.scale = 2.0
-  c.loss.name = rule
+  configs.set_toy_rule(c, rule)
   c.train.num_steps = 1000
   c.train.batch_size = 256
   c.train.log_every = 100

@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.data.stds = (0.4,) * 8
     c.data.weights = (1.0,) * 8
   c.interpolant = 'linear'
-  c.loss.name = rule
+  configs.set_toy_rule(c, rule)
   c.train.num_steps = 3000
   c.train.batch_size = 512
   c.train.log_every = 250

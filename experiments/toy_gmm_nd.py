@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.data.dim = dim
   c.data.num_components = 8
   c.data.seed = 0            # random means from this seed (config.data.means stays None)
-  c.loss.name = rule
+  configs.set_toy_rule(c, rule)
   c.train.num_steps = 5000
   c.train.batch_size = 512
   c.train.log_every = 250
