@@ -2,7 +2,7 @@ r"""MNIST (the 5,000 offline digits, mnist5k) with flow matching, LSD or MeanFlo
 
 A small class-conditional image experiment that runs on one CPU or GPU: flow matching
 (Lipman et al. 2023, the diagonal alone), Lagrangian self-distillation (Boffi, Albergo &
-Vanden-Eijnden, arXiv 2505.18825, Eq. 3.4) or MeanFlow (Geng et al. 2025, arXiv
+Vanden-Eijnden, arXiv 2505.18825, Sec. 3) or MeanFlow (Geng et al. 2025, arXiv
 2505.13447, Eq. 10), with the MNIST setting of 2505.18825 (Sec. 5.2). Uses the U-Net of
 fmjax.models when available (config.model.name = 'unet'), else `:RULE,mlp` for the MLP on
 flattened pixels.

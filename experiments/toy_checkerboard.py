@@ -1,7 +1,7 @@
 r"""2-D checkerboard: the `make demo` experiment (a few minutes on two CPU cores).
 
 A flow map trained from scratch by self-distillation (LSD: Boffi, Albergo &
-Vanden-Eijnden, arXiv 2505.18825, Eq. 3.4, with the diagonal flow-matching term) or by
+Vanden-Eijnden, arXiv 2505.18825, Sec. 3, with the diagonal flow-matching term) or by
 MeanFlow (Geng et al. 2025, arXiv 2505.13447, Eq. 10); the few-step table (energy distance
 and sliced Wasserstein for 1, 2, 4, 8 steps against a fresh target draw) and a PNG of the
 samples are written to the workdir, as in the 2-D figures of 2505.18825 (Sec. 5.1).

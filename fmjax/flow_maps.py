@@ -6,7 +6,7 @@ map with the exact boundary condition X_{s,s}(x) = x (DESIGN.md, section 2):
 
   X_{s,t}(x) = x + (t - s) v_{s,t}(x),   b_t(x) = v_{t,t}(x)
 
-(Boffi, Albergo & Vanden-Eijnden, "Flow map matching", arXiv 2406.07507, Eq. 2.7).
+(Boffi, Albergo & Vanden-Eijnden, "Flow map matching", arXiv 2406.07507, Sec. 2).
 Every parameterization offers the same three methods, so every rule and sampler works
 with each of them:
 
@@ -42,7 +42,7 @@ class FlowMap(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class DisplacementFlowMap:
-  """X_{s,t}(x) = x + (t - s) net(s, t, x): the default of Boffi et al. (2406.07507, Eq. 2.7).
+  """X_{s,t}(x) = x + (t - s) net(s, t, x): the default of Boffi et al. (2406.07507, Sec. 2).
 
   The network output is the average velocity itself, so v and b = v_{t,t} cost one
   forward pass each and are exact on the diagonal.

@@ -54,7 +54,7 @@ def flow_map_sample(flow_map, params, x0, times, labels=None, *, null_label=None
                     guidance_scale: float = 1.0):
   """x_{t_k} = X_{t_{k-1}, t_k}(x_{t_{k-1}}) over a time grid: len(times) - 1 evaluations.
 
-  Boffi et al. 2406.07507, Eq. 2.9: a k-step flow-map sampler; k = 1 jumps from noise to
+  Boffi et al. 2406.07507, Sec. 2: a k-step flow-map sampler; k = 1 jumps from noise to
   data in one evaluation.
   """
   times = jnp.asarray(times, jnp.float32)

@@ -1,7 +1,7 @@
 """The few-step sweep: flow-map k-step sampling against the ODE on its own velocity, at equal NFE.
 
 Flow-map methods are compared by sample quality against the number of network function
-evaluations (NFE): a k-step flow map costs k evaluations (Boffi et al. 2406.07507, Eq. 2.9),
+evaluations (NFE): a k-step flow map costs k evaluations (Boffi et al. 2406.07507, Sec. 2),
 an ODE solver on the learned velocity b_t = v_{t,t} costs `samplers.ode_nfe(steps, method)`.
 This module draws both families from the *same* noise (common random numbers, so differences
 between samplers are not sampling noise of x0), and scores them

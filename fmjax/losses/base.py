@@ -181,7 +181,7 @@ def tangent_velocity(ctx: Context, t, x_t, rows: Rows) -> jax.Array:
 
 def diagonal_term(ctx: Context, params, rows: Rows, key, target_fn=None):
   """Flow matching on the map's diagonal: |v_{t,t}(I_t) - dI_t/dt|^2 (Lipman et al. 2023, Eq. 23;
-  Boffi et al. 2505.18825, Eq. 3.3). Returns (per-row loss after weighting, raw per-row MSE, t).
+  Boffi et al. 2505.18825, Sec. 3). Returns (per-row loss after weighting, raw per-row MSE, t).
 
   target_fn(params, t, x_t, rows, prediction) -> target lets a rule change the target (MeanFlow's
   guided velocity reuses the prediction itself as its conditional branch).

@@ -3,9 +3,9 @@
 All of them evaluate the total derivative along (ds, dx) = (1, w) with one `jax.jvp` of
 (s, x) -> X_{s,t}(x) (or -> v_{s,t}(x)), for some tangent velocity w:
 
-- ESD (Eulerian self-distillation, Boffi et al. 2505.18825, Eq. 3.9), w = sg[v_{s,s}(I_s)]:
+- ESD (Eulerian self-distillation, Boffi et al. 2505.18825, Sec. 3), w = sg[v_{s,s}(I_s)]:
     E | d/ds X_{s,t}(I_s) + sg[grad X_{s,t}(I_s) w] |^2
-- EMD (Eulerian map distillation, Boffi et al. 2406.07507, Eq. 3.4), w = b_s(I_s) a teacher:
+- EMD (Eulerian map distillation, Boffi et al. 2406.07507, Sec. 3), w = b_s(I_s) a teacher:
     E | d/ds X_{s,t}(I_s) + grad X_{s,t}(I_s) b_s(I_s) |^2
 - MeanFlow (Geng et al. 2505.13447, Eqs. 6-10), w = dI_s/ds the conditional velocity, in
   fmjax time (s = 1 - t_MF, t = 1 - r_MF, v = -u; see flow_maps.MeanFlowMap):

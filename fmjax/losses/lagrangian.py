@@ -1,8 +1,8 @@
 """Lagrangian rules: the map moves along the flow, d/dt X_{s,t}(x) = b_t(X_{s,t}(x)).
 
-LSD (Lagrangian self-distillation, Boffi, Albergo & Vanden-Eijnden, arXiv 2505.18825, Eq. 3.7):
+LSD (Lagrangian self-distillation, Boffi, Albergo & Vanden-Eijnden, arXiv 2505.18825, Sec. 3):
   E | d/dt X_{s,t}(I_s) - sg[v_{t,t}(X_{s,t}(I_s))] |^2
-LMD (Lagrangian map distillation, Boffi et al., arXiv 2406.07507, Eq. 3.2): the same with a
+LMD (Lagrangian map distillation, Boffi et al., arXiv 2406.07507, Sec. 3): the same with a
 teacher velocity b_t in the target.
 d/dt X is `jax.jvp` of t -> X_{s,t}(x) with tangent 1, and its primal output X_{s,t}(I_s) is
 the point where the target velocity is evaluated (no second forward pass of the map).

@@ -1,6 +1,6 @@
 """Semigroup rules: X_{u,t}(X_{s,u}(x)) = X_{s,t}(x) for s <= u <= t.
 
-PSD (progressive self-distillation, Boffi et al. 2505.18825, Eq. 3.11):
+PSD (progressive self-distillation, Boffi et al. 2505.18825, Sec. 3):
   E | X_{s,t}(I_s) - sg[X_{u,t}(X_{s,u}(I_s))] |^2,  u uniform in [s, t] or the midpoint.
 Shortcut models (Frans, Hafner, Levine & Abbeel, arXiv 2410.12557, Eq. 5) are PSD at the
 midpoint on dyadic jumps h = 2^-k, in v-space:
