@@ -17,11 +17,7 @@ from fmjax import configs
 
 
 def get_config(arg=None):
-  rule, dim = 'lsd', 2
-  if arg:
-    parts = arg.split(',')
-    rule = parts[0] or rule
-    dim = int(parts[1]) if len(parts) > 1 else dim
+  rule, dim = configs.rule_and_dim(arg, default_dim=2)
   c = configs.base_config()
   c.data.name = 'gaussian'
   c.data.dim = dim

@@ -20,12 +20,7 @@ from fmjax import configs
 
 
 def get_config(arg=None):
-  rule, dim = 'lsd', 2
-  if arg:
-    parts = arg.split(',')
-    rule = parts[0] or rule
-    if len(parts) > 1:
-      dim = int(parts[1])
+  rule, dim = configs.rule_and_dim(arg, default_dim=2)
   c = configs.base_config()
   c.data.name = 'gmm'
   c.data.dim = dim

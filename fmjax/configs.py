@@ -195,6 +195,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
 
 
+def rule_and_dim(arg: str | None, default_dim: int, default_rule: str = 'lsd') -> tuple[str, int]:
+  """Parses a toy experiment's ARG, 'RULE[,DIM]' (either part may be left out)."""
+  parts = (arg or '').split(',')
+  rule = parts[0] or default_rule
+  dim = int(parts[1]) if len(parts) > 1 and parts[1] else default_dim
+  return rule, dim
+
+
 def set_toy_rule(c: ml_collections.ConfigDict, rule: str) -> None:
   """config.loss for a rule on a low-dimensional toy target.
 
