@@ -20,11 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import build
 from fmjax import checkpointing
+from fmjax import sharding
+from fmjax import train_state
 
 
 @dataclasses.dataclass
@@ -117,11 +118,12 @@ class Model:
     return self._velocity(self.params, self._times(t, x), x, labels)
 
 
-def load(workdir: str, step: int | None = None, *, ema: int = 0) -> Model:
+def load(workdir: str, step: int | None = None, *, ema: int | None = None) -> Model:
   """Loads a trained workdir: the checkpoint at `step` (latest if None).
 
   ema: which EMA copy of the parameters (config.optim.ema_decays order); -1 for the raw
-  training parameters.
+  training parameters; None (default) for the first EMA copy, or the raw parameters of a
+  run that keeps none.
   """
   manager = checkpointing.make_manager(workdir, read_only=True)
   steps = manager.all_steps()
@@ -135,7 +137,7 @@ def load(workdir: str, step: int | None = None, *, ema: int = 0) -> Model:
                             f'saved steps: {sorted(steps)}.')
   saved_config, _, meta = checkpointing.restore_json(manager, step)
   config = ml_collections.ConfigDict(saved_config)
-  mesh = Mesh(np.array(jax.local_devices()), ('batch',))
+  mesh = sharding.local_mesh()
   replicated = NamedSharding(mesh, P())
   metadata = manager.item_metadata(step)['state']
   metadata = getattr(metadata, 'tree', metadata)
@@ -143,14 +145,9 @@ def load(workdir: str, step: int | None = None, *, ema: int = 0) -> Model:
                           metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
   state = checkpointing.restore_state(manager, step, abstract)
   manager.close()
-  if ema >= 0 and state.get('ema'):
-    ema_list = state['ema']
-    ema_list = [ema_list[k] for k in sorted(ema_list, key=int)] if isinstance(ema_list, dict) else ema_list
-    if ema >= len(ema_list):
-      raise ValueError(f'ema = {ema}, but the checkpoint has {len(ema_list)} EMA copies.')
-    params = ema_list[ema]
-  else:
-    params = state['params']['net']
+  if ema is None:
+    ema = 0 if state.get('ema') else -1
+  params = train_state.select_params(state, ema)
   example_shape = tuple(meta['example_shape'])
   num_classes = int(meta['num_classes'])
   interpolant = build.build_interpolant(config)

@@ -179,6 +179,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"config.optim.schedule = {config.optim.schedule!r}; choose 'constant', 'cosine' or 'linear'.")
   for d in config.optim.ema_decays:
     need(0.0 <= d < 1.0, f'config.optim.ema_decays entries must be in [0, 1), got {d}.')
+  need(-1 <= config.eval.ema_index < len(config.optim.ema_decays),
+       f'config.eval.ema_index = {config.eval.ema_index}, but config.optim.ema_decays keeps '
+       f'{len(config.optim.ema_decays)} EMA copies; use an index below that, or -1 for the raw parameters.')
   need(config.sharding.fsdp >= 1, 'config.sharding.fsdp must be >= 1.')
   need(config.sharding.data == -1 or config.sharding.data >= 1,
        'config.sharding.data must be -1 (all devices) or >= 1.')

@@ -105,6 +105,34 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // jax.process_count()
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  """A one-axis ('batch') mesh over this process's devices: what `fmjax.load` samples on."""
+  return jax.sharding.Mesh(np.array(jax.local_devices()), ('batch',))
+
+
+def gather_to_host(x) -> np.ndarray:
+  """A (possibly multi-process sharded) array as one full host array, on every process.
+
+  A collective when the array spans processes: every process must call it.
+  """
+  if not getattr(x, 'is_fully_addressable', True):
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def host_local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (replicas along other axes dropped)."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  pieces = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    if start not in pieces:
+      pieces[start] = np.asarray(shard.data)
+  return np.concatenate([pieces[k] for k in sorted(pieces)])
+
+
 def to_global(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
   """Host-local numpy batches of every process -> one global jax.Array per leaf.
 

@@ -188,13 +188,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _eval_params(config, state):
-  index = config.eval.ema_index
-  if index < 0 or not state['ema']:
-    return state['params']['net']
-  return state['ema'][min(index, len(state['ema']) - 1)]
-
-
 def few_step_samples(flow_map, params, x0, steps, labels=None, null_label=None, guidance_scale=1.0):
   """{k: samples of the k-step flow map on a uniform grid} for every k in steps."""
   from fmjax import samplers
@@ -212,7 +205,7 @@ def evaluate(setup: Setup, state, step: int, logger, *, final: bool, feature_fn=
   """
   from fmjax.evaluation import sweep
   config, workdir = setup.config, setup.workdir
-  params = _eval_params(config, state)
+  params = train_state.select_params(state, config.eval.ema_index)
   toy = config.data.name in configs.TOY_DATASETS
   num_classes = setup.source.num_classes
   if setup.sample_fns is None:
@@ -237,8 +230,8 @@ def evaluate(setup: Setup, state, step: int, logger, *, final: bool, feature_fn=
     results, samples = _image_sweep(setup, params, sample_fns, key, feature_fn)
   results = {'step': step, **results}
   # Gathers are collectives: every process joins them before process 0 alone writes.
-  samples = {spec: np.asarray(_gather(x)) for spec, x in samples.items()}
-  reference = np.asarray(_gather(reference)) if toy else None
+  samples = {spec: np.asarray(sharding_lib.gather_to_host(x)) for spec, x in samples.items()}
+  reference = np.asarray(sharding_lib.gather_to_host(reference)) if toy else None
   if not logging_utils.is_main_process():
     return results
   _write_samples(setup, step, samples, logger, toy, reference)
@@ -258,7 +251,7 @@ def _image_sweep(setup: Setup, params, sample_fns, key, feature_fn):
     n = grid + (-grid) % jax.device_count()
     (x0, labels, _), = sweep.noise_batches(key, shape, n, n, num_classes=num_classes, sharding=sharding)
     return {'few_step': {}, 'ode': {}}, {
-        spec: np.asarray(_gather(fn(params, x0, labels)))[:grid] for spec, fn in sample_fns.items()}
+        spec: np.asarray(sharding_lib.gather_to_host(fn(params, x0, labels)))[:grid] for spec, fn in sample_fns.items()}
   batch = config.eval.fid_batch_size
   batch -= batch % jax.device_count()
   if not batch:
@@ -308,12 +301,6 @@ def _write_samples(setup: Setup, step: int, samples: dict, logger, toy: bool, re
     logger.image(step, f'samples/{name}', g if g.ndim == 3 else g[..., None])
 
 
-def _gather(x):
-  """A (possibly multi-process sharded) array as a full host array on every process."""
-  if jax.process_count() > 1 and not getattr(x, "is_fully_addressable", True):
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(x, tiled=True)
-  return jax.device_get(x)
 
 
 def format_table(results: dict) -> str:

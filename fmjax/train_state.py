@@ -70,6 +70,26 @@ def init_state(rule, net_init: Callable[[jax.Array], Any], tx: optax.GradientTra
   }
 
 
+def select_params(state: dict, ema_index: int) -> Any:
+  """The network parameters to sample or evaluate with: EMA copy `ema_index` (in
+  config.optim.ema_decays order), or the raw training parameters for -1.
+
+  Works on a restored state whose EMA list came back as a dict keyed '0', '1', ... (Orbax
+  restores lists saved without a target that way). An index with no such copy is an error,
+  never a silent substitute.
+  """
+  ema = state.get('ema') or []
+  if isinstance(ema, dict):
+    ema = [ema[k] for k in sorted(ema, key=int)]
+  if ema_index == -1:
+    return state['params']['net']
+  if not 0 <= ema_index < len(ema):
+    raise ValueError(f'EMA copy {ema_index} requested, but the run keeps {len(ema)} EMA cop'
+                     f'{"y" if len(ema) == 1 else "ies"} (config.optim.ema_decays); use an index '
+                     f'below {len(ema)}, or -1 for the raw training parameters.')
+  return ema[ema_index]
+
+
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

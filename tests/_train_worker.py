@@ -83,8 +83,8 @@ def main():
 
   def evaluate(setup, state, step, logger, *, final):
     if final:
-      captured['params'] = jax.tree.map(lambda x: np.asarray(train._gather(x)), state['params']['net'])
-      captured['ema'] = jax.tree.map(lambda x: np.asarray(train._gather(x)), state['ema'][0])
+      captured['params'] = jax.tree.map(lambda x: np.asarray(sharding.gather_to_host(x)), state['params']['net'])
+      captured['ema'] = jax.tree.map(lambda x: np.asarray(sharding.gather_to_host(x)), state['ema'][0])
     if not args.eval:
       return {'step': step}
     return original_evaluate(setup, state, step, logger, final=final)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import samplers
+from fmjax import sharding
 from fmjax.interpolants import expand
 
 # (s, t) pairs at which the learned one-jump map is compared with the exact one; (0, 1) is the
@@ -160,14 +161,6 @@ def _rmse(a, b) -> float:
   return float(np.sqrt(np.mean(np.sum((a - b) ** 2, axis=1))))
 
 
-def _host(x) -> np.ndarray:
-  """A full host copy of a (possibly multi-process sharded) array, on every process."""
-  if not getattr(x, 'is_fully_addressable', True):
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def has_exact_map(target) -> bool:
   return hasattr(target, 'flow_map') and hasattr(target, 'velocity')
 
@@ -223,7 +216,7 @@ def toy_sweep(sample_fns: dict, params, x0, labels, reference, *, reference_othe
     row['energy_distance'] = float(toy_metrics.energy_distance(x, reference))
     row['sliced_wasserstein'] = float(toy_metrics.sliced_wasserstein(x, reference))
     if exact:
-      row['rmse_vs_exact'] = _rmse(_host(x), _host(exact_x1))
+      row['rmse_vs_exact'] = _rmse(sharding.gather_to_host(x), sharding.gather_to_host(exact_x1))
     results['few_step' if spec.family == 'flow_map' else 'ode'][spec.key] = row
     if keep_samples:
       kept[spec] = x
@@ -241,18 +234,6 @@ def toy_sweep(sample_fns: dict, params, x0, labels, reference, *, reference_othe
 
 
 # ----------------------------------------------------------------------------- images (FID)
-
-
-def host_local_rows(x) -> np.ndarray:
-  """This process's rows of a batch-sharded global array (replicas along other axes dropped)."""
-  if getattr(x, 'is_fully_addressable', True):
-    return np.asarray(x)
-  pieces = {}
-  for shard in x.addressable_shards:
-    start = shard.index[0].start or 0
-    if start not in pieces:
-      pieces[start] = np.asarray(shard.data)
-  return np.concatenate([pieces[k] for k in sorted(pieces)])
 
 
 def to_rgb_uint8(images, value_range=(-1.0, 1.0)) -> np.ndarray:
@@ -314,7 +295,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
     acc, grid, started = None, [], time.time()
     for x0, labels, valid in noise():
       x = fn(params, x0, labels)
-      local = host_local_rows(x)
+      local = sharding.host_local_rows(x)
       # Padding rows of the last batch: drop them on the process that holds them.
       start = _process_row_offset(x)
       local = local[:max(0, min(len(local), valid - start))]
