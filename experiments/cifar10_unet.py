@@ -28,11 +28,8 @@ def get_config(arg=None):
   c.data.name = 'cifar10'
   c.data.num_classes = 0
   c.model.name = 'unet'
-  c.model.kwargs.channels = 128
-  c.model.kwargs.channel_mults = (2, 2, 2)
-  c.model.kwargs.num_res_blocks = 4
-  c.model.kwargs.attention_resolutions = (16,)
-  c.model.kwargs.dropout = 0.13
+  c.model_defaults.unet = {'model_channels': 128, 'channel_mult': (2, 2, 2), 'num_res_blocks': 4,
+                           'attn_resolutions': (16,), 'dropout': 0.13}
   c.model.dtype = 'bfloat16'
   c.loss.name = rule
   c.train.batch_size = 512
@@ -47,12 +44,10 @@ def get_config(arg=None):
   c.optim.warmup_steps = 10_000 if rule == 'meanflow' else 5_000
   c.optim.ema_decays = (0.9999, 0.99995)
   c.sharding.fsdp = 1
+  c.loss_defaults.meanflow = {'weighting': 'adaptive', 'adaptive_power': 0.75, 'diagonal_fraction': 0.75}
   if rule == 'meanflow':
     c.flow_map.parameterization = 'meanflow'
     c.model.time_conditioning = 't_gap'
-    c.loss.weighting = 'adaptive'
-    c.loss.adaptive_power = 0.75
-    c.loss.diagonal_fraction = 0.75
   elif rule in ('sct', 'ect'):
     c.interpolant = 'trigonometric' if rule == 'sct' else 'linear'
     c.flow_map.parameterization = 'x_prediction'

@@ -35,18 +35,12 @@ def get_config(arg=None):
   c.model.name = 'dit'
   c.model.time_conditioning = 't_gap'
   c.model.dtype = 'bfloat16'
-  c.model.kwargs.patch_size = 2
-  c.model.kwargs.width = width
-  c.model.kwargs.depth = depth
-  c.model.kwargs.num_heads = heads
+  c.model_defaults.dit = {'patch_size': 2, 'hidden': width, 'depth': depth, 'num_heads': heads}
   c.flow_map.parameterization = 'meanflow'
   c.loss.name = rule
-  c.loss.weighting = 'adaptive'
-  c.loss.adaptive_power = 1.0
-  c.loss.diagonal_fraction = 0.75
-  c.loss.label_dropout = 0.1
-  c.loss.omega = 2.0 if size in ('B',) else 1.0
-  c.loss.kappa = 0.0 if size in ('B',) else 0.92
+  c.loss_defaults[rule] = {'weighting': 'adaptive', 'adaptive_power': 1.0, 'diagonal_fraction': 0.75,
+                           'label_dropout': 0.1, 'omega': 2.0 if size in ('B',) else 1.0,
+                           'kappa': 0.0 if size in ('B',) else 0.92}
   c.train.batch_size = 256
   c.train.num_steps = 1_200_000 // 5      # 240 epochs at batch 256 (MeanFlow Table 2 setting, shortened x5)
   c.train.log_every = 500

@@ -4,7 +4,7 @@ A small class-conditional image experiment that runs on one CPU or GPU: flow mat
 (Lipman et al. 2023, the diagonal alone), Lagrangian self-distillation (Boffi, Albergo &
 Vanden-Eijnden, arXiv 2505.18825, Sec. 3) or MeanFlow (Geng et al. 2025, arXiv
 2505.13447, Eq. 10), with the MNIST setting of 2505.18825 (Sec. 5.2). Uses the U-Net of
-fmjax.models when available (config.model.name = 'unet'), else `:RULE,mlp` for the MLP on
+fmjax.models (config.model.name = 'unet', the default) or, with `:RULE,mlp`, the MLP on
 flattened pixels.
 
 Prepare (offline, once):
@@ -40,26 +40,24 @@ def get_config(arg=None):
   c.data.num_classes = 10
   c.data.split = 'train'
   c.loss.name = rule
+  c.loss_defaults.meanflow = {'label_dropout': 0.1}
   if rule == 'meanflow':
     c.flow_map.parameterization = 'meanflow'
     c.model.time_conditioning = 't_gap'
-    c.loss.label_dropout = 0.1
   c.model.name = model
   if model == 'mlp':
     # The CPU recipe of docs/results.md: a 512-wide MLP on flattened pixels, 5,000 updates,
     # about 20 minutes on 2 shared CPU cores.
-    c.model.hidden = 512
-    c.model.depth = 3
+    c.model_defaults.mlp.hidden = 512
+    c.model_defaults.mlp.depth = 3
     if rule != 'meanflow':
       # A 512-wide MLP cannot pass 784 noise pixels through to cancel them, so the
       # displacement map x + (t - s) v leaves speckle noise in every sample; the
       # x-prediction map (EDM preconditioning) outputs the denoised image at t = 1 instead.
       c.flow_map.parameterization = 'x_prediction'
   else:
-    c.model.kwargs.channels = 64
-    c.model.kwargs.channel_mults = (1, 2, 2)
-    c.model.kwargs.num_res_blocks = 2
-    c.model.kwargs.attention_resolutions = (7,)
+    c.model_defaults.unet = {'model_channels': 64, 'channel_mult': (1, 2, 2), 'num_res_blocks': 2,
+                             'attn_resolutions': (7,)}
   c.train.num_steps = 20_000
   c.train.batch_size = 128
   c.train.log_every = 200

@@ -28,6 +28,6 @@ def get_config(arg=None):
   c.train.log_every = 100
   c.train.checkpoint_every = 500
   c.optim.warmup_steps = 100
-  c.model.hidden = 128
-  c.model.depth = 3
+  c.model_defaults.mlp.hidden = 128
+  c.model_defaults.mlp.depth = 3
   return c

@@ -41,6 +41,6 @@ def get_config(arg=None):
   c.optim.warmup_steps = 200
   c.optim.schedule = 'cosine'
   c.optim.ema_decays = (0.999,)
-  c.model.hidden = 256
-  c.model.depth = 4
+  c.model_defaults.mlp.hidden = 256
+  c.model_defaults.mlp.depth = 4
   return c

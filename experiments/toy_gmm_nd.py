@@ -28,6 +28,6 @@ def get_config(arg=None):
   c.train.checkpoint_every = 1000
   c.optim.warmup_steps = 200
   c.optim.schedule = 'cosine'
-  c.model.hidden = 512
-  c.model.depth = 4
+  c.model_defaults.mlp.hidden = 512
+  c.model_defaults.mlp.depth = 4
   return c

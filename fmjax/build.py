@@ -7,7 +7,6 @@ stores); the NNX graph definition is rebuilt from the config and closed over by 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from fmjax import flow_maps, interpolants
+from fmjax import configs, flow_maps, interpolants, losses, models
 
 
 def _to_str_keys(tree):
@@ -32,26 +31,19 @@ def _to_nnx_keys(tree):
   return tree
 
 
+def network_options(config: ml_collections.ConfigDict) -> dict:
+  """The options of config.model's family in force (configs.resolve fills them)."""
+  model = configs.resolve(config).model
+  return {k: v for k, v in model.items() if k in models.option_types() and v is not None}
+
+
 def _module_factory(config: ml_collections.ConfigDict, example_shape, num_classes: int):
-  """A function rngs -> NNX module for config.model (the MLP flattens image inputs)."""
+  """A function rngs -> NNX module for config.model, through the fmjax.models registry."""
   m = config.model
-  dtype = jnp.dtype(m.dtype)
-  if m.name == 'mlp':
-    from fmjax.models.mlp import MLP
-    dim = int(math.prod(example_shape))
-    return lambda rngs: MLP(dim, hidden=m.hidden, depth=m.depth, time_dim=m.time_dim,
-                            num_classes=num_classes, time_conditioning=m.time_conditioning,
-                            dtype=dtype, rngs=rngs)
-  try:
-    from fmjax.models import build as build_model
-  except ImportError as e:
-    raise NotImplementedError(
-        f"config.model.name = {m.name!r} needs the network registry fmjax.models.build, which "
-        "this installation does not have yet; use config.model.name = 'mlp'.") from e
-  kwargs = dict(m.kwargs.to_dict())
-  return lambda rngs: build_model(m.name, example_shape=tuple(example_shape), num_classes=num_classes,
-                                  time_conditioning=m.time_conditioning, dtype=dtype, rngs=rngs,
-                                  **kwargs)
+  options = network_options(config)
+  return lambda rngs: models.build(m.name, example_shape=tuple(example_shape), num_classes=num_classes,
+                                   time_conditioning=m.time_conditioning, dtype=jnp.dtype(m.dtype),
+                                   rngs=rngs, **options)
 
 
 def build_network(config: ml_collections.ConfigDict, example_shape, num_classes: int
@@ -59,7 +51,8 @@ def build_network(config: ml_collections.ConfigDict, example_shape, num_classes:
   """(init(key) -> params, apply(params, s, t, x, labels) -> like x) for config.model."""
   factory = _module_factory(config, example_shape, num_classes)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))))
-  flatten = config.model.name == 'mlp' and len(example_shape) > 1
+  # The MLP takes flat vectors: image inputs are flattened and the output reshaped back.
+  flatten = models.family_of(config.model.name) == 'mlp' and len(example_shape) > 1
 
   def init(key):
     return _to_str_keys(nnx.split(factory(nnx.Rngs(key)))[1].to_pure_dict())
@@ -84,22 +77,24 @@ def build_interpolant(config: ml_collections.ConfigDict):
 
 
 def loss_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
-  options = {k: v for k, v in config.loss.items() if k != 'name'}
+  """The options of config.loss's rule in force (configs.resolve fills them; None = not the
+  rule's option), with the guidance row `null_label` = num_classes for class-conditional data."""
+  loss = configs.resolve(config).loss
+  understood = set(losses.valid_options(loss.name)) | set(losses.RULES[loss.name].fixed)
   options = {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
-             for k, v in options.items()}
-  if num_classes and 'null_label' not in options:
-    options['null_label'] = num_classes    # the extra embedding row for guidance
+             for k, v in loss.items() if k in understood}
+  if num_classes and options.get('null_label') is None:
+    options['null_label'] = num_classes
   return options
 
 
 def uses_dropout(config: ml_collections.ConfigDict) -> bool:
-  return float(config.model.kwargs.to_dict().get('dropout', 0.0)) > 0.0
+  return float(network_options(config).get('dropout') or 0.0) > 0.0
 
 
 def build_rule(config: ml_collections.ConfigDict, flow_map, interpolant, num_classes: int,
                teacher=None):
-  """fmjax.losses.make(config.loss.name, ...) with every other config.loss key as an option."""
-  from fmjax import losses
+  """fmjax.losses.make(config.loss.name, ...) with the rule's options in force."""
   return losses.make(config.loss.name, flow_map, interpolant, teacher=teacher,
                      **loss_options(config, num_classes))
 

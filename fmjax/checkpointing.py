@@ -23,13 +23,22 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fmjax import configs
+
 ITEMS = ('state', 'config', 'data', 'meta')
 
-# Config fields that decide the shapes and meaning of the saved state: a checkpoint written
-# under other values cannot be resumed (change the workdir, or the values back).
-STRUCTURAL_FIELDS = (
-    'interpolant', 'data.name', 'data.dim', 'data.num_classes', 'model', 'flow_map.parameterization',
-    'loss.name', 'loss.weighting', 'optim.name', 'optim.grad_clip', 'optim.ema_decays',
+# Config fields that may change between a checkpoint and its resume: they change how a run is
+# logged, evaluated, sampled, checkpointed, laid out on devices or fed, not what it trains.
+# Every other field (data, network, rule options, optimizer, seed, ...) must match, compared
+# on resolved configs (configs.resolve), so a rule option that a default fills counts too.
+# A dotted prefix covers its whole section. The per-name defaults are safe because the
+# resolved loss / model sections hold the values they gave.
+SAFE_FIELDS = (
+    'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+    'train.keep_checkpoints', 'train.keep_every', 'train.async_checkpointing',
+    'train.max_nonfinite_in_a_row', 'train.loss_log_file', 'train.restore_step',
+    'eval', 'sample', 'sharding', 'data.worker_count', 'data.data_dir',
+    'loss_defaults', 'model_defaults',
 )
 
 
@@ -103,36 +112,50 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   return out['state']
 
 
-def _lookup(tree: dict, dotted: str):
-  node = tree
-  for part in dotted.split('.'):
-    if not isinstance(node, dict) or part not in node:
-      return None
-    node = node[part]
-  return node
+def _flatten(tree, prefix: str = '') -> dict:
+  """{'a.b.c': leaf} of a nested dict of JSON data (where tuples are already lists)."""
+  if isinstance(tree, dict) and tree:
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: tree}
 
 
-def _normalize(value):
-  # JSON turns tuples into lists; compare them as lists.
-  if isinstance(value, (list, tuple)):
-    return [_normalize(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _normalize(v) for k, v in value.items()}
-  return value
+def _is_safe(key: str) -> bool:
+  return any(key == f or key.startswith(f + '.') for f in SAFE_FIELDS)
+
+
+def _resolved_dict(config) -> dict:
+  """The resolved config as JSON data; a saved config from an older version is upgraded
+  (configs.resolve) when it can be, else compared as saved."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(config)
+  try:
+    config = configs.resolve(config)
+  except (configs.ConfigError, ValueError, KeyError, AttributeError):
+    pass
+  return json.loads(config.to_json_best_effort())
+
+
+def changed_fields(saved_config: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{dotted key: (saved value, current value)} for every field outside SAFE_FIELDS that differs."""
+  saved, current = _flatten(_resolved_dict(saved_config)), _flatten(_resolved_dict(config))
+  return {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+          if not _is_safe(k) and saved.get(k) != current.get(k)}
 
 
 def check_compatible(saved_config: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises IncompatibleCheckpointError naming every structural field that differs."""
-  current = json.loads(config.to_json_best_effort())
-  diffs = []
-  for field in STRUCTURAL_FIELDS:
-    a, b = _normalize(_lookup(saved_config, field)), _normalize(_lookup(current, field))
-    if a != b:
-      diffs.append(f'  {field}: checkpoint has {json.dumps(a)}, this config has {json.dumps(b)}')
+  """Raises IncompatibleCheckpointError naming every field outside SAFE_FIELDS that differs
+  from the checkpoint's config: resuming must train what the checkpoint was training."""
+  diffs = changed_fields(saved_config, config)
   if diffs:
+    lines = [f'  {k}: checkpoint has {json.dumps(a)}, this config has {json.dumps(b)}'
+             for k, (a, b) in diffs.items()]
     raise IncompatibleCheckpointError(
-        f'{checkpoint_dir(workdir)} holds a checkpoint from an incompatible config:\n' + '\n'.join(diffs) +
-        '\nUse a fresh --workdir for this config, or restore the old values to resume.')
+        f'{checkpoint_dir(workdir)} holds a checkpoint trained with another config:\n' + '\n'.join(lines) +
+        '\nResuming must train what the checkpoint trained: use a fresh --workdir for this config, '
+        'or set these values back to resume. (Safe to change on resume: ' + ', '.join(SAFE_FIELDS) + '.)')
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

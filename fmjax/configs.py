@@ -1,6 +1,10 @@
 """Default experiment configuration and its validation.
 
 Every experiment in `experiments/` starts from `base_config()` and changes what it needs.
+`resolve(config)` runs after the command-line overrides and before anything else: it fills
+every option of the chosen rule and network (explicit value > the experiment's default for
+that name > the rule's or network's own default) and validates the whole config, so the
+config that trains, and that config.json and the checkpoints record, is every value in force.
 The field names here are a public interface (users override them on the command line as
 `--config.section.key=VALUE`): rename nothing without a deprecation path.
 
@@ -9,9 +13,11 @@ Sections:
   interpolant           'linear' | 'trigonometric'
   data                  the target: toy ('gaussian', 'gmm', 'checkerboard', 'rings') or an image
                         set ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
-  model                 the network ('mlp' here; 'unet' / 'dit' through fmjax.models.build)
+  model                 the network: `name` (a family or preset of fmjax.models) and its options
+  model_defaults        an experiment's network options per model name (under explicit values)
   flow_map              the parameterization of X_{s,t} (fmjax.flow_maps.make)
-  loss                  `name` picks the rule of fmjax.losses; every other key is passed to it
+  loss                  `name` picks the rule of fmjax.losses; the other keys are its options
+  loss_defaults         an experiment's rule options per rule name (under explicit values)
   teacher               a trained workdir whose velocity distills into the flow map
   optim                 optax optimizer, warmup + schedule, clipping, EMA decays
   train                 the budget and the cadence of logging, evaluation and checkpoints
@@ -21,9 +27,17 @@ Sections:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from fmjax import interpolants, losses, models, samplers
 
 TOY_DATASETS = ('gaussian', 'gmm', 'checkerboard', 'rings')
+_TIME_FIELD_TYPES = {'name': str, 'mean': float, 'std': float, 'eps': float}   # TimeDistribution
 IMAGE_DATASETS = ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
 
 
@@ -35,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'gmm'
-  c.data.dim = 2                    # toy targets: dimension of x
+  c.data.dim = config_dict.placeholder(int)   # toy targets: dimension of x (None: the columns of
+                                               # data.means when given, else 2)
   # Gaussian mixture (config.data.name = 'gmm'): K x D means, K stds, K weights. Empty means
   # draws a random layout of `num_components` components from `data.seed`.
   c.data.means = ml_collections.FieldReference(None, field_type=object)
@@ -51,21 +66,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.worker_count = 0           # grain worker processes (0 = in the main process)
 
+  # The network: a family ('mlp', 'unet', 'dit') or a preset of fmjax.models (e.g.
+  # 'unet-cifar10', 'DiT-B/2'). Every option of every family is a field; None = not set, i.e.
+  # model_defaults[name], else the preset's value, else the constructor's default. Options of
+  # other families must stay None. Input sizes and classes come from the data.
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mlp'
-  c.model.hidden = 256
-  c.model.depth = 4
-  c.model.time_dim = 64
   c.model.time_conditioning = 's_t'
   c.model.dtype = 'float32'
-  c.model.kwargs = ml_collections.ConfigDict()   # extra arguments for fmjax.models.build
+  for key, kind in models.option_types().items():
+    c.model[key] = config_dict.placeholder(kind)
+  # An experiment's defaults per network name, under the command line's values.
+  c.model_defaults = ml_collections.ConfigDict({'mlp': {'hidden': 256, 'depth': 4, 'time_dim': 64}})
 
   c.flow_map = ml_collections.ConfigDict()
   c.flow_map.parameterization = 'displacement'
   c.flow_map.sigma_data = 0.5
 
+  # The training rule `name` of fmjax.losses and every option some rule understands; None =
+  # not set, i.e. loss_defaults[name], else the rule's own default (fmjax.losses.RULES, then
+  # CommonOptions and the rule's builder). Options the rule does not understand must stay None.
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'lsd'
+  for key, kind in losses.option_types().items():
+    c.loss[key] = (ml_collections.ConfigDict({f.name: config_dict.placeholder(_TIME_FIELD_TYPES[f.name])
+                                              for f in dataclasses.fields(kind)})
+                   if kind is losses.TimeDistribution else config_dict.placeholder(kind))
+  # An experiment's defaults per rule, under the command line's values: e.g. the toy configs'
+  # {'meanflow': {'weighting': 'none'}} (set_toy_rule).
+  c.loss_defaults = ml_collections.ConfigDict()
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.workdir = ''            # distillation rules: a trained fmjax workdir
@@ -137,6 +166,115 @@ class ConfigError(ValueError):
   """A config that cannot run, with a message that says what to change."""
 
 
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with every option in force filled in, validated; `config` is not changed.
+
+  Loss and network options: explicit value (not None) > the experiment's loss_defaults[name] /
+  model_defaults[name] > the rule's / network's own defaults. data.dim: the columns of
+  data.means when given, else 2. Idempotent (a resolved config resolves to itself), and
+  accepts configs saved by older versions (model.kwargs, top-level MLP sizes).
+  Raises ConfigError naming what to change, before any data, teacher or device work.
+  """
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    _upgrade_model_section(out)
+    _resolve_data(out.data)
+    _resolve_loss(out)
+    _resolve_model(out)
+  validate(out)
+  out.lock()
+  return out
+
+
+def _is_set(value) -> bool:
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    return any(_is_set(v) for v in value.values())
+  return value is not None
+
+
+def _explicit(section, skip=()) -> dict:
+  """The options of a config section that are set (nested ones: only their set fields)."""
+  out = {}
+  for k, v in section.items():
+    if k in skip or not _is_set(v):
+      continue
+    out[k] = ({kk: vv for kk, vv in v.items() if vv is not None}
+              if isinstance(v, (ml_collections.ConfigDict, dict)) else v)
+  return out
+
+
+def _defaults_for(config, section: str, name: str) -> dict:
+  defaults = config.get(section) or {}
+  value = defaults.get(name) or {}
+  return value.to_dict() if hasattr(value, 'to_dict') else dict(value)
+
+
+def _write(section: ml_collections.ConfigDict, key: str, value) -> None:
+  """section[key] = value, field by field for nested options (keeps the fields' types)."""
+  if isinstance(value, dict):
+    if key not in section or not isinstance(section[key], ml_collections.ConfigDict):
+      section[key] = ml_collections.ConfigDict()
+    for k, v in value.items():
+      section[key][k] = v
+  else:
+    section[key] = value
+
+
+def _upgrade_model_section(config) -> None:
+  # Configs saved before model options were fields: model.kwargs held the U-Net / DiT options
+  # (in ALIASES spellings) and hidden / depth / time_dim were top-level MLP sizes.
+  model = config.model
+  if 'kwargs' not in model:
+    return
+  legacy = model.kwargs.to_dict() if hasattr(model.kwargs, 'to_dict') else dict(model.kwargs or {})
+  del model['kwargs']
+  if models.family_of(model.name) != 'mlp':
+    for key in ('hidden', 'depth', 'time_dim'):
+      if key in model:
+        model[key] = None
+  for key, value in legacy.items():
+    model[models.ALIASES.get(key, key)] = value
+
+
+def _resolve_data(data) -> None:
+  if data.name == 'gmm' and data.means is not None:
+    means = np.asarray(data.means, np.float64)
+    if means.ndim == 2 and data.dim is None:
+      data.dim = int(means.shape[1])
+  if data.dim is None:
+    data.dim = 2
+
+
+def _resolve_loss(config) -> None:
+  name = config.loss.name
+  options = _defaults_for(config, 'loss_defaults', name)
+  for key, value in _explicit(config.loss, skip=('name',)).items():
+    options[key] = {**options.get(key, {}), **value} if isinstance(value, dict) else value
+  if config.data.num_classes > 0 and options.get('null_label') is None:
+    options['null_label'] = config.data.num_classes   # the extra embedding row for guidance
+  try:
+    settings = losses.resolve_options(name, options)
+  except ValueError as e:
+    where = f' (config.loss_defaults.{name} sets {sorted(_defaults_for(config, "loss_defaults", name))})' \
+        if _defaults_for(config, 'loss_defaults', name) else ''
+    raise ConfigError(f'config.loss: {e}{where}') from None
+  for key in losses.option_types():
+    _write(config.loss, key, settings.get(key))
+
+
+def _resolve_model(config) -> None:
+  name = config.model.name
+  overrides = {**_defaults_for(config, 'model_defaults', name),
+               **_explicit(config.model, skip=('name', 'time_conditioning', 'dtype'))}
+  try:
+    family, in_force = models.options(name, **overrides)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from None
+  for key in models.option_types():
+    value = in_force.get(key)
+    config.model[key] = tuple(value) if isinstance(value, list) else value
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that ml_collections' type checks cannot (ranges, names, combinations).
 
@@ -146,14 +284,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not cond:
       raise ConfigError(msg)
 
-  from fmjax import interpolants
   need(config.interpolant in interpolants._REGISTRY,
        f'config.interpolant = {config.interpolant!r}; choose one of {sorted(interpolants._REGISTRY)}.')
   data = config.data
   need(data.name in TOY_DATASETS + IMAGE_DATASETS,
        f'config.data.name = {data.name!r}; choose one of {TOY_DATASETS + IMAGE_DATASETS}.')
   if data.name == 'gmm' and data.means is not None:
-    import numpy as np
     means = np.asarray(data.means, np.float64)
     need(means.ndim == 2, f'config.data.means must be K x D, got shape {means.shape}.')
     k, d = means.shape
@@ -186,7 +322,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.sharding.data == -1 or config.sharding.data >= 1,
        'config.sharding.data must be -1 (all devices) or >= 1.')
   need(all(int(k) >= 1 for k in config.eval.steps), 'config.eval.steps must be positive step counts.')
-  from fmjax import samplers
   need(config.eval.ode_method in samplers.ODE_METHODS,
        f'config.eval.ode_method = {config.eval.ode_method!r}; choose one of {sorted(samplers.ODE_METHODS)}.')
   need(all(int(n) >= 1 for n in config.eval.ode_nfe), 'config.eval.ode_nfe must be positive NFE budgets.')
@@ -207,7 +342,7 @@ def rule_and_dim(arg: str | None, default_dim: int, default_rule: str = 'lsd') -
 
 
 def set_toy_rule(c: ml_collections.ConfigDict, rule: str) -> None:
-  """config.loss for a rule on a low-dimensional toy target.
+  """config.loss.name = rule, and the toy experiments' rule defaults (for every rule name).
 
   MeanFlow's adaptive weight 1 / (|err|^2 + c)^p (p = 1) turns the regression into
   E log(|err|^2 + c): in high dimension |err|^2 concentrates and this is harmless, but on 2-D
@@ -215,7 +350,8 @@ def set_toy_rule(c: ml_collections.ConfigDict, rule: str) -> None:
   (measured on the checkerboard: the Heun ODE on the learned velocity lands on the dark squares
   87 % of the time with plain weighting, less and worsening with more steps with p = 1). Toy
   configs therefore train MeanFlow and iMF unweighted; image configs keep the paper's weight.
+  These are defaults keyed by rule name, so `--config.loss.name=meanflow` gets them too.
   """
   c.loss.name = rule
-  if rule in ('meanflow', 'imf'):
-    c.loss.weighting = 'none'
+  c.loss_defaults.meanflow = {'weighting': 'none'}
+  c.loss_defaults.imf = {'weighting': 'none'}

@@ -4,8 +4,11 @@ r"""Command-line entry point.
       [--config.train.num_steps=5000 ...] [--mode=train|eval|sample]
 
 --config names an experiment file with get_config(arg=None) (`file.py:ARG` passes ARG);
-every field can be overridden as --config.section.key=VALUE. An unknown key or a value of
-the wrong type stops here, before JAX touches a device. Multi-host jobs: run the same
+every field can be overridden as --config.section.key=VALUE. The config is then resolved
+(fmjax.configs.resolve: every rule and network option in force filled in) and validated;
+an unknown key, a value of the wrong type, an unknown rule, network or option, a missing
+experiment file or a workdir that cannot be written stops here with one line that says what
+to change, before any data, teacher or device work. Multi-host jobs: run the same
 command on every host; jax.distributed starts by itself on TPU pods and SLURM, or from
 --coordinator/--num_processes/--process_id (or FMJAX_COORDINATOR / FMJAX_NUM_PROCESSES /
 FMJAX_PROCESS_ID).
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from fmjax import checkpointing, configs, sharding
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/NAME.py[:ARG].',
                                           lock_config=True)
@@ -33,10 +39,30 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index (m
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises ConfigError unless `workdir` is a folder this process can write (created if missing)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise configs.ConfigError(f'--workdir={workdir} is a file, not a folder; name a folder '
+                              '(it is created if missing).')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise configs.ConfigError(f'--workdir={workdir} cannot be written ({e.strerror}); choose a '
+                              'folder you can write to.') from None
+
+
+def prepare(config, workdir: str):
+  """The resolved config (every option in force), after checking it and the workdir."""
+  config = configs.resolve(config)
+  check_workdir(workdir)
+  return config
+
+
 def run(config, workdir: str, mode: str) -> dict:
   """What main does after flag parsing (importable, so tests and notebooks can call it)."""
-  from fmjax import configs
-  configs.validate(config)
+  config = prepare(config, workdir)
   if mode == 'train':
     from fmjax import train
     return train.train_and_evaluate(config, workdir)
@@ -90,22 +116,55 @@ def sample_to_workdir(config, workdir: str) -> dict:
   return {'path': out + '.npy', 'step': model.step}
 
 
+def _config_path(argv) -> str | None:
+  """The experiment file named by --config in argv (without its :ARG), if any."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      value = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    return value.split(':', 1)[0]
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing with clean errors for a missing experiment file and unknown keys."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    sys.exit(f'fmjax: --config: no experiment file {path!r}; name one such as experiments/toy_gmm.py.')
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections reports an unknown override as AttributeError(KeyError("'key'\nDid you
+    # mean ...?")) from deep inside absl's parser.
+    while e.args and isinstance(e.args[0], Exception):
+      e = e.args[0]
+    key, _, suggestion = str(e.args[0] if e.args else e).partition('\n')
+    key = key.strip('\'"')
+    overrides = [a.split('=')[0] for a in argv
+                 if a.startswith('--config.') and f'.{key}.' in a.split('=')[0] + '.']
+    where = overrides[0] if overrides else '--config'
+    sys.exit(f'fmjax: {where}: no such config key {key!r}. {suggestion}'.rstrip())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     # Orbax and JAX log every checkpoint step at INFO; keep the console to fmjax's own lines.
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  from fmjax import configs
   try:
-    configs.validate(config)
+    config = prepare(_CONFIG.value, _WORKDIR.value)
   except configs.ConfigError as e:
-    sys.exit(f'Bad config: {e}')
-  from fmjax import sharding
+    sys.exit(f'fmjax: bad config: {e}')
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run(config, _WORKDIR.value, _MODE.value)
+  try:
+    run(config, _WORKDIR.value, _MODE.value)
+  except checkpointing.IncompatibleCheckpointError as e:
+    sys.exit(f'fmjax: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

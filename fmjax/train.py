@@ -67,7 +67,7 @@ class Setup:
   """Everything the loop needs, built from the config (also used by tests)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    configs.validate(config)
+    config = configs.resolve(config)   # every option in force, validated
     self.config, self.workdir = config, workdir
     self.mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp)
     self.source = pipelines.make_source(config, self.mesh)
@@ -121,6 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
   """Trains config.train.num_steps updates (resuming from WORKDIR/checkpoints if present),
   then runs the few-step evaluation. Returns the final evaluation metrics."""
   setup = Setup(config, workdir)
+  config = setup.config                # resolved: what trains is what config.json and checkpoints record
   train = config.train
   if config.eval.at_end or train.eval_every:
     from fmjax.evaluation import sweep

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 from typing import Callable, NamedTuple
 
+from fmjax import samplers
 from fmjax.losses import base, consistency, distill, eulerian, lagrangian, semigroup
 from fmjax.losses.base import CommonOptions, Rule
 from fmjax.losses.times import TimeDistribution
@@ -53,8 +54,93 @@ RULES: dict[str, RuleSpec] = {
 }
 
 
-def _own_options(builder) -> set[str]:
-  return set(inspect.signature(builder).parameters) - {'ctx'}
+_COMMON_FIELDS = {f.name: f for f in dataclasses.fields(CommonOptions)}
+TIME_OPTIONS = ('times', 'diagonal_times')      # options that are a TimeDistribution
+# Option types the config can hold (annotations are strings under `from __future__ import
+# annotations`); an option of another type (progressive's teacher_map) is for Python callers only.
+_CONFIG_TYPES = {'float': float, 'int': int, 'str': str, 'bool': bool,
+                 'float | None': float, 'int | None': int}
+
+
+def _own_parameters(builder) -> dict[str, inspect.Parameter]:
+  return {k: p for k, p in inspect.signature(builder).parameters.items() if k != 'ctx'}
+
+
+def option_types() -> dict[str, type]:
+  """Every option some rule understands that a config can set -> its type (TimeDistribution
+  for the nested time options). fmjax.configs makes one config.loss field of each."""
+  types = {k: (TimeDistribution if k in TIME_OPTIONS else _CONFIG_TYPES[str(f.type)])
+           for k, f in _COMMON_FIELDS.items()}
+  for spec in RULES.values():
+    for k, p in _own_parameters(spec.builder).items():
+      if str(p.annotation) in _CONFIG_TYPES:
+        types[k] = _CONFIG_TYPES[str(p.annotation)]
+  return types
+
+
+def valid_options(name: str) -> list[str]:
+  """The options loss `name` understands (its fixed ones excluded)."""
+  spec = RULES[name]
+  return sorted((set(_COMMON_FIELDS) | set(_own_parameters(spec.builder))) - set(spec.fixed))
+
+
+def _as_dict(value) -> dict:
+  if isinstance(value, TimeDistribution):
+    return dataclasses.asdict(value)
+  return value.to_dict() if hasattr(value, 'to_dict') else dict(value)
+
+
+def _time_distribution(value) -> TimeDistribution:
+  if isinstance(value, TimeDistribution):
+    return value
+  return TimeDistribution(**(value.to_dict() if hasattr(value, 'to_dict') else value))
+
+
+def resolve_options(name: str, options: dict) -> dict:
+  """Every option of loss `name` in force: `options` over the rule's defaults (RULES) over the
+  defaults of CommonOptions and of the rule's builder; time options as full dicts.
+
+  Checks names and values without building anything (cheap: configs call it before any data
+  or device work). Raises ValueError naming the valid choices. Options the name implies
+  (`RuleSpec.fixed`, e.g. iMF's improved=True) are included; setting one to another value
+  is an error.
+  """
+  if name not in RULES:
+    raise ValueError(f'Unknown loss {name!r}; choose one of {sorted(RULES)}.')
+  spec = RULES[name]
+  own = _own_parameters(spec.builder)
+  unknown = set(options) - set(_COMMON_FIELDS) - set(own)
+  clashing = {k for k in set(options) & set(spec.fixed) if options[k] != spec.fixed[k]}
+  if unknown or clashing:
+    raise ValueError(f'Unknown option(s) {sorted(unknown | clashing)} for loss {name!r}; valid: '
+                     f'{valid_options(name)}.')
+  settings = {k: f.default for k, f in _COMMON_FIELDS.items()}
+  settings.update({k: p.default for k, p in own.items() if p.default is not inspect.Parameter.empty})
+  for source in (spec.defaults, options):
+    for k, v in source.items():
+      # A time option given in part (e.g. only its name) keeps the other fields in force.
+      settings[k] = {**_as_dict(settings[k]), **_as_dict(v)} if k in TIME_OPTIONS else v
+  settings.update(spec.fixed)
+  for k in TIME_OPTIONS:
+    settings[k] = dataclasses.asdict(_time_distribution(settings[k]))   # checks the name
+  if name == 'flow_matching' and settings['diagonal_fraction'] != 1.0:
+    raise ValueError('flow_matching trains only the diagonal: diagonal_fraction must be 1.0.')
+  if 'ode_method' in settings and settings['ode_method'] not in samplers.ODE_METHODS:
+    raise ValueError(f'Unknown ode_method {settings["ode_method"]!r}; choose one of '
+                     f'{sorted(samplers.ODE_METHODS)}.')
+  # The builders check their own values (intermediate, space, guidance needs null_label, ...)
+  # and only close over the context: building one on an empty context costs nothing.
+  common = _common_options(settings)
+  spec.builder(base.Context(None, None, None, common),
+               **{k: v for k, v in settings.items() if k in own and k != 'teacher_map'})
+  return settings
+
+
+def _common_options(settings: dict) -> CommonOptions:
+  common = {k: v for k, v in settings.items() if k in _COMMON_FIELDS}
+  for key in TIME_OPTIONS:
+    common[key] = _time_distribution(common[key])
+  return CommonOptions(**common)    # checks the common values
 
 
 def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
@@ -67,28 +153,17 @@ def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
   if spec.teacher == 'none' and teacher is not None:
     raise ValueError(f"Rule {name!r} trains from scratch; for distillation from a teacher use "
                      "'lmd', 'emd', 'progressive' or 'fmm' (or 'meanflow', 'imf', 'sct', 'ect').")
-  settings = {**spec.defaults, **options}
-  common_fields = {f.name for f in dataclasses.fields(CommonOptions)}
-  own = _own_options(spec.builder)
-  unknown = set(settings) - common_fields - own
-  clashing = set(options) & set(spec.fixed)
-  if unknown or clashing:
-    raise ValueError(f'Unknown option(s) {sorted(unknown | clashing)} for loss {name!r}; valid: '
-                     f'{sorted((common_fields | own) - set(spec.fixed))}.')
-  if name == 'flow_matching' and settings.get('diagonal_fraction') != 1.0:
-    raise ValueError('flow_matching trains only the diagonal: diagonal_fraction must be 1.0.')
-  common = {k: v for k, v in settings.items() if k in common_fields}
-  for key in ('times', 'diagonal_times'):
-    if isinstance(common.get(key), dict) or hasattr(common.get(key), 'to_dict'):
-      value = common[key]
-      common[key] = TimeDistribution(**(value.to_dict() if hasattr(value, 'to_dict') else value))
-  common_options = CommonOptions(**common)
+  teacher_map = options.pop('teacher_map', None)
+  settings = resolve_options(name, options)
+  common_options = _common_options(settings)
+  own = _own_parameters(spec.builder)
   rule_options = {k: v for k, v in settings.items() if k in own}
-  rule_options.update(spec.fixed)
-  if name == 'progressive' and 'teacher_map' not in rule_options:
+  if teacher_map is not None:
+    rule_options['teacher_map'] = teacher_map
+  if name == 'progressive' and rule_options.get('teacher_map') is None:
     rule_options['teacher_map'] = semigroup.teacher_heun_map(teacher)
   ctx = base.Context(flow_map, interpolant, teacher, common_options)
   return Rule(name, spec.builder(ctx, **rule_options), common_options)
 
 
-__all__ = ['make', 'RULES', 'Rule', 'CommonOptions', 'TimeDistribution']
+__all__ = ['make', 'resolve_options', 'option_types', 'valid_options', 'RULES', 'Rule', 'CommonOptions', 'TimeDistribution']

@@ -9,6 +9,7 @@ keyword arguments override either. `functional(module)` turns the module into th
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -45,18 +46,64 @@ def _shape_kwargs(family: str, example_shape) -> dict:
   return {'image_size': shape[0], 'in_channels': shape[2]}
 
 
+# Constructor arguments that are not network options of a config: sizes and classes come from
+# the data, precision and time conditioning from config.model.dtype / time_conditioning, and
+# dict-valued attention_options is for Python callers.
+NOT_OPTIONS = ('dim', 'image_size', 'in_channels', 'out_channels', 'num_classes', 'time_conditioning',
+               'dtype', 'param_dtype', 'rngs', 'attention_options')
+
+
+def _parameters(family: str) -> dict[str, inspect.Parameter]:
+  return {k: p for k, p in inspect.signature(FAMILIES[family].__init__).parameters.items()
+          if k != 'self'}
+
+
+def family_of(name: str) -> str:
+  """The family ('mlp', 'unet', 'dit') of a family or preset name (case-insensitive)."""
+  key = _LOOKUP.get(name.lower())
+  if key is None:
+    raise ValueError(f'Unknown network {name!r}; choose a family {sorted(FAMILIES)} or a preset '
+                     f'{sorted(PRESETS)}.')
+  return key if key in FAMILIES else PRESETS[key][0]
+
+
+def option_types() -> dict[str, type]:
+  """Every network option of some family -> its type (from the constructors' defaults).
+  fmjax.configs makes one config.model field of each."""
+  types = {}
+  for family in FAMILIES:
+    for k, p in _parameters(family).items():
+      if k not in NOT_OPTIONS:
+        kind = tuple if isinstance(p.default, (tuple, list)) else type(p.default)
+        if types.setdefault(k, kind) is not kind:
+          raise TypeError(f'Network option {k!r} has two types ({types[k]}, {kind}); rename one.')
+  return types
+
+
+def options(name: str, **overrides) -> tuple[str, dict]:
+  """(family, every network option in force) for `name` with `overrides`: overrides over the
+  preset over the constructor's defaults. Sizes set by the data (NOT_OPTIONS) are left out.
+  Raises ValueError for an unknown name or option, naming the valid ones."""
+  family, kwargs = resolve(name, **overrides)
+  defaults = {k: p.default for k, p in _parameters(family).items() if k not in NOT_OPTIONS}
+  return family, {**defaults, **{k: v for k, v in kwargs.items() if k in defaults}}
+
+
 def resolve(name: str, *, example_shape=None, **kwargs) -> tuple[str, dict]:
   """name (case-insensitive) + overrides -> (family, constructor kwargs).
 
   `example_shape` (one example, no batch dimension) sets the input size; config spellings
   in ALIASES are translated to the constructor's names.
   """
-  key = _LOOKUP.get(name.lower())
-  if key is None:
-    raise ValueError(f'Unknown network {name!r}; choose a family {sorted(FAMILIES)} or a preset '
-                     f'{sorted(PRESETS)}.')
-  family, preset = (key, {}) if key in FAMILIES else PRESETS[key]
+  family = family_of(name)
+  key = _LOOKUP[name.lower()]
+  preset = {} if key in FAMILIES else PRESETS[key][1]
   kwargs = {ALIASES.get(k, k): v for k, v in kwargs.items()}
+  unknown = set(kwargs) - set(_parameters(family)) - {'rngs'}
+  if unknown:
+    valid = sorted(set(_parameters(family)) - set(NOT_OPTIONS))
+    raise ValueError(f'Unknown option(s) {sorted(unknown)} for the {family} network {name!r}; '
+                     f'valid: {valid}.')
   if example_shape is not None:
     kwargs = {**_shape_kwargs(family, example_shape), **kwargs}
   for k in ('channel_mult', 'attn_resolutions'):
