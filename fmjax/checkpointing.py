@@ -155,7 +155,7 @@ def check_compatible(saved_config: dict, config: ml_collections.ConfigDict, work
     raise IncompatibleCheckpointError(
         f'{checkpoint_dir(workdir)} holds a checkpoint trained with another config:\n' + '\n'.join(lines) +
         '\nResuming must train what the checkpoint trained: use a fresh --workdir for this config, '
-        'or set these values back to resume. (Safe to change on resume: ' + ', '.join(SAFE_FIELDS) + '.)')
+        'or set these values back to resume (fmjax.checkpointing.SAFE_FIELDS lists what may change).')
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

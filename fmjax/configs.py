@@ -293,8 +293,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     means = np.asarray(data.means, np.float64)
     need(means.ndim == 2, f'config.data.means must be K x D, got shape {means.shape}.')
     k, d = means.shape
-    need(d == data.dim, f'config.data.means has D = {d} columns but config.data.dim = {data.dim}; '
-         'set --config.data.dim to match.')
+    need(data.dim is None or d == data.dim,
+         f'config.data.means has D = {d} columns but config.data.dim = {data.dim}; '
+         'set --config.data.dim to match, or leave it unset (it follows the means).')
     for field in ('stds', 'weights'):
       value = data[field]
       if value is not None:

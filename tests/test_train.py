@@ -114,7 +114,7 @@ def test_incompatible_config_is_named(tmp_path):
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as err:
     checkpointing.check_compatible(saved, other, str(tmp_path))
   message = str(err.value)
-  assert 'model: checkpoint has' in message and 'loss.name' in message
+  assert 'model.hidden: checkpoint has 256' in message and 'loss.name' in message
   assert 'num_steps' not in message and 'fresh --workdir' in message
 
 
