@@ -137,16 +137,23 @@ def parse_flags(argv):
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
-    # ml_collections reports an unknown override as AttributeError(KeyError("'key'\nDid you
-    # mean ...?")) from deep inside absl's parser.
-    while e.args and isinstance(e.args[0], Exception):
-      e = e.args[0]
-    key, _, suggestion = str(e.args[0] if e.args else e).partition('\n')
-    key = key.strip('\'"')
-    overrides = [a.split('=')[0] for a in argv
-                 if a.startswith('--config.') and f'.{key}.' in a.split('=')[0] + '.']
-    where = overrides[0] if overrides else '--config'
-    sys.exit(f'fmjax: {where}: no such config key {key!r}. {suggestion}'.rstrip())
+    sys.exit(unknown_key_message(e, argv))
+
+
+def unknown_key_message(error: Exception, argv) -> str:
+  """One line for an override of a key the config does not have, with ml_collections' suggestion.
+
+  ml_collections raises AttributeError(KeyError("'key'\\nDid you mean ...?")) from deep inside
+  absl's parser; the traceback says nothing the line does not.
+  """
+  while error.args and isinstance(error.args[0], Exception):
+    error = error.args[0]
+  key, _, suggestion = str(error.args[0] if error.args else error).partition('\n')
+  key = key.strip('\'"')
+  overrides = [a.split('=')[0] for a in argv
+               if a.startswith('--config.') and f'.{key}.' in a.split('=')[0] + '.']
+  where = overrides[0] if overrides else '--config'
+  return f'fmjax: {where}: no such config key {key!r}. {suggestion}'.rstrip()
 
 
 def main(argv):
