@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from fmjax import interpolants, losses, models, samplers
+from fmjax import flow_maps, interpolants, losses, models, samplers
+from fmjax.models import embeddings
 
 TOY_DATASETS = ('gaussian', 'gmm', 'checkerboard', 'rings')
 _TIME_FIELD_TYPES = {'name': str, 'mean': float, 'std': float, 'eps': float}   # TimeDistribution
@@ -330,6 +331,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
        'config.eval.exact_pairs must be (s, t) pairs of times in [0, 1].')
   need(config.eval.fid_num_samples >= 2, 'config.eval.fid_num_samples must be >= 2.')
   need(config.eval.fid_batch_size >= 1, 'config.eval.fid_batch_size must be positive.')
+  need(config.model.time_conditioning in embeddings.TIME_CONDITIONINGS,
+       f'config.model.time_conditioning = {config.model.time_conditioning!r}; choose one of '
+       f'{embeddings.TIME_CONDITIONINGS}.')
+  try:   # building a flow map only wraps the network: checks the name without any work
+    flow_maps.make(config.flow_map.parameterization, None, interpolants.get(config.interpolant))
+  except ValueError as e:
+    raise ConfigError(f'config.flow_map.parameterization: {e}') from None
+  if config.loss.name in losses.RULES:
+    teacher = losses.RULES[config.loss.name].teacher
+    need(teacher != 'required' or config.teacher.workdir,
+         f'config.loss.name = {config.loss.name!r} distills a teacher: set --config.teacher.workdir '
+         'to a trained fmjax workdir.')
+    need(teacher != 'none' or not config.teacher.workdir,
+         f'config.loss.name = {config.loss.name!r} trains from scratch, but config.teacher.workdir '
+         "is set; distill with 'lmd', 'emd', 'progressive' or 'fmm' (or 'meanflow', 'imf', 'sct', "
+         "'ect'), or clear the teacher.")
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
 

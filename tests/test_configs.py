@@ -244,3 +244,18 @@ def test_resume_compares_a_legacy_checkpoint_config_resolved(tmp_path):
                      'time_conditioning': 's_t', 'dtype': 'float32', 'kwargs': {}}
   legacy['loss'] = {'name': 'lsd'}
   checkpointing.check_compatible(legacy, current, str(tmp_path))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('flow_map.parameterization', 'residual', "Unknown flow-map parameterization 'residual'"),
+    ('model.time_conditioning', 'gap', "config.model.time_conditioning = 'gap'"),
+    ('loss.name', 'lmd', "'lmd' distills a teacher: set --config.teacher.workdir"),
+    ('teacher.workdir', 'runs/teacher', "'lsd' trains from scratch, but config.teacher.workdir is set"),
+])
+def test_names_checked_before_any_work(key, value, message):
+  config = configs.base_config()
+  section, field = key.split('.')
+  config[section][field] = value
+  with pytest.raises(configs.ConfigError) as err:
+    configs.resolve(config)
+  assert message in str(err.value)
