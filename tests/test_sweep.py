@@ -1,7 +1,8 @@
-"""The few-step sweep (fmjax.evaluation.sweep): flow map vs ODE at equal NFE on a toy model and on
-a tiny image set (with an injected feature function instead of the 299x299 Inception network),
-exact-map errors that vanish on the exact map and equal the perturbation otherwise, and the
-missing-weights / missing-statistics error raised before training."""
+"""The few-step sweep (fmjax.evaluation: plan, sweep, report, assets, evaluator): flow map vs ODE
+at equal NFE on a toy model and on a tiny image set (with an injected feature function instead of
+the 299x299 Inception network), exact-map errors that vanish on the exact map and equal the
+perturbation otherwise, samplers that return NaN rows, the plot's axis when the energy distance
+is negative, and the missing-weights / missing-statistics error raised before training."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from fmjax import configs, interpolants, logging_utils, samplers, train
 from fmjax.data import toy
-from fmjax.evaluation import fid, sweep
+from fmjax.evaluation import assets, evaluator, fid, plan, report, sweep
 
 
 def _tiny_toy_config():
@@ -30,16 +31,21 @@ def _tiny_toy_config():
   return c
 
 
+def _evaluator(setup, flow_map=None, **kwargs):
+  return evaluator.Evaluator(setup.config, setup.workdir, setup.mesh, setup.source,
+                             setup.interpolant, flow_map or setup.flow_map, **kwargs)
+
+
 def test_plan_reports_nfe_per_method():
-  heun = sweep.plan((1, 2, 4), 'heun', (1, 2, 3, 4, 8))
+  heun = plan.plan((1, 2, 4), 'heun', (1, 2, 3, 4, 8))
   assert [(s.family, s.steps, s.nfe, s.key) for s in heun] == [
       ('flow_map', 1, 1, '1'), ('flow_map', 2, 2, '2'), ('flow_map', 4, 4, '4'),
       ('ode', 1, 2, '2'), ('ode', 2, 4, '4'), ('ode', 4, 8, '8')]   # 1 and 3 NFE: no Heun run
   assert all(s.nfe == samplers.ode_nfe(s.steps, 'heun') for s in heun if s.family == 'ode')
-  guided = sweep.plan((1,), 'euler', (2,), guided=True)
+  guided = plan.plan((1,), 'euler', (2,), guided=True)
   assert [s.nfe for s in guided] == [2, 4]    # classifier-free guidance doubles every NFE
   with pytest.raises(ValueError, match='ode_method'):
-    sweep.plan((1,), 'leapfrog', (2,))
+    plan.plan((1,), 'leapfrog', (2,))
 
 
 def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
@@ -48,7 +54,7 @@ def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
   state = setup.init_state()
   logger = logging_utils.MetricsLogger(str(tmp_path), 0, 0, jsonl=False)
   with jax.set_mesh(setup.mesh):
-    results = train.evaluate(setup, state, 5, logger, final=False)
+    results = _evaluator(setup)(state, 5, logger, final=False)
   logger.close()
   saved = json.loads((tmp_path / 'eval_5.json').read_text())
   assert saved == json.loads(json.dumps(results))
@@ -65,7 +71,7 @@ def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
   error = saved['flow_map_error']['0->1']
   np.testing.assert_allclose(error['rmse'], error['rmse_identity'], rtol=1e-5)
   assert rows[0]['energy_distance'] > 10 * abs(saved['target_vs_target']['energy_distance'])
-  table = sweep.format_table(results)
+  table = report.format_table(results)
   assert 'flow map' in table and 'ODE euler' in table
   assert len([l for l in table.splitlines() if ' |  ' in l]) == 1 + 3   # header + NFE 1, 2, 4
 
@@ -101,8 +107,8 @@ def test_exact_map_scores_zero_and_a_perturbed_map_scores_the_perturbation(targe
 def test_exact_map_samplers_against_the_exact_jump():
   target, interp = _gmm(), interpolants.get('linear')
   flow_map = toy.ExactFlowMap(target, interp)
-  specs = sweep.plan((1, 2), 'euler', (1, 4, 32))
-  fns = sweep.make_sample_fns(flow_map, specs)
+  specs = plan.plan((1, 2), 'euler', (1, 4, 32))
+  fns = plan.make_sample_fns(flow_map, specs)
   n = 512
   x0 = jax.random.normal(jax.random.PRNGKey(2), (n, 2))
   reference = target.sample(jax.random.PRNGKey(3), n)
@@ -170,7 +176,7 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
   setup = train.Setup(config, str(tmp_path / 'run'))
   logger = logging_utils.MetricsLogger(setup.workdir, 0, 0, jsonl=False)
   with jax.set_mesh(setup.mesh):
-    results = train.evaluate(setup, setup.init_state(), 0, logger, final=True, feature_fn=extractor)
+    results = _evaluator(setup, feature_fn=extractor)(setup.init_state(), 0, logger, final=True)
   logger.close()
   saved = json.loads((tmp_path / 'run' / 'final_metrics.json').read_text())
   assert set(saved['few_step']) == {'1', '2'} and set(saved['ode']) == {'2', '4'}
@@ -189,12 +195,12 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
     assert row['num_samples'] == 30
     np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
   assert by_hand > 1.0
-  assert 'FID' in sweep.format_table(results)
+  assert 'FID' in report.format_table(results)
 
 
 def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path):
   config = _image_config(mnist_dir, tmp_path)
-  with pytest.raises(sweep.MissingFIDAssetsError) as error:
+  with pytest.raises(assets.MissingFIDAssetsError) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   message = str(error.value)
   assert 'python -m fmjax.evaluation.prepare_inception' in message
@@ -203,7 +209,7 @@ def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path
   assert '--config.eval.fid=False' in message
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')     # nothing trained
   config.eval.fid = False
-  sweep.check_fid_ready(config)                                  # FID off: nothing needed
+  assets.check_fid_ready(config)                                  # FID off: nothing needed
 
 
 def test_traced_step_samplers_equal_the_library_samplers():
@@ -216,8 +222,8 @@ def test_traced_step_samplers_equal_the_library_samplers():
   flow_map = build.build_flow_map(config, apply, interpolants.get('linear'))
   x0 = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
   labels = jnp.arange(16) % 3
-  specs = sweep.plan((3,), 'heun', (6,))
-  fns = sweep.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
+  specs = plan.plan((3,), 'heun', (6,))
+  fns = plan.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
   for spec in specs:
     got = fns[spec](params, x0, labels)
     if spec.family == 'flow_map':
