@@ -4,15 +4,18 @@ the 299x299 Inception network), exact-map errors that vanish on the exact map an
 perturbation otherwise, samplers that return NaN rows, the plot's axis when the energy distance
 is negative, and the missing-weights / missing-statistics error raised before training."""
 
+import dataclasses
 import json
+import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import configs, interpolants, logging_utils, samplers, train
+from fmjax import configs, flow_maps, interpolants, logging_utils, samplers, train
 from fmjax.data import toy
 from fmjax.evaluation import assets, evaluator, fid, plan, report, sweep
 
@@ -124,6 +127,132 @@ def test_exact_map_samplers_against_the_exact_jump():
   floor = results['target_vs_target']['energy_distance']
   assert abs(results['few_step']['1']['energy_distance'] - floor) < 0.02
   assert results['ode']['1']['energy_distance'] > 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class _NaNOnFirstStep:
+  """A flow map that returns NaN on the rows with x[:, 0] > threshold when it starts at time 0.
+
+  Every sampler's first step starts at 0 from x0 (the flow map's jump and the Euler step alike),
+  so every sampler loses exactly the rows with x0[:, 0] > threshold."""
+  inner: Any
+  threshold: float
+
+  def _poison(self, s, x, out):
+    bad = (s == 0.0) & (x[:, 0] > self.threshold)
+    return jnp.where(interpolants.expand(bad, out), jnp.nan, out)
+
+  def v(self, params, s, t, x, labels=None):
+    return self._poison(s, x, self.inner.v(params, s, t, x, labels))
+
+  def X(self, params, s, t, x, labels=None):
+    return self._poison(s, x, self.inner.X(params, s, t, x, labels))
+
+  def velocity(self, params, t, x, labels=None):
+    return self._poison(t, x, self.inner.velocity(params, t, x, labels))
+
+
+def test_nonfinite_samples_are_counted_scored_on_the_finite_rows_and_plotted(tmp_path):
+  from fmjax.evaluation import toy_metrics
+  config = _tiny_toy_config()
+  setup = train.Setup(config, str(tmp_path))
+  logger = logging_utils.MetricsLogger(str(tmp_path), 0, 0, jsonl=False)
+  with jax.set_mesh(setup.mesh):
+    results = _evaluator(setup, _NaNOnFirstStep(setup.flow_map, 1.0))(
+        setup.init_state(), 3, logger, final=False)
+  logger.close()
+  # The sweep's noise and target draws, by hand; the untrained network returns x0 unchanged.
+  n = config.eval.num_samples - config.eval.num_samples % jax.device_count()
+  x0 = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1),
+                                    (n, 2)))
+  reference = np.asarray(setup.source.reference_samples(jax.random.PRNGKey(0xBEEF), n))
+  good = x0[:, 0] <= 1.0
+  count = int(good.sum())
+  assert 0 < count < n
+  exact = np.asarray(setup.source.target.flow_map(setup.interpolant, jnp.zeros(n), jnp.ones(n), x0))
+  want = {'energy_distance': float(toy_metrics.energy_distance(x0[good], reference)),
+          'sliced_wasserstein': float(toy_metrics.sliced_wasserstein(x0[good], reference[:count])),
+          'rmse_vs_exact': float(np.sqrt(np.mean(np.sum((x0[good] - exact[good]) ** 2, 1))))}
+  rows = list(results['few_step'].values()) + list(results['ode'].values())
+  assert len(rows) == 5
+  for row in rows:
+    assert row['nonfinite'] == n - count and row['num_samples'] == count
+    for name, value in want.items():
+      np.testing.assert_allclose(row[name], value, rtol=1e-4)
+  # The one-jump error at s = 0 loses the same rows; at s = 0.5 nothing is poisoned.
+  assert results['flow_map_error']['0->1']['nonfinite'] == n - count
+  assert results['flow_map_error']['0.5->1']['nonfinite'] == 0
+  assert math.isfinite(results['flow_map_error']['0->1']['rmse'])
+  saved = json.loads((tmp_path / 'eval_3.json').read_text())
+  assert saved['few_step']['2']['nonfinite'] == n - count
+  assert os.path.getsize(tmp_path / 'metric_vs_nfe.png') > 1000
+  assert os.path.getsize(tmp_path / 'samples' / 'step_3.png') > 1000
+  table = report.format_table(results)
+  assert f'flow map, 2 steps: {n - count} of {n} samples are non-finite' in table
+  assert f'its metrics use the {count} finite ones' in table
+
+
+def _results(floor, nan_row=True):
+  row = lambda k, energy, sw, nonfinite=0: {'nfe': k, 'steps': k, 'energy_distance': energy,
+                                             'sliced_wasserstein': sw, 'num_samples': 100 - nonfinite,
+                                             'nonfinite': nonfinite}
+  ode = lambda k, energy, sw: dict(row(k, energy, sw), method='euler')
+  nan = float('nan')
+  return {'step': 7,
+          'few_step': {'1': row(1, 0.5, 0.3), '2': row(2, nan, nan, 100) if nan_row else row(2, 0.1, 0.1),
+                       '4': row(4, 0.01, 0.05)},
+          'ode': {'1': ode(1, 0.9, 0.6), '4': ode(4, 0.2, 0.2)},
+          'target_vs_target': {'energy_distance': floor, 'sliced_wasserstein': 0.02}}
+
+
+def test_plot_keeps_a_negative_floor_and_leaves_out_nan():
+  import matplotlib.pyplot as plt
+  fig = report.figure(_results(-0.002))
+  energy, sw = fig.axes
+  assert energy.get_yscale() == 'symlog' and sw.get_yscale() == 'log'
+  floors = [l for l in energy.get_lines() if l.get_label() == 'target vs target']
+  assert len(floors) == 1 and list(floors[0].get_ydata()) == [-0.002, -0.002]
+  assert energy.get_ylim()[0] <= -0.002 < energy.get_ylim()[1]
+  flow_map = next(l for l in energy.get_lines() if l.get_label().startswith('flow map'))
+  assert list(flow_map.get_xdata()) == [1, 4] and list(flow_map.get_ydata()) == [0.5, 0.01]
+  plt.close(fig)
+  fig = report.figure(_results(0.002, nan_row=False))   # every value positive: a log axis
+  assert fig.axes[0].get_yscale() == 'log'
+  assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 4]
+  plt.close(fig)
+
+
+def test_outputs_of_a_sampler_without_finite_samples(tmp_path):
+  results = _results(0.001)
+  paths = report.write_outputs(results, str(tmp_path), final=True)
+  text = open(paths['json']).read()
+  assert 'NaN' not in text                        # strict JSON: NaN is written as null
+  saved = json.loads(text)
+  assert saved['few_step']['2']['energy_distance'] is None
+  assert saved['few_step']['1'] == results['few_step']['1']
+  assert os.path.getsize(paths['plot']) > 1000
+  table = report.format_table(results)
+  assert 'flow map, 2 steps: 100 of 100 samples are non-finite (NaN/inf); its metrics are NaN.' in table
+  assert report.nonfinite_lines(_results(0.001, nan_row=False)) == []
+
+
+def test_the_sweep_compiles_once_per_family_for_every_step_count():
+  from fmjax import build
+  traces = []
+  config = _tiny_toy_config()
+  init, apply = build.build_network(config, (2,), 0)
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return apply(*args, **kwargs)
+
+  flow_map = flow_maps.make('displacement', counted, interpolants.get('linear'))
+  params = init(jax.random.PRNGKey(0))
+  fns = plan.make_sample_fns(flow_map, plan.plan((1, 2, 4, 8), 'euler', (1, 2, 4, 8)))
+  x0 = jax.random.normal(jax.random.PRNGKey(1), (8, 2))
+  for fn in fns.values():
+    fn(params, x0, None)
+  assert len(fns) == 8 and len(traces) == 2     # one trace of the loop body per family
 
 
 # ----------------------------------------------------------------------------- images

@@ -57,6 +57,10 @@ def nonfinite_lines(results: dict) -> list[str]:
         lines.append(f'  {_label(row)}: {bad} of {total} samples are non-finite (NaN/inf); '
                      + (f"its metrics use the {row['num_samples']} finite ones."
                         if row['num_samples'] else 'its metrics are NaN.'))
+  for pair, row in results.get('flow_map_error', {}).items():
+    if row.get('nonfinite', 0):
+      lines.append(f"  one-jump map {pair}: {row['nonfinite']} non-finite outputs; its RMSE uses "
+                   'the finite ones.')
   return lines
 
 

@@ -65,6 +65,8 @@ def _rmse(a, b) -> float:
   """sqrt(E |a - b|^2), the Euclidean error per sample, root-mean-squared over samples."""
   a = np.asarray(a, np.float64).reshape(len(a), -1)
   b = np.asarray(b, np.float64).reshape(len(b), -1)
+  if not len(a):
+    return float('nan')
   return float(np.sqrt(np.mean(np.sum((a - b) ** 2, axis=1))))
 
 
@@ -78,7 +80,8 @@ def flow_map_error(flow_map, params, target, interpolant, key, n: int,
 
   For each (s, t): x0 ~ N(0, I), x1 ~ target, x = I_s = alpha_s x0 + beta_s x1, and
   rmse = sqrt(E |X_{s,t}(x) - X*_{s,t}(x)|^2); `rmse_identity` = sqrt(E |x - X*_{s,t}(x)|^2) is
-  the error of not moving at all, a scale to read rmse against.
+  the error of not moving at all, a scale to read rmse against. Both use the rows where the
+  learned map is finite (`nonfinite` counts the others; rmse is NaN if there are none).
   """
   k0, k1 = jax.random.split(key)
   x0 = jax.random.normal(k0, (n, target.dim))
@@ -93,8 +96,11 @@ def flow_map_error(flow_map, params, target, interpolant, key, n: int,
   out = {}
   for s, t in pairs:
     x, exact, learned = jax.device_get(compare(params, s, t))
-    out[f'{s:g}->{t:g}'] = {'s': float(s), 't': float(t), 'rmse': _rmse(learned, exact),
-                            'rmse_identity': _rmse(x, exact)}
+    finite = np.all(np.isfinite(learned.reshape(n, -1)), axis=1)
+    out[f'{s:g}->{t:g}'] = {'s': float(s), 't': float(t),
+                            'rmse': _rmse(learned[finite], exact[finite]),
+                            'rmse_identity': _rmse(x[finite], exact[finite]),
+                            'nonfinite': int(n - finite.sum())}
   return out
 
 
