@@ -28,7 +28,7 @@ def uniform_grid(num_steps: int, t0: float = 0.0, t1: float = 1.0) -> jax.Array:
 
 
 def _uniform_time(i, num_steps, t0, t1):
-  """t_i = t0 + (i / k)(t1 - t0) of the k-step uniform grid, exactly t1 at i = k; k may be traced."""
+  """t_i = t0 + (i / k)(t1 - t0) on the k-step uniform grid, exactly t1 at i = k (k may be traced)."""
   t = t0 + (i / jnp.asarray(num_steps, jnp.float32)) * (t1 - t0)
   return jnp.where(i >= num_steps, t1, t).astype(jnp.float32)
 

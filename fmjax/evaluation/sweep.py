@@ -142,8 +142,9 @@ def toy_sweep(sample_fns: dict, params, x0, labels, reference, *, reference_othe
     if count == len(finite):
       metrics = _toy_metrics(x, reference, exact_x1)
     elif count:
-      metrics = _toy_metrics(sharding.gather_to_host(x)[finite], sharding.gather_to_host(reference),
-                             None if exact_x1 is None else sharding.gather_to_host(exact_x1)[finite])
+      host = sharding.gather_to_host
+      metrics = _toy_metrics(host(x)[finite], host(reference),
+                             None if exact_x1 is None else host(exact_x1)[finite])
     else:
       metrics = {name: float('nan') for name in names}
     results[_family(spec)][spec.key] = _row(spec, **metrics, num_samples=count,
