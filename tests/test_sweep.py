@@ -183,6 +183,7 @@ def test_nonfinite_samples_are_counted_scored_on_the_finite_rows_and_plotted(tmp
   assert results['flow_map_error']['0->1']['nonfinite'] == n - count
   assert results['flow_map_error']['0.5->1']['nonfinite'] == 0
   assert math.isfinite(results['flow_map_error']['0->1']['rmse'])
+  assert 'one-jump map 0->1: ' in report.format_table(results)
   saved = json.loads((tmp_path / 'eval_3.json').read_text())
   assert saved['few_step']['2']['nonfinite'] == n - count
   assert os.path.getsize(tmp_path / 'metric_vs_nfe.png') > 1000
@@ -237,6 +238,8 @@ def test_outputs_of_a_sampler_without_finite_samples(tmp_path):
   table = report.format_table(results)
   assert 'flow map, 2 steps: 100 of 100 samples are non-finite (NaN/inf); its metrics are NaN.' in table
   assert report.nonfinite_lines(_results(0.001, nan_row=False)) == []
+  tags = report.scalars(results)
+  assert tags['eval/flow_map/energy_distance/nfe_4'] == 0.01 and len(tags) == 8   # NaN left out
 
 
 def test_the_sweep_compiles_once_per_family_for_every_step_count():

@@ -54,13 +54,13 @@ def nonfinite_lines(results: dict) -> list[str]:
       bad = row.get('nonfinite', 0)
       if bad:
         total = bad + row['num_samples']
-        lines.append(f'  {_label(row)}: {bad} of {total} samples are non-finite (NaN/inf); '
+        lines.append(f'    {_label(row)}: {bad} of {total} samples are non-finite (NaN/inf); '
                      + (f"its metrics use the {row['num_samples']} finite ones."
                         if row['num_samples'] else 'its metrics are NaN.'))
   for pair, row in results.get('flow_map_error', {}).items():
     if row.get('nonfinite', 0):
-      lines.append(f"  one-jump map {pair}: {row['nonfinite']} non-finite outputs; its RMSE uses "
-                   'the finite ones.')
+      lines.append(f"    one-jump map {pair}: {row['nonfinite']} non-finite outputs; its RMSE "
+                   + ('is NaN.' if math.isnan(row['rmse']) else 'uses the finite ones.'))
   return lines
 
 
@@ -156,7 +156,9 @@ def plot(results: dict, path: str) -> np.ndarray:
 
 
 def scalars(results: dict) -> dict[str, float]:
-  """TensorBoard scalars: eval/flow_map/<metric>/nfe_<n> and eval/ode/<metric>/nfe_<n>."""
+  """TensorBoard scalars: eval/flow_map/<metric>/nfe_<n> and eval/ode/<metric>/nfe_<n>.
+
+  Non-finite values are left out (the table and the JSON report them)."""
   out = {}
   for family, tag in (('few_step', 'flow_map'), ('ode', 'ode')):
     for row in results.get(family, {}).values():
@@ -164,7 +166,7 @@ def scalars(results: dict) -> dict[str, float]:
         out[f"eval/{tag}/{name}/nfe_{row['nfe']}"] = float(row[name])
   for pair, row in results.get('flow_map_error', {}).items():
     out[f'eval/exact_map_rmse/{pair}'] = row['rmse']
-  return out
+  return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def _strict_json(value):
