@@ -333,6 +333,29 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
   assert 'FID' in report.format_table(results)
 
 
+def test_image_sweep_leaves_out_nonfinite_images():
+  """FID of the finite images only, by hand; the NaN ones counted; NaN when none is finite."""
+  w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8 * 8 * 3, 8))) / 8
+  features = fid.FeatureExtractor({'w': w}, batch_size=16, feature_fn=_fake_features)
+  reference = fid.statistics(np.asarray(jax.random.normal(jax.random.PRNGKey(1), (64, 8))))
+  noise = lambda: sweep.noise_batches(jax.random.PRNGKey(2), (8, 8, 1), 40, 16)
+  poison = lambda x0, threshold: jnp.where(x0[:, :1, :1, :] > threshold, jnp.nan, x0)
+  fns = {spec: (lambda params, x0, labels, threshold=threshold: poison(x0, threshold))
+         for spec, threshold in zip(plan.plan((1, 2), 'euler', ()), (1.0, -jnp.inf))}
+  results, kept = sweep.image_sweep(fns, None, noise, features, reference, 40, keep=4)
+  x0 = np.concatenate([np.asarray(x)[:valid] for x, _, valid in noise()])
+  good = x0[:, 0, 0, 0] <= 1.0
+  assert 0 < good.sum() < 40
+  by_hand = fid.fid(fid.statistics(_fake_features({'w': w}, sweep.to_rgb_uint8(x0[good]))),
+                    reference)
+  row = results['few_step']['1']
+  assert row['nonfinite'] == 40 - good.sum() and row['num_samples'] == good.sum()
+  np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
+  none = results['few_step']['2']
+  assert none['nonfinite'] == 40 and none['num_samples'] == 0 and math.isnan(none['fid'])
+  assert kept[plan.plan((2,), 'euler', ())[0]].shape == (4, 8, 8, 1)
+
+
 def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path):
   config = _image_config(mnist_dir, tmp_path)
   with pytest.raises(assets.MissingFIDAssetsError) as error:
