@@ -75,9 +75,11 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """Restores the latest checkpoint of WORKDIR and runs the few-step evaluation on it."""
   import jax
   from fmjax import checkpointing, logging_utils, train
-  from fmjax.evaluation import sweep
+  from fmjax.evaluation import evaluator
   setup = train.Setup(config, workdir)
-  sweep.check_fid_ready(config)
+  evaluate = evaluator.Evaluator(config, workdir, setup.mesh, setup.source, setup.interpolant,
+                                 setup.flow_map)
+  evaluate.check_ready()
   with jax.set_mesh(setup.mesh):
     manager = checkpointing.make_manager(workdir, read_only=True)
     step = manager.latest_step()
@@ -88,7 +90,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     checkpointing.check_compatible(saved_config, config, workdir)
     state = checkpointing.restore_state(manager, step, setup.abstract_state)
     logger = logging_utils.MetricsLogger(workdir, config.train.num_steps, step, jsonl=False)
-    results = train.evaluate(setup, state, step, logger, final=True)
+    results = evaluate(state, step, logger, final=True)
     logger.close()
     manager.close()
   return results

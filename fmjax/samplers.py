@@ -1,9 +1,11 @@
 """Sampling: k-step flow-map jumps over a time grid, and ODE baselines on the velocity.
 
-All functions are pure; `make_flow_map_sampler` / `make_ode_sampler` return `jax.jit`
-functions that compile once per (batch shape, number of steps) and are reused for every
-batch of that shape. NFE (network function evaluations) are reported beside the samples
-so that flow maps and ODE solvers can be compared at equal cost.
+One implementation of each sampler. A time grid is either explicit (`times`, any increasing
+array) or uniform with `num_steps` steps; a uniform step count may be a traced integer, so a
+single compilation serves every k (the few-step sweep, `fmjax.evaluation.plan`, relies on it).
+`make_flow_map_sampler` / `make_ode_sampler` return `jax.jit` functions that compile once per
+(batch shape, number of steps). NFE (network function evaluations) are reported beside the
+samples so that flow maps and ODE solvers can be compared at equal cost.
 """
 
 from __future__ import annotations
@@ -25,8 +27,35 @@ def uniform_grid(num_steps: int, t0: float = 0.0, t1: float = 1.0) -> jax.Array:
   return jnp.linspace(t0, t1, num_steps + 1, dtype=jnp.float32)
 
 
-def _batch_time(t, x):
-  return jnp.full((x.shape[0],), t, jnp.float32)
+def _uniform_time(i, num_steps, t0, t1):
+  """t_i = t0 + (i / k)(t1 - t0) on the k-step uniform grid, exactly t1 at i = k (k may be traced)."""
+  t = t0 + (i / jnp.asarray(num_steps, jnp.float32)) * (t1 - t0)
+  return jnp.where(i >= num_steps, t1, t).astype(jnp.float32)
+
+
+def _march(step, x, num_steps, time, unroll: bool = False):
+  """x_{i+1} = step(x_i, t_i, t_{i+1}) for i < num_steps, times t_i = time(i) as [batch] arrays.
+
+  num_steps may be traced (a while loop then); unroll=True unrolls a static loop.
+  """
+  batch = (x.shape[0],)
+
+  def body(i, x):
+    s = jnp.broadcast_to(time(i), batch)
+    t = jnp.broadcast_to(time(i + 1), batch)
+    return step(x, s, t)
+
+  return jax.lax.fori_loop(0, num_steps, body, x, unroll=num_steps if unroll else None)
+
+
+def _schedule(times, num_steps):
+  """(number of steps, i -> t_i) of an explicit grid or of num_steps uniform steps on [0, 1]."""
+  if (times is None) == (num_steps is None):
+    raise ValueError('Pass either times (an explicit grid) or num_steps (the uniform grid).')
+  if times is None:
+    return num_steps, functools.partial(_uniform_time, num_steps=num_steps, t0=0.0, t1=1.0)
+  times = jnp.asarray(times, jnp.float32)
+  return times.shape[0] - 1, lambda i: times[i]
 
 
 def guided(fn, labels, null_label, guidance_scale):
@@ -50,23 +79,18 @@ def guided(fn, labels, null_label, guidance_scale):
   return call
 
 
-def flow_map_sample(flow_map, params, x0, times, labels=None, *, null_label=None,
-                    guidance_scale: float = 1.0):
-  """x_{t_k} = X_{t_{k-1}, t_k}(x_{t_{k-1}}) over a time grid: len(times) - 1 evaluations.
+def flow_map_sample(flow_map, params, x0, times=None, labels=None, *, num_steps=None,
+                    null_label=None, guidance_scale: float = 1.0):
+  """x_{t_k} = X_{t_{k-1}, t_k}(x_{t_{k-1}}) over a time grid: one evaluation per step.
 
   Boffi et al. 2406.07507, Sec. 2: a k-step flow-map sampler; k = 1 jumps from noise to
-  data in one evaluation.
+  data in one evaluation. The grid is `times` (len(times) - 1 steps) or, with `num_steps`
+  = k, the uniform grid i / k; k may be a traced integer (one compilation for every k).
   """
-  times = jnp.asarray(times, jnp.float32)
   v = guided(lambda s, t, x, y: flow_map.v(params, s, t, x, y), labels, null_label,
              guidance_scale)
-
-  def step(x, st):
-    s, t = _batch_time(st[0], x), _batch_time(st[1], x)
-    return x + expand(t - s, x) * v(s, t, x), None
-
-  x, _ = jax.lax.scan(lambda x, st: step(x, st), x0, jnp.stack([times[:-1], times[1:]], axis=1))
-  return x
+  return _march(lambda x, s, t: x + expand(t - s, x) * v(s, t, x), x0,
+                *_schedule(times, num_steps))
 
 
 def ode_step(velocity: VelocityFn, x, s, t, method: str):
@@ -91,30 +115,35 @@ def ode_step(velocity: VelocityFn, x, s, t, method: str):
   raise ValueError(f'Unknown ODE method {method!r}; choose one of {sorted(ODE_METHODS)}.')
 
 
-def integrate(velocity: VelocityFn, x, s, t, num_steps: int, method: str = 'rk4',
+def integrate(velocity: VelocityFn, x, s, t, num_steps, method: str = 'rk4',
               unroll: bool = False):
   """Solves dx/dt = velocity(t, x) from s to t (scalars or [batch] arrays) in num_steps steps.
 
-  unroll=True unrolls the step loop (XLA's cost analysis counts a loop body once, so inside a
-  training step an unrolled solve also reports its true FLOPs).
+  num_steps may be a traced integer. unroll=True unrolls the step loop (XLA's cost analysis
+  counts a loop body once, so inside a training step an unrolled solve also reports its true
+  FLOPs); it needs a static num_steps.
   """
   s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (x.shape[0],))
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-  fractions = jnp.linspace(0.0, 1.0, num_steps + 1, dtype=jnp.float32)
-
-  def body(x, ab):
-    a, b = s + ab[0] * (t - s), s + ab[1] * (t - s)
-    return ode_step(velocity, x, a, b, method), None
-
-  x, _ = jax.lax.scan(body, x, jnp.stack([fractions[:-1], fractions[1:]], axis=1),
-                      unroll=num_steps if unroll else 1)
-  return x
+  time = functools.partial(_uniform_time, num_steps=num_steps, t0=s, t1=t)
+  return _march(lambda x, a, b: ode_step(velocity, x, a, b, method), x, num_steps, time, unroll)
 
 
-def ode_sample(velocity: VelocityFn, x0, num_steps: int, method: str = 'heun',
+def ode_sample(velocity: VelocityFn, x0, num_steps, method: str = 'heun',
                t0: float = 0.0, t1: float = 1.0):
-  """Integrates the probability-flow ODE from noise (t0) to data (t1). NFE: `ode_nfe`."""
+  """Integrates the probability-flow ODE from noise (t0) to data (t1). NFE: `ode_nfe`.
+
+  num_steps may be a traced integer (one compilation for every step count)."""
   return integrate(velocity, x0, t0, t1, num_steps, method)
+
+
+def flow_map_ode_sample(flow_map, params, x0, num_steps, method: str = 'heun', labels=None, *,
+                        null_label=None, guidance_scale: float = 1.0):
+  """`ode_sample` on the map's own velocity b_t = v_{t,t} (Boffi et al. 2406.07507, Sec. 2: the
+  diagonal of a flow map is a flow-matching model), guided like `flow_map_sample`."""
+  velocity = guided(lambda t, x, y: flow_map.velocity(params, t, x, y), labels, null_label,
+                    guidance_scale)
+  return ode_sample(velocity, x0, num_steps, method)
 
 
 def ode_nfe(num_steps: int, method: str) -> int:
@@ -141,8 +170,7 @@ def make_ode_sampler(flow_map, num_steps: int, method: str = 'heun', *, null_lab
   """A jitted sample(params, x0, labels=None, guidance_scale=1.0) by the ODE on v_{t,t}."""
   @functools.partial(jax.jit, static_argnames='guidance_scale')
   def sample(params, x0, labels=None, guidance_scale=1.0):
-    velocity = guided(lambda t, x, y: flow_map.velocity(params, t, x, y), labels, null_label,
-                      guidance_scale)
-    return ode_sample(velocity, x0, num_steps, method)
+    return flow_map_ode_sample(flow_map, params, x0, num_steps, method, labels,
+                               null_label=null_label, guidance_scale=guidance_scale)
 
   return sample

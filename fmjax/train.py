@@ -28,6 +28,7 @@ from fmjax import logging_utils
 from fmjax import sharding as sharding_lib
 from fmjax import train_state
 from fmjax.data import pipelines
+from fmjax.evaluation import evaluator
 
 
 class NonFiniteError(FloatingPointError):
@@ -99,8 +100,6 @@ class Setup:
         in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
         donate_argnums=0)
-    self.sample_fns = None            # the sweep's jitted samplers, built at the first evaluation
-    self.feature_extractor = None     # the FID feature extractor, likewise
     self.meta = {'example_shape': list(self.source.example_shape),
                  'num_classes': int(self.source.num_classes),
                  'process_count': jax.process_count(), 'device_count': jax.device_count()}
@@ -123,9 +122,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
   setup = Setup(config, workdir)
   config = setup.config                # resolved: what trains is what config.json and checkpoints record
   train = config.train
+  evaluate = evaluator.Evaluator(config, workdir, setup.mesh, setup.source, setup.interpolant,
+                                 setup.flow_map)
   if config.eval.at_end or train.eval_every:
-    from fmjax.evaluation import sweep
-    sweep.check_fid_ready(config)   # missing Inception weights / reference stats: fail now, not later
+    evaluate.check_ready()   # missing Inception weights / reference stats: fail now, not later
   with jax.set_mesh(setup.mesh):
     manager = checkpointing.make_manager(workdir, keep=train.keep_checkpoints,
                                          keep_every=train.keep_every,
@@ -176,135 +176,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
         if train.checkpoint_every and step % train.checkpoint_every == 0:
           save()
         if config.train.eval_every and step % config.train.eval_every == 0 and step < train.num_steps:
-          evaluate(setup, state, step, logger, final=False)
+          evaluate(state, step, logger, final=False)
     if manager.latest_step() != step:
       save(force=True)
     manager.wait_until_finished()
     manager.close()
-    results = evaluate(setup, state, step, logger, final=True) if config.eval.at_end else {'step': step}
+    results = evaluate(state, step, logger, final=True) if config.eval.at_end else {'step': step}
     logger.close()
     return results
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def few_step_samples(flow_map, params, x0, steps, labels=None, null_label=None, guidance_scale=1.0):
-  """{k: samples of the k-step flow map on a uniform grid} for every k in steps."""
-  from fmjax import samplers
-  sample = samplers.make_flow_map_sampler(flow_map, null_label=null_label)
-  return {int(k): sample(params, x0, samplers.uniform_grid(int(k)), labels,
-                         guidance_scale=guidance_scale) for k in steps}
-
-
-def evaluate(setup: Setup, state, step: int, logger, *, final: bool, feature_fn=None) -> dict:
-  """The few-step sweep (fmjax.evaluation.sweep): the flow map at k = config.eval.steps and the
-  ODE on its velocity at config.eval.ode_nfe, scored by FID (image sets) or by distances to the
-  target and errors against the exact map (toy targets); table, JSON, plots, TensorBoard.
-
-  feature_fn: image sets only, replaces the Inception feature extractor (tests).
-  """
-  from fmjax.evaluation import sweep
-  config, workdir = setup.config, setup.workdir
-  params = train_state.select_params(state, config.eval.ema_index)
-  toy = config.data.name in configs.TOY_DATASETS
-  num_classes = setup.source.num_classes
-  if setup.sample_fns is None:
-    # Built once per run: the jitted samplers then compile once, not at every evaluation.
-    setup.sample_fns = sweep.make_sample_fns(setup.flow_map, sweep.plan_from_config(config),
-                                             null_label=num_classes or None,
-                                             guidance_scale=config.eval.guidance_scale)
-  sample_fns = setup.sample_fns
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
-  batch_sharding = sharding_lib.batch_sharding(setup.mesh)
-  if toy:
-    n = config.eval.num_samples - config.eval.num_samples % jax.device_count()
-    x0 = jax.jit(lambda k: jax.random.normal(k, (n,) + tuple(setup.source.example_shape)),
-                 out_shardings=batch_sharding)(key)
-    reference = setup.source.reference_samples(jax.random.PRNGKey(0xBEEF), n)
-    other = setup.source.reference_samples(jax.random.PRNGKey(0xF00D), n)
-    results, samples = sweep.toy_sweep(
-        sample_fns, params, x0, None, reference, reference_other=other,
-        target=setup.source.target, interpolant=setup.interpolant, flow_map=setup.flow_map,
-        key=jax.random.fold_in(key, 1), exact_pairs=tuple(tuple(p) for p in config.eval.exact_pairs))
-  else:
-    results, samples = _image_sweep(setup, params, sample_fns, key, feature_fn)
-  results = {'step': step, **results}
-  # Gathers are collectives: every process joins them before process 0 alone writes.
-  samples = {spec: np.asarray(sharding_lib.gather_to_host(x)) for spec, x in samples.items()}
-  reference = np.asarray(sharding_lib.gather_to_host(reference)) if toy else None
-  if not logging_utils.is_main_process():
-    return results
-  _write_samples(setup, step, samples, logger, toy, reference)
-  logger.info(sweep.format_table(results))
-  sweep.write_outputs(results, workdir, final=final, logger=logger)
-  return results
-
-
-def _image_sweep(setup: Setup, params, sample_fns, key, feature_fn):
-  """FID per sampler when enabled, else just config.eval.grid_size^2 samples for the grids."""
-  from fmjax.evaluation import fid, sweep
-  config = setup.config
-  shape, num_classes = tuple(setup.source.example_shape), setup.source.num_classes
-  sharding = sharding_lib.batch_sharding(setup.mesh)
-  grid = config.eval.grid_size ** 2
-  if not sweep.fid_enabled(config):
-    n = grid + (-grid) % jax.device_count()
-    (x0, labels, _), = sweep.noise_batches(key, shape, n, n, num_classes=num_classes, sharding=sharding)
-    return {'few_step': {}, 'ode': {}}, {
-        spec: np.asarray(sharding_lib.gather_to_host(fn(params, x0, labels)))[:grid] for spec, fn in sample_fns.items()}
-  batch = config.eval.fid_batch_size
-  batch -= batch % jax.device_count()
-  if not batch:
-    raise ValueError(f'config.eval.fid_batch_size must be at least the {jax.device_count()} devices.')
-  if feature_fn is None:
-    if setup.feature_extractor is None:
-      from fmjax.evaluation import inception
-      setup.feature_extractor = fid.FeatureExtractor(
-          inception.load_params(sweep.weights_path(config)), batch_size=batch, mesh=setup.mesh,
-          data_axis=sharding_lib.BATCH_AXES)
-    feature_fn = setup.feature_extractor
-  reference = sweep.load_reference(config)
-  noise = lambda: sweep.noise_batches(key, shape, config.eval.fid_num_samples, batch,
-                                      num_classes=num_classes, sharding=sharding)
-  provenance = {'dataset': f'{config.data.name} (generated)', 'split': 'samples'}
-  if getattr(feature_fn, 'feature_fn', None) is not None:
-    from fmjax.evaluation import inception, resize
-    if feature_fn.feature_fn is inception.features:
-      provenance.update(resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id())
-  return sweep.image_sweep(sample_fns, params, noise, feature_fn, reference,
-                           config.eval.fid_num_samples, keep=grid, provenance=provenance,
-                           log=_main_print)
-
-
-def _main_print(line: str) -> None:
-  if logging_utils.is_main_process():
-    print(line, flush=True)
-
-
-def _write_samples(setup: Setup, step: int, samples: dict, logger, toy: bool, reference) -> None:
-  """Scatter plots (toys) or image grids of every sampler to WORKDIR/samples and TensorBoard."""
-  workdir, config = setup.workdir, setup.config
-  gathered = samples
-  if toy:
-    panels = [(spec.label, v) for spec, v in gathered.items() if spec.family == 'flow_map']
-    odes = [(spec.label, v) for spec, v in gathered.items() if spec.family == 'ode']
-    panels += odes[-1:]   # the most accurate ODE solve, for comparison
-    picture = logging_utils.scatter_png(os.path.join(workdir, 'samples', f'step_{step}.png'), panels,
-                                        reference)
-    logger.image(step, 'samples/few_step', picture)
-    return
-  for spec, v in gathered.items():
-    g = logging_utils.image_grid(v, config.eval.grid_size)
-    name = (f'{spec.steps}steps' if spec.family == 'flow_map'
-            else f'ode_{spec.method}_{spec.nfe}nfe')
-    logging_utils.save_png(os.path.join(workdir, 'samples', f'step_{step}_{name}.png'), g)
-    logger.image(step, f'samples/{name}', g if g.ndim == 3 else g[..., None])
-
-
-
-
-def format_table(results: dict) -> str:
-  """The few-step table printed at eval time (fmjax.evaluation.sweep.format_table)."""
-  from fmjax.evaluation import sweep
-  return sweep.format_table(results)

@@ -65,6 +65,7 @@ def main():
   import numpy as np
   from fmjax import train
   from fmjax.data import pipelines
+  from fmjax.evaluation import evaluator
 
   if args.slow_after >= 0:
     # Test hook: slow the host loop after a step so a SIGKILL lands mid-run, reproducibly.
@@ -79,17 +80,17 @@ def main():
 
   config = tiny_config(json.loads(args.overrides))
   captured = {}
-  original_evaluate = train.evaluate
+  original_evaluate = evaluator.Evaluator.__call__
 
-  def evaluate(setup, state, step, logger, *, final):
+  def evaluate(self, state, step, logger, *, final):
     if final:
       captured['params'] = jax.tree.map(lambda x: np.asarray(sharding.gather_to_host(x)), state['params']['net'])
       captured['ema'] = jax.tree.map(lambda x: np.asarray(sharding.gather_to_host(x)), state['ema'][0])
     if not args.eval:
       return {'step': step}
-    return original_evaluate(setup, state, step, logger, final=final)
+    return original_evaluate(self, state, step, logger, final=final)
 
-  train.evaluate = evaluate
+  evaluator.Evaluator.__call__ = evaluate
   results = train.train_and_evaluate(config, args.workdir)
   if args.dump and jax.process_index() == 0:
     flat = {'params/' + jax.tree_util.keystr(p): v

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from fmjax import flow_maps, interpolants, samplers
@@ -66,3 +67,29 @@ def test_guidance_scale_one_is_the_conditional_sampler_and_guidance_extrapolates
   unconditional = x0 + fm.v(params, 0.0, 1.0, x0, jnp.full((8,), 3))
   guided = samplers.flow_map_sample(fm, params, x0, times, labels, null_label=3, guidance_scale=3.0)
   np.testing.assert_allclose(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
+
+
+def test_a_traced_step_count_gives_the_uniform_grid_samplers():
+  """flow_map_sample(num_steps=k) and ode_sample with k traced (one compilation for every k)
+  equal the explicit uniform grid and the static step count."""
+  model = MLP(2, hidden=16, depth=2, time_dim=8, num_classes=0, rngs=nnx.Rngs(0))
+  apply, params = functional(model)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
+  fm = flow_maps.make('displacement', apply, interpolants.linear())
+  x0 = jax.random.normal(jax.random.PRNGKey(4), (16, 2))
+  traced = jax.jit(lambda k: samplers.flow_map_sample(fm, params, x0, num_steps=k))
+  velocity = lambda t, x: fm.velocity(params, t, x)
+  ode = jax.jit(lambda k: samplers.ode_sample(velocity, x0, k, 'midpoint'))
+  for k in (1, 3, 5):
+    want = samplers.flow_map_sample(fm, params, x0, samplers.uniform_grid(k))
+    np.testing.assert_allclose(traced(k), want, atol=1e-5)
+    # By hand: k midpoint steps of size 1/k.
+    x = x0
+    for i in range(k):
+      s = jnp.full((16,), i / k)
+      x = x + velocity(s + 0.5 / k, x + 0.5 / k * velocity(s, x)) / k
+    np.testing.assert_allclose(ode(k), x, atol=1e-5)
+  assert float(jnp.abs(traced(3) - traced(1)).max()) > 1e-3   # k matters
+  assert traced._cache_size() == 1 and ode._cache_size() == 1
+  with pytest.raises(ValueError, match='either times'):
+    samplers.flow_map_sample(fm, params, x0, samplers.uniform_grid(2), num_steps=2)

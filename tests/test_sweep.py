@@ -1,19 +1,23 @@
-"""The few-step sweep (fmjax.evaluation.sweep): flow map vs ODE at equal NFE on a toy model and on
-a tiny image set (with an injected feature function instead of the 299x299 Inception network),
-exact-map errors that vanish on the exact map and equal the perturbation otherwise, and the
-missing-weights / missing-statistics error raised before training."""
+"""The few-step sweep (fmjax.evaluation: plan, sweep, report, assets, evaluator): flow map vs ODE
+at equal NFE on a toy model and on a tiny image set (with an injected feature function instead of
+the 299x299 Inception network), exact-map errors that vanish on the exact map and equal the
+perturbation otherwise, samplers that return NaN rows, the plot's axis when the energy distance
+is negative, and the missing-weights / missing-statistics error raised before training."""
 
+import dataclasses
 import json
+import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import configs, interpolants, logging_utils, samplers, train
+from fmjax import configs, flow_maps, interpolants, logging_utils, samplers, train
 from fmjax.data import toy
-from fmjax.evaluation import fid, sweep
+from fmjax.evaluation import assets, evaluator, fid, plan, report, sweep
 
 
 def _tiny_toy_config():
@@ -30,16 +34,21 @@ def _tiny_toy_config():
   return c
 
 
+def _evaluator(setup, flow_map=None, **kwargs):
+  return evaluator.Evaluator(setup.config, setup.workdir, setup.mesh, setup.source,
+                             setup.interpolant, flow_map or setup.flow_map, **kwargs)
+
+
 def test_plan_reports_nfe_per_method():
-  heun = sweep.plan((1, 2, 4), 'heun', (1, 2, 3, 4, 8))
+  heun = plan.plan((1, 2, 4), 'heun', (1, 2, 3, 4, 8))
   assert [(s.family, s.steps, s.nfe, s.key) for s in heun] == [
       ('flow_map', 1, 1, '1'), ('flow_map', 2, 2, '2'), ('flow_map', 4, 4, '4'),
       ('ode', 1, 2, '2'), ('ode', 2, 4, '4'), ('ode', 4, 8, '8')]   # 1 and 3 NFE: no Heun run
   assert all(s.nfe == samplers.ode_nfe(s.steps, 'heun') for s in heun if s.family == 'ode')
-  guided = sweep.plan((1,), 'euler', (2,), guided=True)
+  guided = plan.plan((1,), 'euler', (2,), guided=True)
   assert [s.nfe for s in guided] == [2, 4]    # classifier-free guidance doubles every NFE
   with pytest.raises(ValueError, match='ode_method'):
-    sweep.plan((1,), 'leapfrog', (2,))
+    plan.plan((1,), 'leapfrog', (2,))
 
 
 def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
@@ -48,7 +57,7 @@ def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
   state = setup.init_state()
   logger = logging_utils.MetricsLogger(str(tmp_path), 0, 0, jsonl=False)
   with jax.set_mesh(setup.mesh):
-    results = train.evaluate(setup, state, 5, logger, final=False)
+    results = _evaluator(setup)(state, 5, logger, final=False)
   logger.close()
   saved = json.loads((tmp_path / 'eval_5.json').read_text())
   assert saved == json.loads(json.dumps(results))
@@ -65,7 +74,7 @@ def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
   error = saved['flow_map_error']['0->1']
   np.testing.assert_allclose(error['rmse'], error['rmse_identity'], rtol=1e-5)
   assert rows[0]['energy_distance'] > 10 * abs(saved['target_vs_target']['energy_distance'])
-  table = sweep.format_table(results)
+  table = report.format_table(results)
   assert 'flow map' in table and 'ODE euler' in table
   assert len([l for l in table.splitlines() if ' |  ' in l]) == 1 + 3   # header + NFE 1, 2, 4
 
@@ -101,8 +110,8 @@ def test_exact_map_scores_zero_and_a_perturbed_map_scores_the_perturbation(targe
 def test_exact_map_samplers_against_the_exact_jump():
   target, interp = _gmm(), interpolants.get('linear')
   flow_map = toy.ExactFlowMap(target, interp)
-  specs = sweep.plan((1, 2), 'euler', (1, 4, 32))
-  fns = sweep.make_sample_fns(flow_map, specs)
+  specs = plan.plan((1, 2), 'euler', (1, 4, 32))
+  fns = plan.make_sample_fns(flow_map, specs)
   n = 512
   x0 = jax.random.normal(jax.random.PRNGKey(2), (n, 2))
   reference = target.sample(jax.random.PRNGKey(3), n)
@@ -118,6 +127,138 @@ def test_exact_map_samplers_against_the_exact_jump():
   floor = results['target_vs_target']['energy_distance']
   assert abs(results['few_step']['1']['energy_distance'] - floor) < 0.02
   assert results['ode']['1']['energy_distance'] > 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class _NaNOnFirstStep:
+  """A flow map that returns NaN on the rows with x[:, 0] > threshold when it starts at time 0.
+
+  Every sampler's first step starts at 0 from x0 (the flow map's jump and the Euler step alike),
+  so every sampler loses exactly the rows with x0[:, 0] > threshold."""
+  inner: Any
+  threshold: float
+
+  def _poison(self, s, x, out):
+    bad = (s == 0.0) & (x[:, 0] > self.threshold)
+    return jnp.where(interpolants.expand(bad, out), jnp.nan, out)
+
+  def v(self, params, s, t, x, labels=None):
+    return self._poison(s, x, self.inner.v(params, s, t, x, labels))
+
+  def X(self, params, s, t, x, labels=None):
+    return self._poison(s, x, self.inner.X(params, s, t, x, labels))
+
+  def velocity(self, params, t, x, labels=None):
+    return self._poison(t, x, self.inner.velocity(params, t, x, labels))
+
+
+def test_nonfinite_samples_are_counted_scored_on_the_finite_rows_and_plotted(tmp_path):
+  from fmjax.evaluation import toy_metrics
+  config = _tiny_toy_config()
+  setup = train.Setup(config, str(tmp_path))
+  logger = logging_utils.MetricsLogger(str(tmp_path), 0, 0, jsonl=False)
+  with jax.set_mesh(setup.mesh):
+    results = _evaluator(setup, _NaNOnFirstStep(setup.flow_map, 1.0))(
+        setup.init_state(), 3, logger, final=False)
+  logger.close()
+  # The sweep's noise and target draws, by hand; the untrained network returns x0 unchanged.
+  n = config.eval.num_samples - config.eval.num_samples % jax.device_count()
+  x0 = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1),
+                                    (n, 2)))
+  reference = np.asarray(setup.source.reference_samples(jax.random.PRNGKey(0xBEEF), n))
+  good = x0[:, 0] <= 1.0
+  count = int(good.sum())
+  assert 0 < count < n
+  exact = np.asarray(setup.source.target.flow_map(setup.interpolant, jnp.zeros(n), jnp.ones(n), x0))
+  want = {'energy_distance': float(toy_metrics.energy_distance(x0[good], reference)),
+          'sliced_wasserstein': float(toy_metrics.sliced_wasserstein(x0[good], reference[:count])),
+          'rmse_vs_exact': float(np.sqrt(np.mean(np.sum((x0[good] - exact[good]) ** 2, 1))))}
+  rows = list(results['few_step'].values()) + list(results['ode'].values())
+  assert len(rows) == 5
+  for row in rows:
+    assert row['nonfinite'] == n - count and row['num_samples'] == count
+    for name, value in want.items():
+      np.testing.assert_allclose(row[name], value, rtol=1e-4)
+  # The one-jump error at s = 0 loses the same rows; at s = 0.5 nothing is poisoned.
+  assert results['flow_map_error']['0->1']['nonfinite'] == n - count
+  assert results['flow_map_error']['0.5->1']['nonfinite'] == 0
+  assert math.isfinite(results['flow_map_error']['0->1']['rmse'])
+  assert 'one-jump map 0->1: ' in report.format_table(results)
+  saved = json.loads((tmp_path / 'eval_3.json').read_text())
+  assert saved['few_step']['2']['nonfinite'] == n - count
+  assert os.path.getsize(tmp_path / 'metric_vs_nfe.png') > 1000
+  assert os.path.getsize(tmp_path / 'samples' / 'step_3.png') > 1000
+  table = report.format_table(results)
+  assert f'flow map, 2 steps: {n - count} of {n} samples are non-finite' in table
+  assert f'its metrics use the {count} finite ones' in table
+
+
+def _results(floor, nan_row=True):
+  """Sweep results by hand: 100 samples a row; flow map 2 steps all NaN when nan_row."""
+  def row(k, energy, sw, nonfinite=0):
+    return {'nfe': k, 'steps': k, 'energy_distance': energy, 'sliced_wasserstein': sw,
+            'num_samples': 100 - nonfinite, 'nonfinite': nonfinite}
+
+  ode = lambda k, energy, sw: dict(row(k, energy, sw), method='euler')
+  nan = float('nan')
+  return {'step': 7,
+          'few_step': {'1': row(1, 0.5, 0.3),
+                       '2': row(2, nan, nan, 100) if nan_row else row(2, 0.1, 0.1),
+                       '4': row(4, 0.01, 0.05)},
+          'ode': {'1': ode(1, 0.9, 0.6), '4': ode(4, 0.2, 0.2)},
+          'target_vs_target': {'energy_distance': floor, 'sliced_wasserstein': 0.02}}
+
+
+def test_plot_keeps_a_negative_floor_and_leaves_out_nan():
+  import matplotlib.pyplot as plt
+  fig = report.figure(_results(-0.002))
+  energy, sw = fig.axes
+  assert energy.get_yscale() == 'symlog' and sw.get_yscale() == 'log'
+  floors = [l for l in energy.get_lines() if l.get_label() == 'target vs target']
+  assert len(floors) == 1 and list(floors[0].get_ydata()) == [-0.002, -0.002]
+  assert energy.get_ylim()[0] <= -0.002 < energy.get_ylim()[1]
+  flow_map = next(l for l in energy.get_lines() if l.get_label().startswith('flow map'))
+  assert list(flow_map.get_xdata()) == [1, 4] and list(flow_map.get_ydata()) == [0.5, 0.01]
+  plt.close(fig)
+  fig = report.figure(_results(0.002, nan_row=False))   # every value positive: a log axis
+  assert fig.axes[0].get_yscale() == 'log'
+  assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 4]
+  plt.close(fig)
+
+
+def test_outputs_of_a_sampler_without_finite_samples(tmp_path):
+  results = _results(0.001)
+  paths = report.write_outputs(results, str(tmp_path), final=True)
+  text = open(paths['json']).read()
+  assert 'NaN' not in text                        # strict JSON: NaN is written as null
+  saved = json.loads(text)
+  assert saved['few_step']['2']['energy_distance'] is None
+  assert saved['few_step']['1'] == results['few_step']['1']
+  assert os.path.getsize(paths['plot']) > 1000
+  table = report.format_table(results)
+  assert 'flow map, 2 steps: 100 of 100 samples are non-finite (NaN/inf); its metrics are NaN.' in table
+  assert report.nonfinite_lines(_results(0.001, nan_row=False)) == []
+  tags = report.scalars(results)
+  assert tags['eval/flow_map/energy_distance/nfe_4'] == 0.01 and len(tags) == 8   # NaN left out
+
+
+def test_the_sweep_compiles_once_per_family_for_every_step_count():
+  from fmjax import build
+  traces = []
+  config = _tiny_toy_config()
+  init, apply = build.build_network(config, (2,), 0)
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return apply(*args, **kwargs)
+
+  flow_map = flow_maps.make('displacement', counted, interpolants.get('linear'))
+  params = init(jax.random.PRNGKey(0))
+  fns = plan.make_sample_fns(flow_map, plan.plan((1, 2, 4, 8), 'euler', (1, 2, 4, 8)))
+  x0 = jax.random.normal(jax.random.PRNGKey(1), (8, 2))
+  for fn in fns.values():
+    fn(params, x0, None)
+  assert len(fns) == 8 and len(traces) == 2     # one trace of the loop body per family
 
 
 # ----------------------------------------------------------------------------- images
@@ -170,7 +311,7 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
   setup = train.Setup(config, str(tmp_path / 'run'))
   logger = logging_utils.MetricsLogger(setup.workdir, 0, 0, jsonl=False)
   with jax.set_mesh(setup.mesh):
-    results = train.evaluate(setup, setup.init_state(), 0, logger, final=True, feature_fn=extractor)
+    results = _evaluator(setup, feature_fn=extractor)(setup.init_state(), 0, logger, final=True)
   logger.close()
   saved = json.loads((tmp_path / 'run' / 'final_metrics.json').read_text())
   assert set(saved['few_step']) == {'1', '2'} and set(saved['ode']) == {'2', '4'}
@@ -189,12 +330,35 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
     assert row['num_samples'] == 30
     np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
   assert by_hand > 1.0
-  assert 'FID' in sweep.format_table(results)
+  assert 'FID' in report.format_table(results)
+
+
+def test_image_sweep_leaves_out_nonfinite_images():
+  """FID of the finite images only, by hand; the NaN ones counted; NaN when none is finite."""
+  w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8 * 8 * 3, 8))) / 8
+  features = fid.FeatureExtractor({'w': w}, batch_size=16, feature_fn=_fake_features)
+  reference = fid.statistics(np.asarray(jax.random.normal(jax.random.PRNGKey(1), (64, 8))))
+  noise = lambda: sweep.noise_batches(jax.random.PRNGKey(2), (8, 8, 1), 40, 16)
+  poison = lambda x0, threshold: jnp.where(x0[:, :1, :1, :] > threshold, jnp.nan, x0)
+  fns = {spec: (lambda params, x0, labels, threshold=threshold: poison(x0, threshold))
+         for spec, threshold in zip(plan.plan((1, 2), 'euler', ()), (1.0, -jnp.inf))}
+  results, kept = sweep.image_sweep(fns, None, noise, features, reference, 40, keep=4)
+  x0 = np.concatenate([np.asarray(x)[:valid] for x, _, valid in noise()])
+  good = x0[:, 0, 0, 0] <= 1.0
+  assert 0 < good.sum() < 40
+  by_hand = fid.fid(fid.statistics(_fake_features({'w': w}, sweep.to_rgb_uint8(x0[good]))),
+                    reference)
+  row = results['few_step']['1']
+  assert row['nonfinite'] == 40 - good.sum() and row['num_samples'] == good.sum()
+  np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
+  none = results['few_step']['2']
+  assert none['nonfinite'] == 40 and none['num_samples'] == 0 and math.isnan(none['fid'])
+  assert kept[plan.plan((2,), 'euler', ())[0]].shape == (4, 8, 8, 1)
 
 
 def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path):
   config = _image_config(mnist_dir, tmp_path)
-  with pytest.raises(sweep.MissingFIDAssetsError) as error:
+  with pytest.raises(assets.MissingFIDAssetsError) as error:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   message = str(error.value)
   assert 'python -m fmjax.evaluation.prepare_inception' in message
@@ -203,7 +367,7 @@ def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path
   assert '--config.eval.fid=False' in message
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')     # nothing trained
   config.eval.fid = False
-  sweep.check_fid_ready(config)                                  # FID off: nothing needed
+  assets.check_fid_ready(config)                                  # FID off: nothing needed
 
 
 def test_traced_step_samplers_equal_the_library_samplers():
@@ -216,8 +380,8 @@ def test_traced_step_samplers_equal_the_library_samplers():
   flow_map = build.build_flow_map(config, apply, interpolants.get('linear'))
   x0 = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
   labels = jnp.arange(16) % 3
-  specs = sweep.plan((3,), 'heun', (6,))
-  fns = sweep.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
+  specs = plan.plan((3,), 'heun', (6,))
+  fns = plan.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
   for spec in specs:
     got = fns[spec](params, x0, labels)
     if spec.family == 'flow_map':

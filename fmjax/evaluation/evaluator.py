@@ -1,0 +1,168 @@
+"""The evaluation of a training run: the few-step sweep at eval time, built once per run.
+
+  evaluator = Evaluator(config, workdir, mesh, source, interpolant, flow_map)
+  evaluator.check_ready()                       # before training: FID inputs present?
+  results = evaluator(state, step, logger, final=True)
+
+Each call scores the parameters `train_state.select_params(state, config.eval.ema_index)` by
+the sweep (`plan` -> `sweep` -> `report`): the flow map at k = config.eval.steps against the
+ODE on its own velocity at config.eval.ode_nfe, by FID (image sets) or by distances to the
+target and errors against the exact map (toy targets); then prints the table and writes the
+JSON, the plots, the sample pictures and TensorBoard scalars (process 0). The jitted samplers
+and the Inception feature extractor are built at the first call and kept, so later
+evaluations of the run compile nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+
+from fmjax import configs
+from fmjax import logging_utils
+from fmjax import sharding
+from fmjax import train_state
+from fmjax.evaluation import assets
+from fmjax.evaluation import fid
+from fmjax.evaluation import inception
+from fmjax.evaluation import plan
+from fmjax.evaluation import report
+from fmjax.evaluation import resize
+from fmjax.evaluation import sweep
+
+_NOISE_SALT = 0xE7A1   # the sweep's noise: fold_in(PRNGKey(config.seed), _NOISE_SALT)
+
+
+class Evaluator:
+  """Evaluates training states of one run (see the module docstring).
+
+  feature_fn: image sets only, replaces the Inception feature extractor (tests).
+  """
+
+  def __init__(self, config, workdir: str, mesh, source, interpolant, flow_map, *,
+               feature_fn: Callable | None = None):
+    self.config, self.workdir, self.mesh = config, workdir, mesh
+    self.source, self.interpolant, self.flow_map = source, interpolant, flow_map
+    self.toy = config.data.name in configs.TOY_DATASETS
+    self._feature_fn = feature_fn
+    self._sample_fns = None
+
+  def check_ready(self) -> None:
+    """Raises `assets.MissingFIDAssetsError` now (before training) when FID inputs are missing."""
+    assets.check_fid_ready(self.config)
+
+  @property
+  def sample_fns(self) -> dict:
+    """{SamplerSpec: jitted sample(params, x0, labels)}, built once per run."""
+    if self._sample_fns is None:
+      num_classes = self.source.num_classes
+      self._sample_fns = plan.make_sample_fns(self.flow_map, plan.plan_from_config(self.config),
+                                              null_label=num_classes or None,
+                                              guidance_scale=self.config.eval.guidance_scale)
+    return self._sample_fns
+
+  def __call__(self, state, step: int, logger, *, final: bool) -> dict:
+    """The sweep of `state` at `step`; returns its results (on every process)."""
+    config = self.config
+    params = train_state.select_params(state, config.eval.ema_index)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _NOISE_SALT)
+    if self.toy:
+      results, samples, reference = self._toy(params, key)
+    else:
+      results, samples = self._images(params, key)
+      reference = None
+    results = {'step': step, **results}
+    # Gathers are collectives: every process joins them before process 0 alone writes.
+    samples = {spec: np.asarray(sharding.gather_to_host(x)) for spec, x in samples.items()}
+    if reference is not None:
+      reference = np.asarray(sharding.gather_to_host(reference))
+    if not logging_utils.is_main_process():
+      return results
+    self._write_samples(step, samples, logger, reference)
+    logger.info(report.format_table(results))
+    report.write_outputs(results, self.workdir, final=final, logger=logger)
+    return results
+
+  # ------------------------------------------------------------------------- toys
+
+  def _toy(self, params, key):
+    config = self.config
+    n = config.eval.num_samples - config.eval.num_samples % jax.device_count()
+    x0 = jax.jit(lambda k: jax.random.normal(k, (n,) + tuple(self.source.example_shape)),
+                 out_shardings=sharding.batch_sharding(self.mesh))(key)
+    reference = self.source.reference_samples(jax.random.PRNGKey(0xBEEF), n)
+    other = self.source.reference_samples(jax.random.PRNGKey(0xF00D), n)
+    results, samples = sweep.toy_sweep(
+        self.sample_fns, params, x0, None, reference, reference_other=other,
+        target=self.source.target, interpolant=self.interpolant, flow_map=self.flow_map,
+        key=jax.random.fold_in(key, 1), exact_pairs=tuple(tuple(p) for p in config.eval.exact_pairs))
+    return results, samples, reference
+
+  # ------------------------------------------------------------------------- images
+
+  def _images(self, params, key):
+    """FID per sampler when enabled, else just config.eval.grid_size^2 samples for the grids."""
+    config = self.config
+    shape, num_classes = tuple(self.source.example_shape), self.source.num_classes
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    grid = config.eval.grid_size ** 2
+    if not assets.fid_enabled(config):
+      n = grid + (-grid) % jax.device_count()
+      (x0, labels, _), = sweep.noise_batches(key, shape, n, n, num_classes=num_classes,
+                                             sharding=batch_sharding)
+      return {'few_step': {}, 'ode': {}}, {
+          spec: np.asarray(sharding.gather_to_host(fn(params, x0, labels)))[:grid]
+          for spec, fn in self.sample_fns.items()}
+    batch = config.eval.fid_batch_size
+    batch -= batch % jax.device_count()
+    if not batch:
+      raise ValueError(f'config.eval.fid_batch_size must be at least the {jax.device_count()} devices.')
+    feature_fn = self._features(batch)
+    noise = lambda: sweep.noise_batches(key, shape, config.eval.fid_num_samples, batch,
+                                        num_classes=num_classes, sharding=batch_sharding)
+    provenance = {'dataset': f'{config.data.name} (generated)', 'split': 'samples'}
+    if getattr(feature_fn, 'feature_fn', None) is inception.features:
+      provenance.update(resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id())
+    return sweep.image_sweep(self.sample_fns, params, noise, feature_fn,
+                             assets.load_reference(config), config.eval.fid_num_samples,
+                             keep=grid, provenance=provenance, log=_main_print)
+
+  def _features(self, batch: int):
+    """The Inception feature extractor, built (and its weights read) once per run."""
+    if self._feature_fn is None:
+      self._feature_fn = fid.FeatureExtractor(
+          inception.load_params(assets.weights_path(self.config)), batch_size=batch,
+          mesh=self.mesh, data_axis=sharding.BATCH_AXES)
+    return self._feature_fn
+
+  # ------------------------------------------------------------------------- pictures
+
+  def _write_samples(self, step: int, samples: dict, logger, reference) -> None:
+    """Scatter plots (toys) or image grids of every sampler to WORKDIR/samples and TensorBoard.
+
+    Non-finite samples are left out of the scatter plots and drawn black in the image grids
+    (the table counts them)."""
+    if self.toy:
+      finite = lambda x: x[np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)]
+      panels = [(spec.label, finite(v)) for spec, v in samples.items() if spec.family == 'flow_map']
+      odes = [(spec.label, finite(v)) for spec, v in samples.items() if spec.family == 'ode']
+      panels += odes[-1:]   # the most accurate ODE solve, for comparison
+      picture = logging_utils.scatter_png(
+          os.path.join(self.workdir, 'samples', f'step_{step}.png'), panels, reference)
+      logger.image(step, 'samples/few_step', picture)
+      return
+    for spec, v in samples.items():
+      g = logging_utils.image_grid(np.nan_to_num(v, nan=-1.0, posinf=1.0, neginf=-1.0),
+                                   self.config.eval.grid_size)
+      name = (f'{spec.steps}steps' if spec.family == 'flow_map'
+              else f'ode_{spec.method}_{spec.nfe}nfe')
+      logging_utils.save_png(os.path.join(self.workdir, 'samples', f'step_{step}_{name}.png'), g)
+      logger.image(step, f'samples/{name}', g if g.ndim == 3 else g[..., None])
+
+
+def _main_print(line: str) -> None:
+  if logging_utils.is_main_process():
+    print(line, flush=True)
