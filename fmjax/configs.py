@@ -38,8 +38,8 @@ from fmjax import flow_maps, interpolants, losses, models, samplers
 from fmjax.models import embeddings
 
 TOY_DATASETS = ('gaussian', 'gmm', 'checkerboard', 'rings')
-_TIME_FIELD_TYPES = {'name': str, 'mean': float, 'std': float, 'eps': float}   # TimeDistribution
 IMAGE_DATASETS = ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
+_TIME_FIELD_TYPES = {'name': str, 'mean': float, 'std': float, 'eps': float}   # of TimeDistribution
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -248,7 +248,8 @@ def _resolve_data(data) -> None:
 
 def _resolve_loss(config) -> None:
   name = config.loss.name
-  options = _defaults_for(config, 'loss_defaults', name)
+  defaults = _defaults_for(config, 'loss_defaults', name)
+  options = dict(defaults)
   for key, value in _explicit(config.loss, skip=('name',)).items():
     options[key] = {**options.get(key, {}), **value} if isinstance(value, dict) else value
   if config.data.num_classes > 0 and options.get('null_label') is None:
@@ -256,8 +257,8 @@ def _resolve_loss(config) -> None:
   try:
     settings = losses.resolve_options(name, options)
   except ValueError as e:
-    where = f' (config.loss_defaults.{name} sets {sorted(_defaults_for(config, "loss_defaults", name))})' \
-        if _defaults_for(config, 'loss_defaults', name) else ''
+    # The experiment's defaults can be the culprit as well as the command line.
+    where = f' (config.loss_defaults.{name} sets {sorted(defaults)})' if defaults else ''
     raise ConfigError(f'config.loss: {e}{where}') from None
   for key in losses.option_types():
     _write(config.loss, key, settings.get(key))
@@ -268,7 +269,7 @@ def _resolve_model(config) -> None:
   overrides = {**_defaults_for(config, 'model_defaults', name),
                **_explicit(config.model, skip=('name', 'time_conditioning', 'dtype'))}
   try:
-    family, in_force = models.options(name, **overrides)
+    _, in_force = models.options(name, **overrides)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from None
   for key in models.option_types():
