@@ -39,11 +39,15 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index (m
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def check_workdir(workdir: str) -> None:
-  """Raises ConfigError unless `workdir` is a folder this process can write (created if missing)."""
+def check_workdir(workdir: str, mode: str = 'train') -> None:
+  """Raises ConfigError unless `workdir` is a folder this process can write; training creates
+  it if missing, eval and sample need the folder of a trained run."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise configs.ConfigError(f'--workdir={workdir} is a file, not a folder; name a folder '
                               '(it is created if missing).')
+  if mode != 'train' and not os.path.isdir(workdir):
+    raise configs.ConfigError(f'--workdir={workdir} does not exist; --mode={mode} reads a trained '
+                              'run: train first with --mode=train, or name its workdir.')
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -53,16 +57,16 @@ def check_workdir(workdir: str) -> None:
                               'folder you can write to.') from None
 
 
-def prepare(config, workdir: str):
+def prepare(config, workdir: str, mode: str = 'train'):
   """The resolved config (every option in force), after checking it and the workdir."""
   config = configs.resolve(config)
-  check_workdir(workdir)
+  check_workdir(workdir, mode)
   return config
 
 
 def run(config, workdir: str, mode: str) -> dict:
   """What main does after flag parsing (importable, so tests and notebooks can call it)."""
-  config = prepare(config, workdir)
+  config = prepare(config, workdir, mode)
   if mode == 'train':
     from fmjax import train
     return train.train_and_evaluate(config, workdir)
@@ -165,7 +169,7 @@ def main(argv):
     # Orbax and JAX log every checkpoint step at INFO; keep the console to fmjax's own lines.
     logging.set_verbosity(logging.WARNING)
   try:
-    config = prepare(_CONFIG.value, _WORKDIR.value)
+    config = prepare(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except configs.ConfigError as e:
     sys.exit(f'fmjax: bad config: {e}')
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

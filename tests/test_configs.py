@@ -2,6 +2,7 @@
 validation before any work, clean messages for the errors a user meets first, and the resume
 check on resolved configs. All in-process (no subprocess, no training)."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -10,7 +11,7 @@ import jax
 import ml_collections
 import pytest
 
-from fmjax import build, checkpointing, configs, losses, main, models
+from fmjax import build, checkpointing, configs, flow_maps, losses, main, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,6 +111,15 @@ def test_resolve_options_fills_every_default():
   assert losses.resolve_options('emd', {})['eulerian_gradient'] == 'residual'
 
 
+@pytest.mark.parametrize('name', sorted(losses.RULES))
+def test_resolved_options_are_the_options_make_builds(name):
+  teacher = (lambda t, x, labels: x) if losses.RULES[name].teacher == 'required' else None
+  settings = losses.resolve_options(name, {'diagonal_fraction': 1.0} if name == 'flow_matching' else {})
+  rule = losses.make(name, flow_maps.make('displacement', lambda *a: None), None, teacher=teacher)
+  assert dataclasses.asdict(rule.options) == {k: settings[k] for k in dataclasses.asdict(rule.options)}
+  assert set(settings) - {'teacher_map'} <= set(losses.option_types())
+
+
 def test_class_conditional_configs_get_the_guidance_row():
   config = experiment('mnist', 'meanflow')
   resolved = configs.resolve(config)
@@ -187,7 +197,10 @@ def test_workdir_that_is_a_file_or_not_writable(tmp_path):
     main.check_workdir(str(a_file))
   with pytest.raises(configs.ConfigError, match='cannot be written'):
     main.check_workdir(str(a_file / 'run'))
-  main.check_workdir(str(tmp_path / 'new' / 'run'))        # created
+  with pytest.raises(configs.ConfigError, match='does not exist; --mode=eval reads a trained run'):
+    main.check_workdir(str(tmp_path / 'typo'), 'eval')
+  assert not os.path.exists(tmp_path / 'typo')
+  main.check_workdir(str(tmp_path / 'new' / 'run'))        # created for training
   assert os.path.isdir(tmp_path / 'new' / 'run')
 
 
