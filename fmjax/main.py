@@ -171,7 +171,7 @@ def main(argv):
   try:
     config = prepare(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except configs.ConfigError as e:
-    sys.exit(f'fmjax: bad config: {e}')
+    sys.exit(f'fmjax: {e}')
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     run(config, _WORKDIR.value, _MODE.value)
