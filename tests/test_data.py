@@ -76,6 +76,7 @@ def test_missing_dataset_error_says_how_to_prepare(tmp_path):
 def test_toy_batches_depend_only_on_seed_and_step():
   config = configs.base_config()
   config.train.batch_size = 64
+  config = configs.resolve(config)
   mesh = sharding.make_mesh()
   on_device = pipelines.ToySource(config, mesh)
   config.data.on_device = False
