@@ -3,6 +3,7 @@
   model = fmjax.load('runs/gmm')                  # latest checkpoint, first EMA copy
   x = model.sample(key, 1000, steps=2)            # 2-step flow-map samples
   x = model.sample(key, 64, times=[0, .5, .8, 1], labels=y, guidance_scale=2.0)
+  x = model.sample(key, 10**6)                    # chunk by chunk (chunk_size=), a host array
   y = model.flow_map(s, t, x)                     # X_{s,t}(x); s, t scalars or [batch]
   b = model.velocity(t, x)                        # b_t(x) = v_{t,t}(x)
 
@@ -14,18 +15,44 @@ rebuilt from the config stored in the checkpoint, so no experiment file is neede
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import build
-from fmjax import checkpointing
+from fmjax import samplers
 from fmjax import sharding
-from fmjax import train_state
+
+
+# Default sampling chunk: this many elements of x per chunk (2^20 floats = 4 MiB of samples).
+# The network's activations, not x, bound the memory; a few hundred CIFAR-size images or a
+# million 2-D points per chunk keep a U-Net or DiT far from a GPU's limit.
+CHUNK_ELEMENTS = 2**20
+
+
+def _count(name: str, value, minimum: int = 1) -> int:
+  """A positive integer argument, or one clear error (bools and floats are not counts)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+  return int(value)
+
+
+def _check_grid(times, partial: bool) -> np.ndarray:
+  grid = np.asarray(times, np.float64)
+  if grid.ndim != 1 or grid.shape[0] < 2:
+    raise ValueError('times must be a 1-D grid with at least two entries, e.g. [0.0, 0.5, 1.0].')
+  if not np.all(np.isfinite(grid)) or np.any(np.diff(grid) <= 0):
+    raise ValueError(f'times must increase strictly (noise at 0 -> data at 1), got {grid.tolist()}.')
+  if grid[0] < 0 or grid[-1] > 1:
+    raise ValueError(f'times must lie in [0, 1], got {grid.tolist()}.')
+  if not partial and (grid[0] != 0 or grid[-1] != 1):
+    raise ValueError(f'times must run from 0 (noise) to 1 (data), got {grid.tolist()}; pass '
+                     'partial=True to start from noise at another time or stop before the data.')
+  return grid
 
 
 @dataclasses.dataclass
@@ -48,39 +75,63 @@ class Model:
 
   # -------------------------------------------------------------- sampling
 
-  def _sample_impl(self, params, key, times, labels, *, num, guidance_scale):
-    from fmjax import samplers
-    x0 = jax.random.normal(key, (num,) + self.example_shape, jnp.float32)
-    x0 = jax.lax.with_sharding_constraint(x0, self._batch_sharding(num))
+  def noise(self, key, num: int, first: int = 0) -> jax.Array:
+    """The noise x0 behind `sample(key, ...)`'s samples first .. first + num - 1: row i is
+    normal(fold_in(key, i)), so a sample does not depend on how a request is cut into chunks."""
+    rows = first + jnp.arange(num)
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), self.example_shape,
+                                                jnp.float32))(rows)
+
+  def _sample_impl(self, params, key, first, times, labels, *, num, guidance_scale):
+    x0 = jax.lax.with_sharding_constraint(self.noise(key, num, first), self._batch_sharding(num))
     return samplers.flow_map_sample(self.parameterization, params, x0, times, labels,
                                     null_label=self.num_classes or None,
                                     guidance_scale=guidance_scale)
 
   def sample(self, key, num: int, steps: int = 1, *, times=None, labels=None,
-             guidance_scale: float = 1.0) -> jax.Array:
+             guidance_scale: float = 1.0, partial: bool = False, chunk_size: int | None = None):
     """`num` samples by the flow map from noise (t = 0) to data (t = 1).
 
     steps: k, for the uniform grid 0, 1/k, ..., 1 (k network evaluations);
-    times: an explicit increasing grid instead (its length - 1 evaluations);
+    times: an explicit, strictly increasing grid from 0 to 1 instead (its length - 1
+      evaluations); partial=True allows a grid inside [0, 1] that starts later or ends earlier;
     labels: int [num] class ids for class-conditional models (None = unconditional);
-    guidance_scale: classifier-free guidance weight (1 = none).
+    guidance_scale: classifier-free guidance weight (1 = none);
+    chunk_size: samples per jitted call (default: CHUNK_ELEMENTS elements of x). A request
+      larger than one chunk runs chunk by chunk (one compilation) and comes back as a host
+      numpy array; the samples are the same as in one call with the same key.
     """
-    from fmjax import samplers
+    num = _count('num', num)
     if times is None:
-      if int(steps) < 1:
-        raise ValueError(f'steps must be >= 1, got {steps}.')
-      times = samplers.uniform_grid(int(steps))
-    times = jnp.asarray(times, jnp.float32)
-    if times.ndim != 1 or times.shape[0] < 2:
-      raise ValueError('times must be a 1-D grid with at least two entries, e.g. [0.0, 1.0].')
+      times = samplers.uniform_grid(_count('steps', steps))
+    times = jnp.asarray(_check_grid(times, partial), jnp.float32)
     if labels is not None:
       if not self.num_classes:
         raise ValueError('This model is unconditional; call sample without labels.')
-      labels = jnp.asarray(labels, jnp.int32)
-      if labels.shape != (num,):
-        raise ValueError(f'labels must have shape [{num}], got {labels.shape}.')
-    return self._sample(self.params, key, times, labels, num=int(num),
-                        guidance_scale=float(guidance_scale))
+      labels = np.asarray(labels)
+      if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f'labels must be integer class ids of shape [{num}], got {labels.dtype} '
+                         f'{labels.shape}.')
+      if labels.min() < 0 or labels.max() > self.num_classes:
+        raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no '
+                         f'label), got {labels.min()} .. {labels.max()}.')
+    default_chunk = max(1, CHUNK_ELEMENTS // int(np.prod(self.example_shape)))
+    chunk = min(num, _count('chunk_size', chunk_size) if chunk_size is not None else default_chunk)
+    chunk += (-chunk) % self.mesh.size if chunk > self.mesh.size else 0   # split evenly over devices
+
+    def run(first):
+      y = None
+      if labels is not None:   # a last, short chunk is padded to the chunk size (one compilation)
+        y = jnp.asarray(np.resize(labels[first:first + chunk], chunk), jnp.int32)
+      return self._sample(self.params, key, first, times, y, num=chunk,
+                          guidance_scale=float(guidance_scale))[:num - first]
+
+    if chunk >= num:
+      return run(0)
+    out = np.empty((num,) + self.example_shape, np.float32)
+    for first in range(0, num, chunk):
+      out[first:first + chunk] = np.asarray(run(first))
+    return out
 
   # -------------------------------------------------------------- maps
 
@@ -125,33 +176,6 @@ def load(workdir: str, step: int | None = None, *, ema: int | None = None) -> Mo
   training parameters; None (default) for the first EMA copy, or the raw parameters of a
   run that keeps none.
   """
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train with '
-                            f'`python -m fmjax.main --config=... --workdir={workdir}` first.')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise FileNotFoundError(f'No checkpoint for step {step} in {checkpointing.checkpoint_dir(workdir)}; '
-                            f'saved steps: {sorted(steps)}.')
-  saved_config, _, meta = checkpointing.restore_json(manager, step)
-  config = ml_collections.ConfigDict(saved_config)
-  mesh = sharding.local_mesh()
-  replicated = NamedSharding(mesh, P())
-  metadata = manager.item_metadata(step)['state']
-  metadata = getattr(metadata, 'tree', metadata)
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
-                          metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
-  state = checkpointing.restore_state(manager, step, abstract)
-  manager.close()
-  if ema is None:
-    ema = 0 if state.get('ema') else -1
-  params = train_state.select_params(state, ema)
-  example_shape = tuple(meta['example_shape'])
-  num_classes = int(meta['num_classes'])
-  interpolant = build.build_interpolant(config)
-  _, apply = build.build_network(config, example_shape, num_classes)
-  flow_map = build.build_flow_map(config, apply, interpolant)
-  model = Model(config, params, flow_map, example_shape, num_classes, int(step), mesh)
-  return model
+  trained = build.load_trained(workdir, step, ema)
+  return Model(trained.config, trained.params, trained.flow_map, trained.example_shape,
+               trained.num_classes, trained.step, sharding.local_mesh())

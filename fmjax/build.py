@@ -7,6 +7,7 @@ stores); the NNX graph definition is rebuilt from the config and closed over by 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from fmjax import configs, flow_maps, interpolants, losses, models
+from fmjax import checkpointing, configs, flow_maps, interpolants, losses, models, train_state
 
 
 def _to_str_keys(tree):
@@ -99,11 +100,51 @@ def build_rule(config: ml_collections.ConfigDict, flow_map, interpolant, num_cla
                      **loss_options(config, num_classes))
 
 
+@dataclasses.dataclass
+class Trained:
+  """A trained run's flow map, rebuilt from its checkpoint (what `fmjax.load` wraps)."""
+  config: ml_collections.ConfigDict   # the saved, resolved config
+  params: Any                         # the chosen network parameters, replicated locally
+  flow_map: Any                       # the fmjax.flow_maps object (X, v, velocity taking params)
+  example_shape: tuple[int, ...]
+  num_classes: int
+  step: int
+
+
+def load_trained(workdir: str, step: int | None = None, ema: int | None = None) -> Trained:
+  """Restores `workdir`'s checkpoint at `step` (latest if None) and rebuilds its flow map from
+  the config stored with it (no experiment file needed).
+
+  ema: which EMA copy (config.optim.ema_decays order); -1 for the raw training parameters;
+  None for the first EMA copy, or the raw parameters of a run that keeps none.
+  Raises checkpointing.CheckpointError for a missing step or a damaged checkpoint.
+  """
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  try:
+    chosen = checkpointing.choose_step(manager, workdir, step)
+    if chosen is None:
+      raise checkpointing.CheckpointError(
+          f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train with '
+          f'`python -m fmjax.main --config=... --workdir={workdir}` first.')
+    restored = checkpointing.restore(manager, workdir, chosen)
+  finally:
+    manager.close()
+  config = configs.resolve(ml_collections.ConfigDict(restored.config))
+  if ema is None:
+    ema = 0 if restored.state.get('ema') else -1
+  params = train_state.select_params(restored.state, ema)
+  example_shape = tuple(restored.meta['example_shape'])
+  num_classes = int(restored.meta['num_classes'])
+  interpolant = build_interpolant(config)
+  _, apply = build_network(config, example_shape, num_classes)
+  return Trained(config, params, build_flow_map(config, apply, interpolant), example_shape,
+                 num_classes, chosen)
+
+
 def load_teacher(config: ml_collections.ConfigDict):
-  """The velocity b_t(x) of a trained workdir (EMA parameters) for distillation, or None."""
+  """The velocity b_t(x) of config.teacher.workdir (its first EMA copy) for distillation, or None."""
   if not config.teacher.workdir:
     return None
-  from fmjax import api
-  step = None if config.teacher.step < 0 else config.teacher.step
-  model = api.load(config.teacher.workdir, step=step)
-  return model.velocity_fn()
+  teacher = load_trained(config.teacher.workdir, None if config.teacher.step < 0 else config.teacher.step)
+  params, flow_map = teacher.params, teacher.flow_map
+  return lambda t, x, labels=None: flow_map.velocity(params, t, x, labels)

@@ -14,6 +14,7 @@ by the next CheckpointManager (cleanup_tmp_directories).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,8 +23,10 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import configs
+from fmjax import sharding
 
 ITEMS = ('state', 'config', 'data', 'meta')
 
@@ -46,6 +49,11 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir holds a checkpoint written by a config whose state does not fit this one."""
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read, or a step that does not exist: the message names the
+  step and says what to do. Never answered by silently falling back to another step."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
@@ -55,15 +63,21 @@ def make_manager(workdir: str, *, keep: int = 3, keep_every: int = 0, async_save
   """Keep the last `keep` checkpoints plus every `keep_every`-th step; clean interrupted saves."""
   if not read_only:
     remove_interrupted_saves(workdir)
+  # A reader (read_only) gets a manager that keeps everything and never creates or cleans
+  # anything; Orbax's own read_only flag would say the same with three warnings per load.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep if keep > 0 else None,
-      keep_period=keep_every if keep_every > 0 else None,
+      max_to_keep=keep if keep > 0 and not read_only else None,
+      keep_period=keep_every if keep_every > 0 and not read_only else None,
+      save_interval_steps=0 if read_only else 1,
       create=not read_only,
       cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=async_save,
-      read_only=read_only,
+      enable_async_checkpointing=async_save and not read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  # Handlers named up front: a manager that only learns them from restore args warns about
+  # every item it was not asked for ("found in the checkpoint, but could not be restored").
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
+              'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -110,6 +124,93 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   """
   out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return out['state']
+
+
+@dataclasses.dataclass
+class Restored:
+  """One saved step of a run: what `restore` returns."""
+  step: int
+  config: dict          # the saved (resolved) config, as JSON
+  data_state: dict      # the data iterator's state
+  meta: dict            # example_shape, num_classes, device layout of the saving run
+  state: Any            # the training-state pytree
+
+
+def choose_step(manager: ocp.CheckpointManager, workdir: str, step: int | None = None) -> int | None:
+  """The step to restore: `step` if given (>= 0) and saved, else the latest (None if none)."""
+  steps = sorted(manager.all_steps())
+  if step is None or step < 0:
+    return steps[-1] if steps else None
+  if step not in steps:
+    raise CheckpointError(f'No checkpoint for step {step} in {checkpoint_dir(workdir)}; saved steps: '
+                          f'{steps or "none"}.')
+  return step
+
+
+def set_aside_later_steps(manager: ocp.CheckpointManager, workdir: str, step: int) -> list[int]:
+  """Moves the checkpoints saved after `step` to WORKDIR/checkpoints_set_aside/ (process 0),
+  so that training resumed from an older step can save its own later steps; nothing is
+  deleted. Every process must call it (it ends with a barrier)."""
+  later = [s for s in sorted(manager.all_steps()) if s > step]
+  if later and jax.process_index() == 0:
+    aside = os.path.join(os.path.abspath(workdir), 'checkpoints_set_aside')
+    os.makedirs(aside, exist_ok=True)
+    for s in later:
+      target = os.path.join(aside, str(s))
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      shutil.move(os.path.join(checkpoint_dir(workdir), str(s)), target)
+  sharding.barrier('fmjax_set_aside_checkpoints')
+  manager.reload()
+  return later
+
+
+def _replicated_abstract(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The saved state's shapes and dtypes, replicated over this process's devices (sampling)."""
+  replicated = NamedSharding(sharding.local_mesh(), P())
+  metadata = manager.item_metadata(step)['state']
+  metadata = getattr(metadata, 'tree', metadata)
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+                      metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+
+
+def _unreadable(manager, workdir: str, step: int, what: str, error: Exception) -> CheckpointError:
+  reason = (str(error).strip().splitlines() or [''])[0][:300]
+  older = [s for s in sorted(manager.all_steps()) if s < step]
+  folder = os.path.join(checkpoint_dir(workdir), str(step))
+  advice = (f'resume from an older step with --config.train.restore_step={older[-1]} '
+            f'(saved: {older})' if older else 'no older checkpoint is saved')
+  return CheckpointError(
+      f'Checkpoint step {step} in {checkpoint_dir(workdir)} is damaged or incomplete: {what} '
+      f'cannot be read ({type(error).__name__}: {reason}). Delete {folder} to continue from the '
+      f'step before it, or {advice}; with no usable checkpoint, use a fresh --workdir.')
+
+
+def restore(manager: ocp.CheckpointManager, workdir: str, step: int,
+            abstract_state: Any = None, config: ml_collections.ConfigDict | None = None) -> Restored:
+  """Restores step `step` of the run in `workdir`: the one way training, evaluation,
+  `fmjax.load` and distillation teachers read a checkpoint.
+
+  abstract_state: ShapeDtypeStructs with the shardings to restore onto (training and
+  evaluation, whose config rebuilds the state); None restores every array replicated over
+  this process's devices, with the shapes the checkpoint records (sampling, teachers).
+  config: the config about to use the state; checked against the saved one
+  (`check_compatible`) before any array is read.
+  A step whose files are damaged or missing raises CheckpointError naming it.
+  """
+  try:
+    saved_config, data_state, meta = restore_json(manager, step)
+  except Exception as e:   # Orbax raises whatever its storage layer does (JSON, OS, KeyError)
+    raise _unreadable(manager, workdir, step, 'its config, data or meta record', e) from None
+  if config is not None:
+    check_compatible(saved_config, config, workdir)
+  try:
+    if abstract_state is None:
+      abstract_state = _replicated_abstract(manager, step)
+    state = restore_state(manager, step, abstract_state)
+  except Exception as e:   # truncated or missing array files, a state of another structure
+    raise _unreadable(manager, workdir, step, 'its training state', e) from None
+  return Restored(step, saved_config, data_state, meta, state)
 
 
 def _flatten(tree, prefix: str = '') -> dict:

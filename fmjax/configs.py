@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_every = 0            # ... and every K-th step forever (0 = none)
   c.train.async_checkpointing = True
   c.train.max_nonfinite_in_a_row = 10
+  c.train.restore_step = -1         # resume (or eval / sample) from this saved step (-1 = latest)
   c.train.loss_log_file = True      # append every logged step's metrics to WORKDIR/metrics.jsonl
 
   c.sharding = ml_collections.ConfigDict()
@@ -311,6 +312,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(train.batch_size > 0, 'config.train.batch_size must be positive.')
   need(train.log_every > 0, 'config.train.log_every must be positive.')
   need(train.checkpoint_every >= 0, 'config.train.checkpoint_every must be >= 0 (0 = only at the end).')
+  need(train.restore_step >= -1, 'config.train.restore_step must be a saved step, or -1 for the latest.')
   need(train.max_nonfinite_in_a_row > 0, 'config.train.max_nonfinite_in_a_row must be positive.')
   need(config.optim.name in ('adam', 'adamw', 'radam'),
        f"config.optim.name = {config.optim.name!r}; choose 'adam', 'adamw' or 'radam'.")

@@ -48,7 +48,9 @@ class MetricsLogger:
       return
     os.makedirs(workdir, exist_ok=True)
     if jsonl:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      drop_steps_after(path, start_step)
+      self._jsonl = open(path, 'a')
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
@@ -89,6 +91,21 @@ class MetricsLogger:
       self._jsonl.close()
     if self._writer is not None:
       self._writer.close()
+
+
+def drop_steps_after(path: str, step: int) -> int:
+  """Removes the lines of a metrics.jsonl logged after `step` (a resumed run logs them again,
+  so every step appears once). Returns how many were dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if line.strip() and json.loads(line)['step'] <= step]
+  if len(keep) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)   # atomic: a kill here leaves the old or the new file
+  return len(lines) - len(keep)
 
 
 def image_grid(images: np.ndarray, columns: int) -> np.ndarray:

@@ -12,6 +12,10 @@ to change, before any data, teacher or device work. Multi-host jobs: run the sam
 command on every host; jax.distributed starts by itself on TPU pods and SLURM, or from
 --coordinator/--num_processes/--process_id (or FMJAX_COORDINATOR / FMJAX_NUM_PROCESSES /
 FMJAX_PROCESS_ID).
+
+Exit status: 0 finished; 1 an error (a user error prints one `fmjax: ...` line); 75
+(`train.PREEMPTED_EXIT_CODE`) stopped by SIGTERM after saving a checkpoint: requeue the same
+command to resume.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fmjax import checkpointing, configs, sharding
+import jax
+import numpy as np
+
+from fmjax import api, checkpointing, configs, logging_utils, sharding, train
+from fmjax.evaluation import assets, evaluator
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/NAME.py[:ARG].',
                                           lock_config=True)
@@ -68,7 +76,6 @@ def run(config, workdir: str, mode: str) -> dict:
   """What main does after flag parsing (importable, so tests and notebooks can call it)."""
   config = prepare(config, workdir, mode)
   if mode == 'train':
-    from fmjax import train
     return train.train_and_evaluate(config, workdir)
   if mode == 'eval':
     return evaluate_checkpoint(config, workdir)
@@ -76,36 +83,33 @@ def run(config, workdir: str, mode: str) -> dict:
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Restores the latest checkpoint of WORKDIR and runs the few-step evaluation on it."""
-  import jax
-  from fmjax import checkpointing, logging_utils, train
-  from fmjax.evaluation import evaluator
+  """Restores WORKDIR's checkpoint (config.train.restore_step, else the latest) and runs the
+  few-step evaluation on it."""
   setup = train.Setup(config, workdir)
+  config = setup.config
   evaluate = evaluator.Evaluator(config, workdir, setup.mesh, setup.source, setup.interpolant,
                                  setup.flow_map)
   evaluate.check_ready()
   with jax.set_mesh(setup.mesh):
     manager = checkpointing.make_manager(workdir, read_only=True)
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; '
-                              'train first with --mode=train.')
-    saved_config, _, _ = checkpointing.restore_json(manager, step)
-    checkpointing.check_compatible(saved_config, config, workdir)
-    state = checkpointing.restore_state(manager, step, setup.abstract_state)
+    try:
+      step = checkpointing.choose_step(manager, workdir, config.train.restore_step)
+      if step is None:
+        raise checkpointing.CheckpointError(
+            f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with --mode=train.')
+      restored = checkpointing.restore(manager, workdir, step, setup.abstract_state, config)
+    finally:
+      manager.close()
     logger = logging_utils.MetricsLogger(workdir, config.train.num_steps, step, jsonl=False)
-    results = evaluate(state, step, logger, final=True)
+    results = evaluate(restored.state, step, logger, final=True)
     logger.close()
-    manager.close()
   return results
 
 
 def sample_to_workdir(config, workdir: str) -> dict:
   """config.sample.num samples with config.sample.steps flow-map steps -> WORKDIR/samples/."""
-  import jax
-  import numpy as np
-  from fmjax import api, logging_utils
-  model = api.load(workdir)
+  restore_step = config.train.restore_step
+  model = api.load(workdir, None if restore_step < 0 else restore_step)
   x = np.asarray(model.sample(jax.random.PRNGKey(config.seed), config.sample.num,
                               steps=config.sample.steps))
   if not logging_utils.is_main_process():
@@ -162,6 +166,13 @@ def unknown_key_message(error: Exception, argv) -> str:
   return f'fmjax: {where}: no such config key {key!r}. {suggestion}'.rstrip()
 
 
+# Errors a user can cause or fix (a damaged checkpoint, a changed config, missing FID inputs, a
+# diverged run): one line that says what to do, no traceback.
+_USER_ERRORS = (configs.ConfigError, checkpointing.CheckpointError,
+                checkpointing.IncompatibleCheckpointError, assets.MissingFIDAssetsError,
+                train.NonFiniteError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -174,9 +185,11 @@ def main(argv):
     sys.exit(f'fmjax: {e}')
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    run(config, _WORKDIR.value, _MODE.value)
-  except checkpointing.IncompatibleCheckpointError as e:
+    results = run(config, _WORKDIR.value, _MODE.value)
+  except _USER_ERRORS as e:
     sys.exit(f'fmjax: {e}')
+  if 'preempted_at' in results:
+    sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

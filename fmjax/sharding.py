@@ -133,6 +133,21 @@ def host_local_rows(x) -> np.ndarray:
   return np.concatenate([pieces[k] for k in sorted(pieces)])
 
 
+def barrier(name: str) -> None:
+  """Waits until every process gets here (a no-op in a single-process job)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def per_device_flags(flag: bool, mesh: jax.sharding.Mesh) -> jax.Array:
+  """A global int32 [num_devices] array, sharded like a batch, holding each process's `flag` in
+  the entries of its own devices (how one process's preemption notice reaches all of them
+  inside a jitted step, without a collective of its own)."""
+  local = np.full((jax.local_device_count(),), int(flag), np.int32)
+  return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
 def to_global(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
   """Host-local numpy batches of every process -> one global jax.Array per leaf.
 

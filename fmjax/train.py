@@ -15,11 +15,9 @@ import functools
 import os
 import signal
 import threading
-import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from fmjax import build
 from fmjax import checkpointing
@@ -31,12 +29,18 @@ from fmjax.data import pipelines
 from fmjax.evaluation import evaluator
 
 
+# Exit status of `python -m fmjax.main` when a run stopped on SIGTERM after saving a checkpoint
+# (sysexits' EX_TEMPFAIL: "try again later"), so a scheduler can tell a preempted run, to be
+# requeued with the same command, from a finished one (0) or a failed one (1).
+PREEMPTED_EXIT_CODE = 75
+
+
 class NonFiniteError(FloatingPointError):
   """Too many consecutive updates had a non-finite loss or gradient."""
 
 
 class _Preemption:
-  """Turns SIGTERM (a preemption notice) into a flag the loop checks between steps."""
+  """Turns SIGTERM (a preemption notice) into this process's flag for the next update."""
 
   def __init__(self):
     self.requested = False
@@ -55,13 +59,45 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def any_process(self) -> bool:
-    """True if any process got the signal (all processes must stop at the same step)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
-    return bool(np.any(flags))
+
+class _StopSignals:
+  """The loop's two reasons to stop early, read one update late.
+
+  Every update returns replicated `stop_requested` (any process got SIGTERM) and
+  `nonfinite_run` (updates skipped in a row). Reading them right after dispatching the
+  *next* update keeps the host one step ahead of the devices (no pipeline stall), while every
+  process still sees the same values and so stops after the same update.
+  """
+
+  def __init__(self, max_nonfinite_in_a_row: int):
+    self.limit = max_nonfinite_in_a_row
+    self._pending = None
+
+  def push(self, step: int, metrics: dict) -> bool:
+    """Queues this update's signals; True if the previous update asked to stop (preemption)."""
+    previous, self._pending = self._pending, (step, metrics)
+    return self._read(previous)
+
+  def drain(self) -> bool:
+    """The last queued update's signals (after the loop)."""
+    previous, self._pending = self._pending, None
+    return self._read(previous)
+
+  def _read(self, pending) -> bool:
+    if pending is None:
+      return False
+    step, metrics = pending
+    run, stop = jax.device_get((metrics['nonfinite_run'], metrics['stop_requested']))
+    if int(run) >= self.limit:
+      raise NonFiniteError(
+          f'{int(run)} updates in a row had a non-finite loss or gradient norm (limit '
+          f'config.train.max_nonfinite_in_a_row = {self.limit}); stopped after update {step}. '
+          'Lower config.optim.learning_rate, enable config.optim.grad_clip, check the data for '
+          'NaN/inf, or resume from an earlier checkpoint (--config.train.restore_step).')
+    return bool(stop)
+
+
+_SIGNALS = ('nonfinite_run', 'stop_requested')   # stop signals, not logged
 
 
 class Setup:
@@ -97,7 +133,8 @@ class Setup:
     self.abstract_state = checkpointing.abstract_like(abstract, self.state_shardings)
     self.train_step = jax.jit(
         train_state.make_train_step(self.rule, self.tx, config.optim.ema_decays, dropout_rule),
-        in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh)),
+        in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh),
+                      sharding_lib.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
         donate_argnums=0)
     self.meta = {'example_shape': list(self.source.example_shape),
@@ -116,9 +153,26 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _start(setup: Setup, manager) -> tuple[dict, bool]:
+  """The state to train from: config.train.restore_step's checkpoint (or the latest), checked
+  against the config before its arrays are read, or a fresh one. Returns (state, resumed)."""
+  config, workdir = setup.config, setup.workdir
+  step = checkpointing.choose_step(manager, workdir, config.train.restore_step)
+  if step is None:
+    return setup.init_state(), False
+  later = checkpointing.set_aside_later_steps(manager, workdir, step)
+  restored = checkpointing.restore(manager, workdir, step, setup.abstract_state, config)
+  setup.source.set_state(restored.data_state)
+  if later and logging_utils.is_main_process():
+    print(f'Resuming from step {step}: later checkpoints {later} moved to '
+          f'{os.path.join(workdir, "checkpoints_set_aside")}.', flush=True)
+  return restored.state, True
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict:
   """Trains config.train.num_steps updates (resuming from WORKDIR/checkpoints if present),
-  then runs the few-step evaluation. Returns the final evaluation metrics."""
+  then runs the few-step evaluation. Returns the final evaluation metrics, or
+  {'preempted_at': step} when SIGTERM stopped the run (after saving that step)."""
   setup = Setup(config, workdir)
   config = setup.config                # resolved: what trains is what config.json and checkpoints record
   train = config.train
@@ -130,57 +184,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
     manager = checkpointing.make_manager(workdir, keep=train.keep_checkpoints,
                                          keep_every=train.keep_every,
                                          async_save=train.async_checkpointing)
-    latest = manager.latest_step()
-    if latest is not None:
-      saved_config, data_state, _ = checkpointing.restore_json(manager, latest)
-      checkpointing.check_compatible(saved_config, config, workdir)
-      state = checkpointing.restore_state(manager, latest, setup.abstract_state)
-      setup.source.set_state(data_state)
-    else:
-      state = setup.init_state()
-    _write_config(config, workdir)
+    state, resumed = _start(setup, manager)
     step = int(jax.device_get(state['step']))
+    _write_config(config, workdir)
     logger = logging_utils.MetricsLogger(workdir, train.num_steps, step, jsonl=train.loss_log_file,
                                          stream=stream)
     logger.info(f'fmjax: {config.loss.name} on {config.data.name}, {jax.device_count()} devices '
                 f'in {jax.process_count()} process(es), mesh {dict(setup.mesh.shape)}, '
-                + (f'resumed at step {step}' if latest is not None else 'from scratch'))
+                + (f'resumed at step {step}' if resumed else 'from scratch'))
 
     def save(force=False):
       checkpointing.save(manager, step, state, config, setup.source.get_state(), setup.meta,
                          force=force)
 
-    with _Preemption() as preemption:
-      while step < train.num_steps:
-        batch = setup.source.batch(step)
-        state, metrics = setup.train_step(state, batch)
-        step += 1
-        if step % train.log_every == 0 or step == train.num_steps:
-          values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          logger.log_train(step, values)
-          max_run = int(jax.device_get(state['nonfinite_max_run']))
-          if max_run >= train.max_nonfinite_in_a_row:
-            manager.wait_until_finished()
-            raise NonFiniteError(
-                f'{max_run} updates in a row had a non-finite loss or gradient (limit '
-                f'config.train.max_nonfinite_in_a_row = {train.max_nonfinite_in_a_row}); stopped at '
-                f'step {step}. Lower config.optim.learning_rate, enable config.optim.grad_clip, or '
-                'resume from the last checkpoint in the workdir.')
-          if preemption.any_process():
-            save(force=True)
-            manager.wait_until_finished()
-            logger.info(f'SIGTERM: saved checkpoint at step {step}; exiting.')
-            logger.close()
-            manager.close()
-            return {'preempted_at': step}
-        if train.checkpoint_every and step % train.checkpoint_every == 0:
-          save()
-        if config.train.eval_every and step % config.train.eval_every == 0 and step < train.num_steps:
-          evaluate(state, step, logger, final=False)
-    if manager.latest_step() != step:
-      save(force=True)
-    manager.wait_until_finished()
-    manager.close()
+    signals = _StopSignals(train.max_nonfinite_in_a_row)
+    preempted = False
+    try:
+      with _Preemption() as preemption:
+        while step < train.num_steps and not preempted:
+          stop_requests = sharding_lib.per_device_flags(preemption.requested, setup.mesh)
+          state, metrics = setup.train_step(state, setup.source.batch(step), stop_requests)
+          step += 1
+          preempted = signals.push(step, metrics)
+          if step % train.log_every == 0 or step == train.num_steps:
+            values = jax.device_get({k: v for k, v in metrics.items() if k not in _SIGNALS})
+            logger.log_train(step, {k: float(v) for k, v in values.items()})
+          if train.checkpoint_every and step % train.checkpoint_every == 0:
+            save()
+          if train.eval_every and step % train.eval_every == 0 and step < train.num_steps:
+            evaluate(state, step, logger, final=False)
+        preempted = signals.drain() or preempted
+      if manager.latest_step() != step:
+        save(force=True)
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+    if preempted:
+      logger.info(f'SIGTERM: saved checkpoint at step {step}; exiting with status '
+                  f'{PREEMPTED_EXIT_CODE} (resume with the same command).')
+      logger.close()
+      return {'preempted_at': step}
     results = evaluate(state, step, logger, final=True) if config.eval.at_end else {'step': step}
     logger.close()
     return results

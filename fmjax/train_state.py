@@ -90,26 +90,27 @@ def select_params(state: dict, ema_index: int) -> Any:
   return ema[ema_index]
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
                     dropout_rule: Callable | None = None) -> Callable:
-  """train_step(state, batch) -> (state, metrics): one update, skipped if not finite.
+  """train_step(state, batch, stop_requests) -> (state, metrics): one update, skipped if not finite.
 
   dropout_rule(key) -> rule, if given, is the rule around a network that drops units with
   that key; it gets a key folded from the step's key (the evaluation uses `rule`'s network,
   which does not drop).
 
-  A non-finite loss or gradient leaves params, optimizer state and EMAs untouched (selected
-  by jnp.where, so the step stays free of host syncs) and lengthens `nonfinite_run`; the
-  loop stops once `nonfinite_max_run` reaches config.train.max_nonfinite_in_a_row.
+  An update whose loss or global gradient norm is not finite (a NaN anywhere, or gradients so
+  large that their norm overflows) leaves params, optimizer state and EMAs untouched (selected
+  by jnp.where, so the step stays free of host syncs) and lengthens `nonfinite_run`.
+
+  stop_requests: an int array with one entry per device, sharded like the batch, each
+  process writing its own preemption flag into its entries (`sharding.per_device_flags`).
+  Its any() comes back replicated as metrics['stop_requested'], so every process of a
+  multi-process job reads the same value and stops after the same update, with no collective
+  outside the step. metrics['nonfinite_run'] is the loop's other stop signal.
   """
   ema_decays = tuple(float(d) for d in ema_decays)
 
-  def train_step(state, batch):
+  def train_step(state, batch, stop_requests):
     step = state['step']
     key = jax.random.fold_in(state['rng'], step)
     batch = dict(batch, step=step)
@@ -120,13 +121,15 @@ def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
       return step_rule(params, batch, key)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = [jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, e, params['net'])
            for e, d in zip(state['ema'], ema_decays)]
-    ok = jnp.isfinite(loss) & _all_finite(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     run = jnp.where(ok, 0, state['nonfinite_run'] + 1)
+    skipped = state['nonfinite_total'] + (~ok).astype(jnp.int32)
     new_state = {
         'step': step + 1,
         'rng': state['rng'],
@@ -135,10 +138,10 @@ def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
         'ema': keep(ema, state['ema']),
         'nonfinite_run': run,
         'nonfinite_max_run': jnp.maximum(state['nonfinite_max_run'], run),
-        'nonfinite_total': state['nonfinite_total'] + (~ok).astype(jnp.int32),
+        'nonfinite_total': skipped,
     }
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   skipped=(~ok).astype(jnp.float32))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped_updates=skipped,
+                   nonfinite_run=run, stop_requested=jnp.any(stop_requests > 0))
     return new_state, metrics
 
   return train_step

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax import checkpointing
+
 from train_testlib import ROOT, env_with_devices
 
 TINY = ['--config.train.num_steps=8', '--config.train.batch_size=32', '--config.train.log_every=4',
@@ -74,7 +76,7 @@ def test_load_and_sample(trained):
   # An explicit uniform grid is the same sampler as steps=2.
   np.testing.assert_allclose(model.sample(key, 64, times=[0.0, 0.5, 1.0]), x, rtol=1e-6)
   # Two 1-step jumps by hand = the 2-step sampler.
-  x0 = jax.random.normal(key, (64, 2))
+  x0 = model.noise(key, 64)
   by_hand = model.flow_map(0.5, 1.0, model.flow_map(0.0, 0.5, x0))
   np.testing.assert_allclose(by_hand, x, rtol=1e-5, atol=1e-6)
   # X_{s,s} = x, and scalar times equal [batch] times.
@@ -83,7 +85,7 @@ def test_load_and_sample(trained):
   # EMA (decay 0.5) and raw parameters are different weights.
   raw = fmjax.api.load(str(workdir), ema=-1)
   assert not np.allclose(raw.velocity(0.3, x0), model.velocity(0.3, x0))
-  with pytest.raises(FileNotFoundError, match='saved steps'):
+  with pytest.raises(checkpointing.CheckpointError, match='saved steps'):
     fmjax.api.load(str(workdir), step=5)
   with pytest.raises(ValueError, match='unconditional'):
     model.sample(key, 4, labels=jnp.zeros(4, jnp.int32))

@@ -26,12 +26,14 @@ class _Rule:
     return loss, {'quadratic': loss}
 
 
-def _state_and_step(lr=0.1, decays=(0.5,)):
+def _state_and_step(lr=0.1, decays=(0.5,), stop=False):
   tx = optax.sgd(lr)
   rule = _Rule()
   state = train_state.init_state(rule, lambda key: {'w': jnp.zeros(2)}, tx, decays,
                                  jax.random.PRNGKey(0))
-  return state, jax.jit(train_state.make_train_step(rule, tx, decays))
+  step = jax.jit(train_state.make_train_step(rule, tx, decays))
+  requests = jnp.array([0, int(stop)], jnp.int32)   # one process's flag among two devices
+  return state, lambda state, batch: step(state, batch, requests)
 
 
 def test_step_updates_params_ema_and_counter():
@@ -41,6 +43,8 @@ def test_step_updates_params_ema_and_counter():
   np.testing.assert_allclose(new['params']['net']['w'], [0.2, 0.2], rtol=1e-6)
   np.testing.assert_allclose(new['ema'][0]['w'], [0.1, 0.1], rtol=1e-6)
   assert int(new['step']) == 1 and float(metrics['loss']) == pytest.approx(2.0)
+  assert not bool(metrics['stop_requested'])
+  assert bool(_state_and_step(stop=True)[1](state, {'x1': jnp.ones((4, 2))})[1]['stop_requested'])
 
 
 def test_non_finite_steps_are_skipped_and_counted():
@@ -48,9 +52,9 @@ def test_non_finite_steps_are_skipped_and_counted():
   good, bad = {'x1': jnp.ones((4, 2))}, {'x1': jnp.full((4, 2), 1e3)}
   state, _ = step(state, good)
   w = np.asarray(state['params']['net']['w'])
-  for _ in range(3):
+  for i in range(3):
     state, metrics = step(state, bad)
-    assert float(metrics['skipped']) == 1.0
+    assert int(metrics['skipped_updates']) == i + 1 and int(metrics['nonfinite_run']) == i + 1
   np.testing.assert_array_equal(state['params']['net']['w'], w)     # untouched
   assert int(state['nonfinite_run']) == 3 and int(state['nonfinite_total']) == 3
   state, _ = step(state, good)
