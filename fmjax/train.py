@@ -202,8 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
     try:
       with _Preemption() as preemption:
         while step < train.num_steps and not preempted:
+          batch = setup.source.batch(step)
           stop_requests = sharding_lib.per_device_flags(preemption.requested, setup.mesh)
-          state, metrics = setup.train_step(state, setup.source.batch(step), stop_requests)
+          state, metrics = setup.train_step(state, batch, stop_requests)
           step += 1
           preempted = signals.push(step, metrics)
           if step % train.log_every == 0 or step == train.num_steps:
