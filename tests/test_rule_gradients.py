@@ -96,10 +96,6 @@ def rule_keys(key):
   return jax.random.split(jax.random.split(key, 3)[2])
 
 
-def jvp(f, primals, tangents):
-  return jax.jvp(f, primals, tangents)
-
-
 # ------------------------------------------------------- references of the off-diagonal terms
 # Each returns (per-row distance, s, t) for the off-diagonal rows x0, x1, y.
 
@@ -108,12 +104,12 @@ def ref_lsd(p, x0, x1, y, key, step, o, use_teacher):
   """LSD / LMD (Boffi et al. 2505.18825 Sec. 3; 2406.07507 Sec. 3): |d/dt X_{s,t} - sg[b_t(X_{s,t})]|^2."""
   s, t = times_lib.sample_pairs(key, x0.shape[0], UNIFORM)
   xs = o['interp'].sample(s, x0, x1)
-  Xst, dX_dt = jvp(lambda tt: X(p, s, tt, xs, y), (t,), (jnp.ones_like(t),))
+  Xst, dX_dt = jax.jvp(lambda tt: X(p, s, tt, xs, y), (t,), (jnp.ones_like(t),))
   target = sg(o['teacher_fn'](t, Xst, y) if use_teacher else b(p, t, Xst, y))
   if o.get('grad_through_jvp', True):
     return msq(dX_dt - target), s, t
   # MeanFlow-style placement: v regresses onto sg[b_t(X) - (t - s) dv/dt].
-  v, dv_dt = jvp(lambda tt: apply(p, s, tt, xs, y), (t,), (jnp.ones_like(t),))
+  v, dv_dt = jax.jvp(lambda tt: apply(p, s, tt, xs, y), (t,), (jnp.ones_like(t),))
   return msq(v - sg(target - (t - s)[:, None] * dv_dt)), s, t
 
 
@@ -126,12 +122,12 @@ def ref_esd(p, x0, x1, y, key, step, o, use_teacher):
   ones = jnp.ones_like(s)
   gradient = o['eulerian_gradient']
   if gradient == 'derivative':
-    dX_ds = jvp(lambda ss: X(p, ss, t, xs, y), (s,), (ones,))[1]
-    transport = jvp(lambda xx: X(p, s, t, xx, y), (xs,), (w,))[1]
+    dX_ds = jax.jvp(lambda ss: X(p, ss, t, xs, y), (s,), (ones,))[1]
+    transport = jax.jvp(lambda xx: X(p, s, t, xx, y), (xs,), (w,))[1]
     return msq(dX_ds + sg(transport)), s, t
   if gradient == 'residual':
-    return msq(jvp(lambda ss, xx: X(p, ss, t, xx, y), (s, xs), (ones, w))[1]), s, t
-  v, Dv = jvp(lambda ss, xx: apply(p, ss, t, xx, y), (s, xs), (ones, w))
+    return msq(jax.jvp(lambda ss, xx: X(p, ss, t, xx, y), (s, xs), (ones, w))[1]), s, t
+  v, Dv = jax.jvp(lambda ss, xx: apply(p, ss, t, xx, y), (s, xs), (ones, w))
   return msq(v - sg(w + (t - s)[:, None] * Dv)), s, t
 
 
@@ -200,10 +196,10 @@ def ref_meanflow(p, x0, x1, y, key, step, o, use_teacher, improved=False):
   u_fn = lambda zz, rr, tt: apply(p, rr, tt, zz, y)
   zeros, ones = jnp.zeros_like(s), jnp.ones_like(s)
   if not improved:
-    u, du_dt = jvp(u_fn, (z, r_mf, t_mf), (v, zeros, ones))
+    u, du_dt = jax.jvp(u_fn, (z, r_mf, t_mf), (v, zeros, ones))
     return msq(u - sg(v - (t_mf - r_mf)[:, None] * du_dt)), s, t
   own = sg(apply(p, t_mf, t_mf, z, y))
-  u, du_dt = jvp(u_fn, (z, r_mf, t_mf), (own, zeros, ones))
+  u, du_dt = jax.jvp(u_fn, (z, r_mf, t_mf), (own, zeros, ones))
   return msq(u + (t_mf - r_mf)[:, None] * sg(du_dt) - v), s, t
 
 
@@ -215,7 +211,7 @@ def ref_sct(p, x0, x1, y, key, step, o, use_teacher):
   one = jnp.ones_like(s)
   xs = o['interp'].sample(s, x0, x1)
   w = sg(o['teacher_fn'](s, xs, y)) if use_teacher else o['interp'].time_derivative(s, x0, x1)
-  F, dF = jvp(lambda ss, xx: apply(p, ss, one, xx, y), (s, xs), (one, w))
+  F, dF = jax.jvp(lambda ss, xx: apply(p, ss, one, xx, y), (s, xs), (one, w))
   warmup = o.get('warmup_steps', 0)
   ramp = min(1.0, step / warmup) if warmup else 1.0
   g = F - w - ramp * (1 - s)[:, None] * dF
@@ -360,7 +356,8 @@ def evaluate_both(name, interp_name, o):
   """(rule value, rule gradient, reference value, reference gradient), all float64."""
   interp = interpolants.get(interp_name)
   teacher = lambda t, x, labels=None: gaussian_velocity(interp, t, x)
-  o = {**o, 'interp': interp, 'teacher_fn': teacher}
+  # Explicit weighting, so that the reference does not depend on a rule's default.
+  o = {'weighting': 'none', **o, 'interp': interp, 'teacher_fn': teacher}
   batch, net = _inputs()
   if 'step' in o:
     batch['step'] = jnp.asarray(o['step'])
