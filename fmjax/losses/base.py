@@ -86,8 +86,12 @@ def split_rows(rows: Rows, n_off: int) -> tuple[Rows, Rows]:
 
 
 def mean_square(err: jax.Array) -> jax.Array:
-  """Per-row mean of squares over all non-batch axes (norms are per-dimension means in fmjax)."""
-  return jnp.mean(jnp.square(err.astype(jnp.float32)), axis=tuple(range(1, err.ndim)))
+  """Per-row mean of squares over all non-batch axes (norms are per-dimension means in fmjax).
+
+  Low-precision errors (bfloat16, float16) are reduced in float32; float64 stays float64.
+  """
+  err = err.astype(jnp.promote_types(err.dtype, jnp.float32))
+  return jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))
 
 
 def pseudo_huber(err: jax.Array, c: float) -> jax.Array:

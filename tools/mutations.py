@@ -1,0 +1,150 @@
+"""Mutation check: each mistake below, applied alone to a scratch copy, must fail a test.
+
+  /work/main/.venv/bin/python tools/mutations.py [--scratch /tmp/mut] [--only NAME ...]
+
+Copies the repository (without .git) to the scratch folder once per mutation, replaces one
+exact snippet or a few (each must occur exactly once, so a stale entry is an error, not a silent
+pass), runs the gradient and exact-formula tests there and prints the tests that fail.
+Exits non-zero if any mutation survives. docs/mutations.md lists the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = ['tests/test_rule_gradients.py', 'tests/test_exact_formulas.py']
+
+
+class Mutation(NamedTuple):
+  name: str
+  path: str
+  edits: tuple   # (old, new) snippet pairs, applied together
+
+
+def mutation(name, path, *pairs):
+  """A mutation of one file: the first pair is (old, new), further pairs belong to the same mistake."""
+  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])))
+
+
+MUTATIONS = [
+    mutation('LSD target velocity not stopped', 'fmjax/losses/lagrangian.py',
+             "return sg(fm.velocity(params['net'], t, x, labels))",
+             "return fm.velocity(params['net'], t, x, labels)"),
+    mutation('ESD transport term not stopped', 'fmjax/losses/eulerian.py',
+             'fm.X(sg(net), s, t, xx, labels), (x,), (w,))[1]\n    return dX_ds + sg(transport)',
+             'fm.X(net, s, t, xx, labels), (x,), (w,))[1]\n    return dX_ds + transport'),
+    mutation('ESD tangent w not stopped', 'fmjax/losses/eulerian.py',
+             "w = sg(fm.velocity(params['net'], s, x_s, rows.labels))",
+             "w = fm.velocity(params['net'], s, x_s, rows.labels)"),
+    mutation('PSD gradient through its target', 'fmjax/losses/semigroup.py',
+             'inner = lambda a, b, x: fm.X(sg(net), a, b, x, rows.labels)',
+             'inner = lambda a, b, x: fm.X(net, a, b, x, rows.labels)',
+             '- sg(inner(u, t, x_u))', '- inner(u, t, x_u)'),
+    mutation("MeanFlow's and iMF's tangents swapped", 'fmjax/losses/eulerian.py',
+             'w = v_c if improved else target', 'w = target if improved else v_c'),
+    mutation('guidance kappa and (1 - omega - kappa) swapped', 'fmjax/losses/eulerian.py',
+             'guided = (omega * conditional_velocity + kappa * model_conditional\n'
+             '            + (1.0 - omega - kappa) * model_unconditional)',
+             'guided = (omega * conditional_velocity + (1.0 - omega - kappa) * model_conditional\n'
+             '            + kappa * model_unconditional)'),
+    mutation('diagonal rows: conditional branch replaced by the unconditional one',
+             'fmjax/losses/eulerian.py',
+             'return target_velocity(t, x_t, rows, sg(prediction), v_u)',
+             'return target_velocity(t, x_t, rows, v_u, v_u)'),
+    mutation('sCT tangent normalised by |g|^2 instead of |g|', 'fmjax/losses/base.py',
+             'norm = jnp.sqrt(mean_square(err))', 'norm = mean_square(err)'),
+    mutation("ECT teacher step taken at the wrong time (s')", 'fmjax/losses/consistency.py',
+             'sg(ctx.teacher(s, x_s, rows.labels))', 'sg(ctx.teacher(s_next, x_s, rows.labels))'),
+    mutation("ECT teacher step taken from the wrong point (I_s' instead of I_s)", 'fmjax/losses/consistency.py',
+             'sg(ctx.teacher(s, x_s, rows.labels))',
+             'sg(ctx.teacher(s, ctx.interpolant.sample(s_next, rows.x0, rows.x1), rows.labels))'),
+    mutation('midpoint ODE step evaluates the velocity at s', 'fmjax/samplers.py',
+             'return x + h * velocity(0.5 * (s + t), x + 0.5 * h * k1)',
+             'return x + h * velocity(s, x + 0.5 * h * k1)'),
+    mutation('midpoint NFE count set to 1', 'fmjax/samplers.py', "'midpoint': 2", "'midpoint': 1"),
+    mutation('x-prediction c_skip uses sigma_data instead of sigma_data^2', 'fmjax/flow_maps.py',
+             'c_skip = b * self.sigma_data**2 * c_in**2', 'c_skip = b * self.sigma_data * c_in**2'),
+    # Our own.
+    mutation('adaptive weight not stopped', 'fmjax/losses/base.py',
+             'return sg(1.0 / (per_row + options.adaptive_eps) ** options.adaptive_power) * per_row',
+             'return 1.0 / (per_row + options.adaptive_eps) ** options.adaptive_power * per_row'),
+    mutation('learned log-variance: random features not stopped', 'fmjax/losses/base.py',
+             "st @ sg(params['frequencies'])", "st @ params['frequencies']"),
+    mutation('semigroup v-space target weights swapped', 'fmjax/losses/semigroup.py',
+             'target = (lam * fm.v(sg(net), s, u, x_s, rows.labels)\n'
+             '                + (1.0 - lam) * fm.v(sg(net), u, t, x_u, rows.labels))',
+             'target = ((1.0 - lam) * fm.v(sg(net), s, u, x_s, rows.labels)\n'
+             '                + lam * fm.v(sg(net), u, t, x_u, rows.labels))'),
+    mutation('LMD teacher (and its point X) not stopped', 'fmjax/losses/lagrangian.py',
+             'return sg(ctx.teacher(t, x, labels))', 'return ctx.teacher(t, x, labels)',
+             'error = dX_dt - target_velocity(params, t, sg(X), rows.labels)',
+             'error = dX_dt - target_velocity(params, t, X, rows.labels)'),
+    mutation('iMF compound velocity with + (t - s) Dv', 'fmjax/losses/eulerian.py',
+             'error = base.regress(v, v - expand(t - s, v) * dv - target)',
+             'error = base.regress(v, v + expand(t - s, v) * dv - target)'),
+    mutation('LSD (grad_through_jvp=False) gradient through dv/dt too', 'fmjax/losses/lagrangian.py',
+             'error = base.regress(v, residual)', 'error = residual'),
+    mutation('sCT tangent warmup ignored', 'fmjax/losses/consistency.py',
+             'ramp = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0', 'ramp = 1.0'),
+    mutation('ECT without the 1 / gap weight', 'fmjax/losses/consistency.py',
+             'return base.pseudo_huber(error, c) / gap, s, one', 'return base.pseudo_huber(error, c), s, one'),
+    mutation('Eulerian primal placement through the whole residual', 'fmjax/losses/eulerian.py',
+             'return base.regress(v, v - w - expand(t - s, v) * dv)',
+             'return v - w - expand(t - s, v) * dv'),
+    mutation("semigroup v-space: second jump from x_s instead of X_{s,u}(x_s)", 'fmjax/losses/semigroup.py',
+             '* fm.v(sg(net), u, t, x_u, rows.labels))', '* fm.v(sg(net), u, t, x_s, rows.labels))'),
+    mutation('learned weighting on the diagonal at (0, t)', 'fmjax/losses/base.py',
+             'return weigh(raw, params, t, t, ctx.options), raw, t',
+             'return weigh(raw, params, 0 * t, t, ctx.options), raw, t'),
+    mutation('mean_square reduces float64 in float32', 'fmjax/losses/base.py',
+             'err = err.astype(jnp.promote_types(err.dtype, jnp.float32))', 'err = err.astype(jnp.float32)'),
+]
+
+
+def run(mutation: Mutation, scratch: str) -> list[str]:
+  """Applies one mutation to a fresh copy and returns the ids of the tests that fail."""
+  shutil.rmtree(scratch, ignore_errors=True)
+  shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns('.git', '.venv', 'runs', '__pycache__'))
+  path = os.path.join(scratch, mutation.path)
+  with open(path) as f:
+    source = f.read()
+  for old, new in mutation.edits:
+    if source.count(old) != 1:
+      raise SystemExit(f'{mutation.name}: the snippet {old!r} occurs {source.count(old)} times in '
+                       f'{mutation.path}; update tools/mutations.py to the current code.')
+    source = source.replace(old, new)
+  with open(path, 'w') as f:
+    f.write(source)
+  result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-n', '2', '-p', 'no:cacheprovider',
+                           *TESTS], cwd=scratch, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': scratch})
+  return re.findall(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--scratch', default='/tmp/mut')
+  parser.add_argument('--only', nargs='*', help='run only the mutations whose name contains one of these')
+  args = parser.parse_args()
+  survivors = 0
+  for mutation in MUTATIONS:
+    if args.only and not any(word in mutation.name for word in args.only):
+      continue
+    failed = run(mutation, args.scratch)
+    survivors += not failed
+    shown = ', '.join(name.split('::')[-1] for name in failed[:3]) + (' ...' if len(failed) > 3 else '')
+    print(f'{mutation.name} | {mutation.path} | {len(failed)} failed: {shown or "NONE (survived)"}',
+          flush=True)
+  shutil.rmtree(args.scratch, ignore_errors=True)
+  sys.exit(1 if survivors else 0)
+
+
+if __name__ == '__main__':
+  main()
