@@ -34,7 +34,7 @@ def test_dropout_key_changes_with_the_step_and_is_off_without_dropout():
   def losses_of(step_fn):
     s, out = state, []
     for _ in range(3):
-      s, metrics = step_fn(s, batch)
+      s, metrics = step_fn(s, batch, jnp.zeros((1,), jnp.int32))
       out.append(float(metrics['loss']))
     return out
   assert losses_of(plain) != losses_of(dropping)
