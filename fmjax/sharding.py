@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA, FSDP = 'data', 'fsdp'
@@ -116,7 +117,6 @@ def gather_to_host(x) -> np.ndarray:
   A collective when the array spans processes: every process must call it.
   """
   if not getattr(x, 'is_fully_addressable', True):
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
@@ -136,7 +136,6 @@ def host_local_rows(x) -> np.ndarray:
 def barrier(name: str) -> None:
   """Waits until every process gets here (a no-op in a single-process job)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 

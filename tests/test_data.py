@@ -2,9 +2,7 @@
 dataset and read TF-free through grain, deterministic and resumable; the missing-dataset
 error; toy batches independent of the device layout."""
 
-import os
 
-import jax
 import numpy as np
 import pytest
 

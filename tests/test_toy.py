@@ -5,7 +5,6 @@ import pytest
 
 from fmjax import interpolants
 from fmjax.data import toy
-from fmjax.interpolants import expand
 
 
 def _log_density(gmm, interp, t, x):

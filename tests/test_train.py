@@ -2,11 +2,9 @@
 schedule, checkpoint keep policy, interrupted-save cleanup and the incompatible-config error."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

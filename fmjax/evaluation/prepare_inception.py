@@ -29,7 +29,6 @@ import sys
 import tempfile
 import zipfile
 
-import jax
 import numpy as np
 from flax import nnx
 

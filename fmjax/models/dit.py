@@ -17,7 +17,6 @@ blockwise one is memory-efficient under `jax.jvp` and its gradients (fmjax.model
 from __future__ import annotations
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
