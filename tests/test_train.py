@@ -60,6 +60,27 @@ def test_non_finite_steps_are_skipped_and_counted():
   assert int(state['step']) == 5
 
 
+def test_an_update_whose_gradient_norm_overflows_is_skipped():
+  """Gradients of 1e30 are each finite, but their global norm overflows float32: such an update
+  is skipped and counted like a NaN one (plain SGD would move w by 1e29)."""
+  class Linear:
+    def init(self, net_params, key=None):
+      return {'net': net_params}
+
+    def __call__(self, params, batch, key):
+      loss = jnp.sum(params['net']['w'] * batch['x1'].mean(0))   # 0 at w = 0, gradient x1
+      return loss, {}
+
+  tx = optax.sgd(0.1)
+  state = train_state.init_state(Linear(), lambda key: {'w': jnp.zeros(2)}, tx, (),
+                                 jax.random.PRNGKey(0))
+  step = jax.jit(train_state.make_train_step(Linear(), tx, ()))
+  state, metrics = step(state, {'x1': jnp.full((4, 2), 1e30)}, jnp.zeros((1,), jnp.int32))
+  assert np.isfinite(float(metrics['loss'])) and not np.isfinite(float(metrics['grad_norm']))
+  np.testing.assert_array_equal(state['params']['net']['w'], [0.0, 0.0])
+  assert int(metrics['skipped_updates']) == 1 and int(state['nonfinite_run']) == 1
+
+
 def test_schedule_warmup_then_cosine():
   optim = configs.base_config().optim
   optim.learning_rate, optim.warmup_steps, optim.schedule = 1.0, 10, 'cosine'

@@ -1,6 +1,6 @@
 """Mutation check: each mistake below, applied alone to a scratch copy, must fail a test.
 
-  /work/main/.venv/bin/python tools/mutations.py [--scratch /tmp/mut] [--only NAME ...]
+  .venv/bin/python tools/mutations.py [--scratch /tmp/mut] [--only NAME ...]
 
 Copies the repository (without .git) to the scratch folder once per mutation, replaces one
 exact snippet or a few (each must occur exactly once, so a stale entry is an error, not a silent
