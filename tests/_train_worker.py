@@ -11,6 +11,7 @@ device, so every device count gets its own process.
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -52,6 +53,8 @@ def main():
   parser.add_argument('workdir')
   parser.add_argument('overrides', nargs='?', default='{}')
   parser.add_argument('--slow_after', type=int, default=-1)
+  parser.add_argument('--sigterm_at', type=int, default=-1,
+                      help='process 1 (or the only one) sends itself SIGTERM when fetching this batch')
   parser.add_argument('--dump', default='')
   parser.add_argument('--eval', action='store_true', help='run the few-step evaluation at the end')
   parser.add_argument('--coordinator', default=None)
@@ -77,6 +80,17 @@ def main():
       return original(self, step)
 
     pipelines.ToySource.batch = slow_batch
+
+  if args.sigterm_at >= 0 and jax.process_index() == min(1, jax.process_count() - 1):
+    # Test hook: a preemption notice that reaches one process only.
+    fetch = pipelines.ToySource.batch
+
+    def batch_then_sigterm(self, step):
+      if step == args.sigterm_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return fetch(self, step)
+
+    pipelines.ToySource.batch = batch_then_sigterm
 
   config = tiny_config(json.loads(args.overrides))
   captured = {}

@@ -5,6 +5,7 @@ The processes train with each feeding only its half of every batch
 second launch restores the step-3 checkpoint and must reproduce steps 4-6.
 """
 
+import json
 import shutil
 import subprocess
 
@@ -15,10 +16,10 @@ from train_testlib import env_with_devices, free_port, read_metrics, worker_comm
 OVERRIDES = {'data.on_device': False, 'train.batch_size': 16}
 
 
-def _launch(workdir, timeout=300):
+def _launch(workdir, *extra, overrides=OVERRIDES, timeout=300):
   port = free_port()
-  procs = [subprocess.Popen(worker_command(workdir, OVERRIDES, '--coordinator', f'127.0.0.1:{port}',
-                                           '--num_processes', 2, '--process_id', i),
+  procs = [subprocess.Popen(worker_command(workdir, overrides, '--coordinator', f'127.0.0.1:{port}',
+                                           '--num_processes', 2, '--process_id', i, *extra),
                             env=env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
            for i in range(2)]
@@ -50,3 +51,14 @@ def test_two_processes_train_checkpoint_and_restore(tmp_path):
   second = read_metrics(tmp_path)
   for step in (4, 5, 6):
     np.testing.assert_allclose(second[step]['loss'], first[step]['loss'], rtol=1e-6)
+
+
+def test_sigterm_on_one_process_stops_both_after_the_same_update(tmp_path):
+  """Process 1 alone gets SIGTERM while fetching batch 5: its flag travels through the jitted
+  step, so both processes read it one update later, stop after update 7 and save step 7."""
+  overrides = dict(OVERRIDES, **{'train.num_steps': 100, 'train.log_every': 50,
+                                 'train.checkpoint_every': 0})
+  outputs = _launch(tmp_path, '--sigterm_at', 5, overrides=overrides)
+  results = [json.loads(out.split('RESULTS ')[-1]) for _, out, _ in outputs]
+  assert results == [{'preempted_at': 7}, {'preempted_at': 7}]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['7']
