@@ -121,6 +121,14 @@ def gather_to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def concat_across_processes(rows) -> np.ndarray:
+  """Every process's host-local rows, concatenated in process order, on every process (a
+  collective when there are several processes)."""
+  if jax.process_count() == 1:
+    return np.asarray(rows)
+  return np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+
+
 def host_local_rows(x) -> np.ndarray:
   """This process's rows of a batch-sharded global array (replicas along other axes dropped)."""
   if getattr(x, 'is_fully_addressable', True):

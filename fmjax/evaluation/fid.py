@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fmjax import sharding
 from fmjax.evaluation import inception, resize
 
 NUM_SAMPLES_REPORTED = 50_000
@@ -250,9 +250,7 @@ def gather_features(features) -> np.ndarray:
   A global (multi-host sharded) jax.Array comes back whole; a host-local array is concatenated
   across processes in process order. Single-process: just a copy to host.
   """
-  if jax.process_count() == 1:
-    return np.asarray(features)
-  return np.asarray(multihost_utils.process_allgather(features, tiled=True))
+  return sharding.concat_across_processes(features)
 
 
 def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_samples: int,

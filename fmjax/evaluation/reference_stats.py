@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from fmjax import sharding
 from fmjax.evaluation import fid, inception
 
 
@@ -78,11 +79,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   import tensorflow_datasets as tfds  # only the CLI needs TFDS
   source = tfds.data_source(args.dataset, split=args.split, data_dir=args.data_dir)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
   stats = compute_reference_statistics(
       source, dataset=args.dataset, split=args.split, num_samples=args.num_samples,
       batch_size=args.batch_size, image_key=args.image_key,
-      params=inception.load_params(args.weights), mesh=mesh)
+      params=inception.load_params(args.weights), mesh=sharding.make_mesh(),
+      data_axis=sharding.BATCH_AXES)
   if jax.process_index() == 0:
     fid.save_statistics(args.out, stats)
     print(f'saved {args.out}: {stats.provenance}')
