@@ -160,8 +160,10 @@ def _start(setup: Setup, manager) -> tuple[dict, bool]:
   step = checkpointing.choose_step(manager, workdir, config.train.restore_step)
   if step is None:
     return setup.init_state(), False
-  later = checkpointing.set_aside_later_steps(manager, workdir, step)
   restored = checkpointing.restore(manager, workdir, step, setup.abstract_state, config)
+  # Only once the step has been read and accepted: a damaged or incompatible step leaves the
+  # checkpoint folder exactly as it was.
+  later = checkpointing.set_aside_later_steps(manager, workdir, step)
   setup.source.set_state(restored.data_state)
   if later and logging_utils.is_main_process():
     print(f'Resuming from step {step}: later checkpoints {later} moved to '
@@ -212,7 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
             logger.log_train(step, {k: float(v) for k, v in values.items()})
           if train.checkpoint_every and step % train.checkpoint_every == 0:
             save()
-          if train.eval_every and step % train.eval_every == 0 and step < train.num_steps:
+          # A preempted job has seconds left: save, do not start an evaluation.
+          if (train.eval_every and step % train.eval_every == 0 and step < train.num_steps
+              and not preempted):
             evaluate(state, step, logger, final=False)
         preempted = signals.drain() or preempted
       if manager.latest_step() != step:

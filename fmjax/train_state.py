@@ -8,7 +8,7 @@ The state is a plain dict pytree (Orbax saves and restores it as is):
   opt_state             optax state
   ema                   a list of EMA copies of params['net'], one per config.optim.ema_decays
   nonfinite_run         length of the current run of skipped (non-finite) steps
-  nonfinite_max_run     the longest such run so far (what the loop checks against the limit)
+  nonfinite_max_run     the longest such run so far (a record; the loop stops on nonfinite_run)
   nonfinite_total       skipped steps in all
 """
 

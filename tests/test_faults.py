@@ -18,6 +18,7 @@ import pytest
 import fmjax.api
 from fmjax import checkpointing, configs, logging_utils, train
 from fmjax.data import pipelines
+from fmjax.evaluation import evaluator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +64,8 @@ def run_copy(trained_run, tmp_path):
 
 def test_sigterm_stops_after_the_next_update_and_saves_it(tmp_path, monkeypatch):
   """With log_every far away, SIGTERM during update 6's batch stops the run after update 7
-  (read one update late), with a checkpoint of step 7."""
+  (read one update late), with a checkpoint of step 7 and no evaluation started, though step 7
+  is an evaluation step (a preempted job has seconds left)."""
   original = pipelines.ToySource.batch
 
   def batch(self, step):
@@ -71,12 +73,16 @@ def test_sigterm_stops_after_the_next_update_and_saves_it(tmp_path, monkeypatch)
       os.kill(os.getpid(), signal.SIGTERM)
     return original(self, step)
 
+  evaluated = []
   monkeypatch.setattr(pipelines.ToySource, 'batch', batch)
+  monkeypatch.setattr(evaluator.Evaluator, '__call__',
+                      lambda self, state, step, logger, final: evaluated.append(step) or {})
   workdir = str(tmp_path / 'run')
-  result = train.train_and_evaluate(_config(num_steps=1000, log_every=500, checkpoint_every=0),
-                                    workdir)
+  result = train.train_and_evaluate(
+      _config(num_steps=1000, log_every=500, checkpoint_every=0, eval_every=7), workdir)
   assert result == {'preempted_at': 7}
   assert os.listdir(checkpointing.checkpoint_dir(workdir)) == ['7']
+  assert evaluated == []
 
 
 def test_preempted_cli_run_exits_75_and_resumes(tmp_path):
@@ -136,8 +142,8 @@ def _largest_file(folder):
   return max(files, key=os.path.getsize)
 
 
-def _truncate_state(workdir):
-  path = _largest_file(os.path.join(checkpointing.checkpoint_dir(workdir), '4', 'state'))
+def _truncate_state(workdir, step='4'):
+  path = _largest_file(os.path.join(checkpointing.checkpoint_dir(workdir), step, 'state'))
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 3)
 
@@ -175,6 +181,15 @@ def test_restore_step_resumes_from_an_older_step_and_sets_later_ones_aside(run_c
   assert fmjax.api.load(run_copy).step == 6
   with pytest.raises(checkpointing.CheckpointError, match=r'No checkpoint for step 3.*\[2, 4, 6\]'):
     train.train_and_evaluate(_config(num_steps=8, restore_step=3), run_copy)
+
+
+def test_a_damaged_restore_step_moves_nothing_aside(run_copy):
+  """restore_step naming a damaged step stops before the later steps are set aside."""
+  _truncate_state(run_copy, '2')
+  with pytest.raises(checkpointing.CheckpointError, match='step 2.*no older checkpoint'):
+    train.train_and_evaluate(_config(num_steps=6, restore_step=2), run_copy)
+  assert sorted(os.listdir(checkpointing.checkpoint_dir(run_copy))) == ['2', '4']
+  assert not os.path.exists(os.path.join(run_copy, 'checkpoints_set_aside'))
 
 
 def test_a_state_of_another_structure_is_named(trained_run):
