@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import fmjax.api
+import fmjax.main
 from fmjax import checkpointing, configs, logging_utils, train
 from fmjax.data import pipelines
 from fmjax.evaluation import evaluator
@@ -238,6 +239,17 @@ def test_chunked_sampling_equals_one_batch(trained_run):
 def test_loading_prints_no_orbax_warning(trained_run, caplog):
   with caplog.at_level(logging.WARNING):
     fmjax.api.load(trained_run)
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize('mode', ['eval', 'sample'])
+def test_eval_and_sample_modes_print_no_warning(run_copy, mode, caplog):
+  config = _config()
+  config.eval.num_samples = config.eval.reference_samples = 64
+  config.eval.steps, config.eval.ode_nfe = (1,), (1,)
+  with caplog.at_level(logging.WARNING):
+    result = fmjax.main.run(config, run_copy, mode)
+  assert result['step'] == 4
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
