@@ -111,13 +111,15 @@ class Trained:
   step: int
 
 
-def load_trained(workdir: str, step: int | None = None, ema: int | None = None) -> Trained:
+def load_trained(workdir: str, step: int | None = None, ema: int | None = None, *,
+                 step_option: str = '--config.train.restore_step') -> Trained:
   """Restores `workdir`'s checkpoint at `step` (latest if None) and rebuilds its flow map from
   the config stored with it (no experiment file needed).
 
   ema: which EMA copy (config.optim.ema_decays order); -1 for the raw training parameters;
   None for the first EMA copy, or the raw parameters of a run that keeps none.
-  Raises checkpointing.CheckpointError for a missing step or a damaged checkpoint.
+  Raises checkpointing.CheckpointError for a missing step or a damaged checkpoint; its
+  message names `step_option` as the way to pick an older step.
   """
   manager = checkpointing.make_manager(workdir, read_only=True)
   try:
@@ -126,7 +128,7 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None) 
       raise checkpointing.CheckpointError(
           f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train with '
           f'`python -m fmjax.main --config=... --workdir={workdir}` first.')
-    restored = checkpointing.restore(manager, workdir, chosen)
+    restored = checkpointing.restore(manager, workdir, chosen, step_option=step_option)
   finally:
     manager.close()
   config = configs.resolve(ml_collections.ConfigDict(restored.config))
@@ -145,6 +147,13 @@ def load_teacher(config: ml_collections.ConfigDict):
   """The velocity b_t(x) of config.teacher.workdir (its first EMA copy) for distillation, or None."""
   if not config.teacher.workdir:
     return None
-  teacher = load_trained(config.teacher.workdir, None if config.teacher.step < 0 else config.teacher.step)
+  try:
+    teacher = load_trained(config.teacher.workdir,
+                           None if config.teacher.step < 0 else config.teacher.step,
+                           step_option='--config.teacher.step')
+  except checkpointing.CheckpointError as e:   # say that it is the teacher's checkpoint
+    raise checkpointing.CheckpointError(
+        f'teacher (config.teacher.workdir={config.teacher.workdir}, config.teacher.step='
+        f'{config.teacher.step}): {e}') from None
   params, flow_map = teacher.params, teacher.flow_map
   return lambda t, x, labels=None: flow_map.velocity(params, t, x, labels)

@@ -174,11 +174,12 @@ def _replicated_abstract(manager: ocp.CheckpointManager, step: int) -> Any:
                       metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
 
 
-def _unreadable(manager, workdir: str, step: int, what: str, error: Exception) -> CheckpointError:
+def _unreadable(manager, workdir: str, step: int, what: str, error: Exception,
+                step_option: str) -> CheckpointError:
   reason = (str(error).strip().splitlines() or [''])[0][:300]
   older = [s for s in sorted(manager.all_steps()) if s < step]
   folder = os.path.join(checkpoint_dir(workdir), str(step))
-  advice = (f'resume from an older step with --config.train.restore_step={older[-1]} '
+  advice = (f'resume from an older step with {step_option}={older[-1]} '
             f'(saved: {older})' if older else 'no older checkpoint is saved')
   return CheckpointError(
       f'Checkpoint step {step} in {checkpoint_dir(workdir)} is damaged or incomplete: {what} '
@@ -187,7 +188,8 @@ def _unreadable(manager, workdir: str, step: int, what: str, error: Exception) -
 
 
 def restore(manager: ocp.CheckpointManager, workdir: str, step: int,
-            abstract_state: Any = None, config: ml_collections.ConfigDict | None = None) -> Restored:
+            abstract_state: Any = None, config: ml_collections.ConfigDict | None = None, *,
+            step_option: str = '--config.train.restore_step') -> Restored:
   """Restores step `step` of the run in `workdir`: the one way training, evaluation,
   `fmjax.load` and distillation teachers read a checkpoint.
 
@@ -196,12 +198,14 @@ def restore(manager: ocp.CheckpointManager, workdir: str, step: int,
   this process's devices, with the shapes the checkpoint records (sampling, teachers).
   config: the config about to use the state; checked against the saved one
   (`check_compatible`) before any array is read.
-  A step whose files are damaged or missing raises CheckpointError naming it.
+  A step whose files are damaged or missing raises CheckpointError naming it and the option
+  (`step_option`) that picks an older step.
   """
   try:
     saved_config, data_state, meta = restore_json(manager, step)
   except Exception as e:   # Orbax raises whatever its storage layer does (JSON, OS, KeyError)
-    raise _unreadable(manager, workdir, step, 'its config, data or meta record', e) from None
+    raise _unreadable(manager, workdir, step, 'its config, data or meta record', e,
+                      step_option) from None
   if config is not None:
     check_compatible(saved_config, config, workdir)
   try:
@@ -209,7 +213,7 @@ def restore(manager: ocp.CheckpointManager, workdir: str, step: int,
       abstract_state = _replicated_abstract(manager, step)
     state = restore_state(manager, step, abstract_state)
   except Exception as e:   # truncated or missing array files, a state of another structure
-    raise _unreadable(manager, workdir, step, 'its training state', e) from None
+    raise _unreadable(manager, workdir, step, 'its training state', e, step_option) from None
   return Restored(step, saved_config, data_state, meta, state)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import fmjax.api
 import fmjax.main
-from fmjax import checkpointing, configs, logging_utils, train
+from fmjax import build, checkpointing, configs, logging_utils, train
 from fmjax.data import pipelines
 from fmjax.evaluation import evaluator
 
@@ -200,6 +200,30 @@ def test_a_state_of_another_structure_is_named(trained_run):
   with pytest.raises(checkpointing.CheckpointError, match='step 4.*training state'):
     checkpointing.restore(manager, trained_run, 4, abstract)
   manager.close()
+
+
+# ----------------------------------------------------------------------- teachers
+
+
+def test_a_teacher_is_the_loaded_run_and_its_damage_is_named(run_copy, tmp_path):
+  """A distillation teacher comes through the one restore path: its velocity is fmjax.load's,
+  and a damaged teacher checkpoint is named as the teacher's."""
+  config = _config()
+  config.loss.name, config.teacher.workdir, config.teacher.step = 'lmd', run_copy, 2
+  teacher = build.load_teacher(config)
+  model = fmjax.api.load(run_copy, step=2)
+  x = model.noise(jax.random.PRNGKey(1), 8)
+  t = np.linspace(0.1, 0.9, 8).astype(np.float32)
+  np.testing.assert_allclose(teacher(t, x), model.velocity(t, x), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(teacher(t, x), fmjax.api.load(run_copy).velocity(t, x))   # not step 4
+  result = train.train_and_evaluate(config, str(tmp_path / 'student'))
+  assert result == {'step': 4}
+  _truncate_state(run_copy)
+  config.teacher.step = -1   # the latest, step 4: damaged, named, no fallback to step 2
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'teacher \(config.teacher.workdir=.*step 4 .*damaged.*'
+                           r'--config.teacher.step=2 '):
+    build.load_teacher(config)
 
 
 # ----------------------------------------------------------------------- sampling API
