@@ -70,11 +70,19 @@ def test_progressive_distillation_vanishes_with_an_exact_teacher_map():
 
 
 def test_progressive_distillation_from_a_velocity_converges_with_teacher_steps():
-  # The default teacher map is one Heun step of the teacher per half jump: its error is
-  # O(h^3) per jump, so the loss on the exact map is small but not zero.
+  # The teacher map is `teacher_steps` Heun steps per half jump: Heun is order 2, so the
+  # target's error, and the rule's residual on the exact map, fall ~4x (loss ~16x) per
+  # doubling of the steps, and the default leaves a residual far below the perturbed map's.
   interp = interpolants.linear()
-  loss, _ = _loss('progressive', toy.ExactFlowMap(TARGET, interp), interp)
-  assert 1e-7 < loss < 1e-1
+  exact = toy.ExactFlowMap(TARGET, interp)
+  losses_by_steps = [_loss('progressive', exact, interp, teacher_steps=n)[0] for n in (1, 2, 4, 8, 16)]
+  ratios = np.array(losses_by_steps[:-1]) / np.array(losses_by_steps[1:])
+  assert np.all(ratios > 10) and np.all(ratios < 40), (losses_by_steps, ratios)
+  default, _ = _loss('progressive', exact, interp)
+  assert default == losses_by_steps[3]
+  assert default < 1e-6 and losses_by_steps[0] > 1e3 * default
+  perturbed, _ = _loss('progressive', toy.ExactFlowMap(TARGET, interp, perturbation=0.3), interp)
+  assert perturbed > 1e4 * default
 
 
 def test_discrete_consistency_residual_shrinks_with_the_gap():

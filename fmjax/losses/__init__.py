@@ -49,7 +49,7 @@ RULES: dict[str, RuleSpec] = {
     'ect': RuleSpec(consistency.ect_rule, 'optional', {'diagonal_fraction': 0.0}),
     'lmd': RuleSpec(lagrangian.lagrangian_rule, 'required', {}),
     'emd': RuleSpec(eulerian.eulerian_rule, 'required', {'eulerian_gradient': 'residual'}),
-    'progressive': RuleSpec(semigroup.semigroup_rule, 'required', {'intermediate': 'midpoint'}),
+    'progressive': RuleSpec(semigroup.progressive_rule, 'required', {}),
     'fmm': RuleSpec(distill.trajectory_rule, 'required', {'diagonal_fraction': 0.0}),
 }
 
@@ -160,8 +160,6 @@ def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
   rule_options = {k: v for k, v in settings.items() if k in own}
   if teacher_map is not None:
     rule_options['teacher_map'] = teacher_map
-  if name == 'progressive' and rule_options.get('teacher_map') is None:
-    rule_options['teacher_map'] = semigroup.teacher_heun_map(teacher)
   ctx = base.Context(flow_map, interpolant, teacher, common_options)
   return Rule(name, spec.builder(ctx, **rule_options), common_options)
 
