@@ -30,7 +30,7 @@ UNIFORM = times_lib.TimeDistribution()
 MEANFLOW_TIMES = {'name': 'logit_normal', 'mean': 0.4, 'std': 1.0}
 # fmjax.samplers.integrate builds its time grid in float32, so the rules that solve the teacher
 # ODE (progressive, fmm) agree with the float64 reference only to float32 time rounding.
-FLOAT32_TIMES = ('progressive', 'fmm')
+FLOAT32_TIMES = ('progressive', 'trajectory_distillation', 'fmm')
 
 
 @pytest.fixture(autouse=True)
@@ -134,14 +134,15 @@ def ref_esd(p, x0, x1, y, key, step, o, use_teacher):
 def ref_psd(p, x0, x1, y, key, step, o, use_teacher):
   """PSD (Boffi et al. 2505.18825 Sec. 3): |X_{s,t}(I_s) - sg[X_{u,t}(X_{s,u}(I_s))]|^2, u ~ U[s, t];
   in v-space the same residual divided by t - s; progressive distillation (2406.07507 Sec. 3.3)
-  takes both inner jumps by one Heun step of the teacher."""
+  takes each inner jump by `teacher_steps` Heun steps of the teacher (8 unless set: the default)."""
   key_pair, key_u = jax.random.split(key)
   s, t = times_lib.sample_pairs(key_pair, x0.shape[0], UNIFORM)
-  midpoint = o.get('intermediate', 'uniform') == 'midpoint'
+  # PSD's default intermediate time is uniform, progressive distillation's the midpoint.
+  midpoint = o.get('intermediate', 'midpoint' if use_teacher else 'uniform') == 'midpoint'
   u = s + (0.5 if midpoint else jax.random.uniform(key_u, s.shape)) * (t - s)
   xs = o['interp'].sample(s, x0, x1)
   if use_teacher:
-    jump = lambda a, c, x: heun(o['teacher_fn'], a, c, x, y)
+    jump = lambda a, c, x: heun_steps(o['teacher_fn'], a, c, x, y, o.get('teacher_steps', 8))
   else:
     jump = lambda a, c, x: X(p, a, c, x, y)
   two_jumps = sg(jump(u, t, jump(s, u, xs)))
@@ -155,6 +156,35 @@ def heun(teacher, s, t, x, y):
   k1 = teacher(s, x, y)
   k2 = teacher(t, x + h * k1, y)
   return x + 0.5 * h * (k1 + k2)
+
+
+def rk4(teacher, s, t, x, y):
+  h = (t - s)[:, None]
+  k1 = teacher(s, x, y)
+  k2 = teacher(s + (t - s) / 2, x + h / 2 * k1, y)
+  k3 = teacher(s + (t - s) / 2, x + h / 2 * k2, y)
+  k4 = teacher(t, x + h * k3, y)
+  return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def ode_steps(teacher, s, t, x, y, n, method):
+  """n steps of Heun or RK4 on fmjax's float32 uniform grid (see heun_steps)."""
+  s32, t32 = s.astype(jnp.float32), t.astype(jnp.float32)
+  grid = [s32 + (jnp.float32(k) / jnp.float32(n)) * (t32 - s32) for k in range(n)] + [t32]
+  step = {'heun': heun, 'rk4': rk4}[method]
+  for a, c in zip(grid[:-1], grid[1:]):
+    x = step(teacher, a.astype(s.dtype), c.astype(s.dtype), x, y)
+  return x
+
+
+def heun_steps(teacher, s, t, x, y, n):
+  """n Heun steps on the uniform grid from s to t, the grid rounded to float32 as
+  fmjax.samplers.integrate builds it (the rounding alone moves the loss by ~1e-5 at n = 8)."""
+  s32, t32 = s.astype(jnp.float32), t.astype(jnp.float32)
+  grid = [s32 + (jnp.float32(k) / jnp.float32(n)) * (t32 - s32) for k in range(n)] + [t32]
+  for a, c in zip(grid[:-1], grid[1:]):
+    x = heun(teacher, a.astype(s.dtype), c.astype(s.dtype), x, y)
+  return x
 
 
 def ref_shortcut(p, x0, x1, y, key, step, o, use_teacher):
@@ -222,38 +252,51 @@ def ref_sct(p, x0, x1, y, key, step, o, use_teacher):
 
 
 def ref_ect(p, x0, x1, y, key, step, o, use_teacher):
-  """ECT (Geng et al. 2406.14548, Eq. 6): d(f(I_s, s), sg[f(I_s', s')]) / gap with s' = s + gap,
-  gap = (1 - s) / q^floor(step / d) (at least min(min_gap, 1 - s)), d pseudo-Huber (iCT Eq. 8);
-  with a teacher, I_s' is one Euler step of it from (s, I_s)."""
+  """ECT (Geng et al. 2406.14548; locuslab/ect training/loss.py): d(f(I_s, s), sg[f(I_s', s')]) w.
+  gap_schedule 'ect' (default), in EDM noise level: t = sigma(s) = alpha(s) / beta(s),
+  r = max(0, t (1 - q^-(k+1) (1 + 8 sigmoid(-t)))), k = floor(step / d), s' = sigma^-1(r) in
+  closed form (linear: 1 / (1 + r); trigonometric: (2 / pi) atan(1 / r)), w = 1 / (t - r).
+  'linear_time': s' = s + gap, gap = (1 - s) / q^k (at least min(min_gap, 1 - s)), w = 1 / gap.
+  d pseudo-Huber (iCT Eq. 8, not checked); with a teacher, I_s' is one Euler step of it from (s, I_s)."""
   s = UNIFORM.sample(key, x0.shape[0])
   one = jnp.ones_like(s)
   q, halving, min_gap = o.get('gap_decay', 2.0), o.get('gap_halving_steps', 25_000), o.get('min_gap', 1e-3)
-  gap = jnp.maximum((1 - s) / q ** (step // halving), jnp.minimum(min_gap, 1 - s))
+  k = step // halving
+  if o.get('gap_schedule', 'ect') == 'ect':
+    linear = o['interp'].name == 'linear'
+    t = (1 - s) / s if linear else 1 / jnp.tan(np.pi * s / 2)
+    r = jnp.maximum(0.0, t * (1 - (1 + 8 / (1 + jnp.exp(t))) / q ** (k + 1)))
+    if linear:
+      s_next = 1 / (1 + r)
+    else:
+      s_next = 2 / np.pi * jnp.arctan2(1.0, r)
+    w = 1 / (t - r)
+  else:
+    gap = jnp.maximum((1 - s) / q ** k, jnp.minimum(min_gap, 1 - s))
+    s_next, w = s + gap, 1 / gap
   xs = o['interp'].sample(s, x0, x1)
   if use_teacher:
-    x_next = xs + gap[:, None] * o['teacher_fn'](s, xs, y)
+    x_next = xs + (s_next - s)[:, None] * o['teacher_fn'](s, xs, y)
   else:
-    x_next = o['interp'].sample(s + gap, x0, x1)
-  err = X(p, s, one, xs, y) - sg(X(p, s + gap, one, x_next, y))
+    x_next = o['interp'].sample(s_next, x0, x1)
+  err = X(p, s, one, xs, y) - sg(X(p, s_next, one, x_next, y))
   c = o.get('huber_c', 0.00054)
-  return (jnp.sqrt(msq(err) + c**2) - c) / gap, s, one
+  return (jnp.sqrt(msq(err) + c**2) - c) * w, s, one
 
 
 def ref_fmm(p, x0, x1, y, key, step, o, use_teacher):
-  """Flow map matching on teacher trajectories (Boffi et al. 2406.07507, Sec. 3):
-  |X_{s,t}(I_s) - sg[Phi_{s,t}(I_s)]|^2, Phi: `ode_steps` Heun steps of the teacher."""
+  """Trajectory distillation (Luhman & Luhman 2021, for every pair (s, t)):
+  |X_{s,t}(I_s) - sg[Phi_{s,t}(I_s)]|^2, Phi: `ode_steps` Heun or RK4 steps of the teacher."""
   s, t = times_lib.sample_pairs(key, x0.shape[0], UNIFORM)
   xs = o['interp'].sample(s, x0, x1)
-  n = o['ode_steps']
-  x = xs
-  for k in range(n):
-    x = heun(o['teacher_fn'], s + k / n * (t - s), s + (k + 1) / n * (t - s), x, y)
+  x = ode_steps(o['teacher_fn'], s, t, xs, y, o['ode_steps'], o.get('ode_method', 'heun'))
   return msq(X(p, s, t, xs, y) - sg(x)), s, t
 
 
 OFF_DIAGONAL = {'lsd': ref_lsd, 'lmd': ref_lsd, 'esd': ref_esd, 'emd': ref_esd, 'psd': ref_psd,
                 'progressive': ref_psd, 'shortcut': ref_shortcut, 'meanflow': ref_meanflow,
-                'imf': functools.partial(ref_meanflow, improved=True), 'sct': ref_sct, 'ect': ref_ect, 'fmm': ref_fmm}
+                'imf': functools.partial(ref_meanflow, improved=True), 'sct': ref_sct, 'ect': ref_ect, 'trajectory_distillation': ref_fmm,
+                'fmm': ref_fmm}
 
 
 def weigh(per_row, p, s, t, o):
@@ -273,7 +316,7 @@ def weigh(per_row, p, s, t, o):
 
 def reference_loss(name, o, params, batch, key):
   """The mean over rows of the weighted off-diagonal rows (first) and diagonal rows (last)."""
-  use_teacher = name in ('lmd', 'emd', 'progressive', 'fmm') or o.get('teacher', False)
+  use_teacher = name in ('lmd', 'emd', 'progressive', 'trajectory_distillation', 'fmm') or o.get('teacher', False)
   net = params['net']
   n_diag = int(round(B * o['diagonal_fraction']))
   n_off = B - n_diag
@@ -326,13 +369,20 @@ CASES = [
     ('imf', L, {**MF, **GUIDED, 'weighting': 'none'}),
     ('sct', L, {**HALF, 'tangent_normalization': 0.1, 'warmup_steps': 100, 'step': 40}),
     ('sct', T, {**HALF, 'tangent_normalization': 0.0, 'teacher': True}),
-    ('ect', L, {**HALF, 'gap_halving_steps': 1000, 'step': 2500, 'min_gap': 0.05}),
-    ('ect', L, {**HALF, 'teacher': True, 'step': 0}),
+    ('ect', L, {**HALF, 'gap_schedule': 'linear_time', 'gap_halving_steps': 1000, 'step': 2500,
+                'min_gap': 0.05}),
+    ('ect', L, {**HALF, 'gap_schedule': 'linear_time', 'teacher': True, 'step': 0}),
+    ('ect', L, {**HALF, 'gap_halving_steps': 1000, 'step': 2500}),
+    ('ect', T, {**HALF, 'teacher': True, 'step': 0}),
+    ('ect', T, {**HALF, 'step': 60_000}),
     ('lmd', L, {**HALF, 'grad_through_jvp': True}),
     ('emd', L, {**HALF, 'eulerian_gradient': 'residual'}),
     ('emd', T, {**HALF, 'eulerian_gradient': 'derivative'}),
-    ('progressive', L, {**HALF, 'intermediate': 'midpoint'}),
-    ('fmm', L, {**HALF, 'ode_steps': 3, 'ode_method': 'heun'}),
+    ('progressive', L, HALF),
+    ('progressive', T, {**HALF, 'intermediate': 'uniform', 'teacher_steps': 3}),
+    ('trajectory_distillation', L, {**HALF, 'ode_steps': 3, 'ode_method': 'heun'}),
+    ('trajectory_distillation', T, {**HALF, 'ode_steps': 2, 'ode_method': 'rk4'}),
+    ('fmm', L, {**HALF, 'ode_steps': 3, 'ode_method': 'heun'}),   # the deprecated alias
 ]
 REFERENCE_ONLY = ('teacher', 'step', 'interp', 'teacher_fn')
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from typing import Callable, NamedTuple
 
 from fmjax import samplers
@@ -49,9 +50,14 @@ RULES: dict[str, RuleSpec] = {
     'ect': RuleSpec(consistency.ect_rule, 'optional', {'diagonal_fraction': 0.0}),
     'lmd': RuleSpec(lagrangian.lagrangian_rule, 'required', {}),
     'emd': RuleSpec(eulerian.eulerian_rule, 'required', {'eulerian_gradient': 'residual'}),
-    'progressive': RuleSpec(semigroup.semigroup_rule, 'required', {'intermediate': 'midpoint'}),
-    'fmm': RuleSpec(distill.trajectory_rule, 'required', {'diagonal_fraction': 0.0}),
+    'progressive': RuleSpec(semigroup.progressive_rule, 'required', {}),
+    'trajectory_distillation': RuleSpec(distill.trajectory_rule, 'required', {'diagonal_fraction': 0.0}),
 }
+# 'fmm' was this rule's earlier name. In Boffi et al. 2406.07507 "flow map matching" names the
+# whole framework (abstract), not the regression onto teacher ODE solutions, so the rule was
+# renamed; the old name stays a deprecated alias (same spec; make() warns).
+DEPRECATED_ALIASES = {'fmm': 'trajectory_distillation'}
+RULES['fmm'] = RULES['trajectory_distillation']
 
 
 _COMMON_FIELDS = {f.name: f for f in dataclasses.fields(CommonOptions)}
@@ -147,12 +153,17 @@ def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
   """Builds the rule `name` (see RULES) with config options; teacher(t, x, labels) -> b_t(x)."""
   if name not in RULES:
     raise ValueError(f'Unknown loss {name!r}; choose one of {sorted(RULES)}.')
+  if name in DEPRECATED_ALIASES:
+    warnings.warn(f'Loss {name!r} is a deprecated alias of {DEPRECATED_ALIASES[name]!r} '
+                  '(in arXiv 2406.07507 "flow map matching" names the framework).',
+                  DeprecationWarning, stacklevel=2)
   spec = RULES[name]
   if spec.teacher == 'required' and teacher is None:
     raise ValueError(f"Rule {name!r} distills a teacher: pass teacher=b(t, x, labels).")
   if spec.teacher == 'none' and teacher is not None:
     raise ValueError(f"Rule {name!r} trains from scratch; for distillation from a teacher use "
-                     "'lmd', 'emd', 'progressive' or 'fmm' (or 'meanflow', 'imf', 'sct', 'ect').")
+                     "'lmd', 'emd', 'progressive' or 'trajectory_distillation' (or 'meanflow', 'imf', "
+                     "'sct', 'ect').")
   teacher_map = options.pop('teacher_map', None)
   settings = resolve_options(name, options)
   common_options = _common_options(settings)
@@ -160,10 +171,8 @@ def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
   rule_options = {k: v for k, v in settings.items() if k in own}
   if teacher_map is not None:
     rule_options['teacher_map'] = teacher_map
-  if name == 'progressive' and rule_options.get('teacher_map') is None:
-    rule_options['teacher_map'] = semigroup.teacher_heun_map(teacher)
   ctx = base.Context(flow_map, interpolant, teacher, common_options)
   return Rule(name, spec.builder(ctx, **rule_options), common_options)
 
 
-__all__ = ['make', 'resolve_options', 'option_types', 'valid_options', 'RULES', 'Rule', 'CommonOptions', 'TimeDistribution']
+__all__ = ['make', 'DEPRECATED_ALIASES', 'resolve_options', 'option_types', 'valid_options', 'RULES', 'Rule', 'CommonOptions', 'TimeDistribution']

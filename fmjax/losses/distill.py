@@ -2,15 +2,18 @@
 
 LMD and EMD are the Lagrangian and Eulerian rules with the teacher in the target
 (lagrangian.py, eulerian.py); progressive distillation is the semigroup rule with a frozen
-teacher map (semigroup.py). This module adds flow map matching against the teacher's
-trajectories:
+teacher map (semigroup.py). This module adds trajectory distillation, the regression onto
+the teacher's trajectories (rule 'trajectory_distillation'; 'fmm' is its deprecated alias):
 
   E | X_{s,t}(I_s) - sg[Phi^b_{s,t}(I_s)] |^2,
 
 Phi^b a high-accuracy ODE solve of the teacher (`ode_steps` steps of `ode_method`): the
-direct regression of Luhman & Luhman (2021), generalized to every pair (s, t) as in Boffi
-et al. 2406.07507, Sec. 3 (their Lagrangian map distillation reaches the same minimizer
-without solving the ODE).
+direct regression of Luhman & Luhman (2021, "Knowledge distillation in iterative generative
+models"; equation not checked), generalized to every pair (s, t). In Boffi et al.
+2406.07507 "flow map matching" names the framework (abstract); the paper relates its losses
+to such ODE-solution regression but its own distillation losses are LMD / EMD (rules 'lmd',
+'emd'), which reach the same minimizer without solving the ODE (section and equation
+numbers not checked).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ sg = base.sg
 
 
 def trajectory_rule(ctx: base.Context, ode_steps: int = 16, ode_method: str = 'heun'):
+  """E |X_{s,t}(I_s) - sg[Phi^b_{s,t}(I_s)]|^2 (module docstring), Phi^b by samplers.integrate."""
   fm = ctx.flow_map
 
   def off_diagonal(params, rows, key, step):
