@@ -34,7 +34,7 @@ REFERENCE = {
     'lsd': ('2.32', '1.33'), 'esd': ('2.98', ''), 'psd': ('1.65', ''),
     'meanflow': ('', '1.36'), 'meanflow+cfg': ('', '2.03'), 'shortcut': ('', '1.08'),
 }
-TEACHER_RULES = ('lmd', 'emd', 'progressive', 'fmm')
+TEACHER_RULES = ('lmd', 'emd', 'progressive', 'trajectory_distillation')
 
 
 def build_network(name: str, batch: int, num_classes: int, size: str = 'small', **overrides):

@@ -348,7 +348,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'to a trained fmjax workdir.')
     need(teacher != 'none' or not config.teacher.workdir,
          f'config.loss.name = {config.loss.name!r} trains from scratch, but config.teacher.workdir '
-         "is set; distill with 'lmd', 'emd', 'progressive' or 'fmm' (or 'meanflow', 'imf', 'sct', "
+         "is set; distill with 'lmd', 'emd', 'progressive' or 'trajectory_distillation' (or 'meanflow', 'imf', 'sct', "
          "'ect'), or clear the teacher.")
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
