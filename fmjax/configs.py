@@ -365,7 +365,8 @@ def rule_and_dim(arg: str | None, default_dim: int, default_rule: str = 'lsd') -
 def set_toy_rule(c: ml_collections.ConfigDict, rule: str) -> None:
   """config.loss.name = rule, and the toy experiments' rule defaults (for every rule name).
 
-  MeanFlow's adaptive weight 1 / (|err|^2 + c)^p (p = 1) turns the regression into
+  MeanFlow's adaptive weight 1 / (|err|^2 + c)^p (p = 1, |err|^2 summed over dimensions, c = 0.01
+  as in its reference code) turns the regression into
   E log(|err|^2 + c): in high dimension |err|^2 concentrates and this is harmless, but on 2-D
   data it favours the rows already fitted and its minimizer is no longer the conditional mean
   (measured on the checkerboard: the Heun ODE on the learned velocity lands on the dark squares

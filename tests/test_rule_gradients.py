@@ -305,7 +305,9 @@ def weigh(per_row, p, s, t, o):
   readout of fixed random Fourier features of (s, t)."""
   mode = o.get('weighting', 'none')
   if mode == 'adaptive':
-    return per_row / sg(per_row + 1e-3)
+    # |err|^2 the sum over the D dimensions (reference code: jnp.sum over pixels), c = 1e-3
+    # (CommonOptions) or 0.01 (MeanFlow's reference code, the meanflow/imf default).
+    return per_row / sg(D * per_row + o['adaptive_eps'])
   if mode == 'learned':
     lv = p['log_variance']
     features = jnp.cos(2 * np.pi * (jnp.stack([s, t], -1) @ sg(lv['frequencies']) + sg(lv['phases'])))
@@ -317,6 +319,8 @@ def weigh(per_row, p, s, t, o):
 def reference_loss(name, o, params, batch, key):
   """The mean over rows of the weighted off-diagonal rows (first) and diagonal rows (last)."""
   use_teacher = name in ('lmd', 'emd', 'progressive', 'trajectory_distillation', 'fmm') or o.get('teacher', False)
+  # MeanFlow's reference code uses c = 0.01 (Gsunshine/meanflow, configs/default.py norm_eps).
+  o = {'adaptive_eps': 0.01 if name in ('meanflow', 'imf') else 1e-3, **o}
   net = params['net']
   n_diag = int(round(B * o['diagonal_fraction']))
   n_off = B - n_diag
@@ -333,14 +337,26 @@ def reference_loss(name, o, params, batch, key):
     # teacher's velocity when distilling, MeanFlow's guided v~ for MeanFlow with guidance.
     d0, d1, dy = (cut(a, slice(n_off, None)) for a in (x0, x1, y))
     t = UNIFORM.sample(key_diag, n_diag)
+    step = 0.0
+    if name in ('meanflow', 'imf'):
+      # MeanFlow sets r = t on rows of the same sorted (t, r) draw: its t_MF = max of two draws,
+      # the pair's s = min of two draws in fmjax time (Gsunshine/meanflow, sample_tr).
+      t = times_lib.sample_pairs(key_diag, n_diag, times_lib.TimeDistribution(**MEANFLOW_TIMES))[0]
+    if name == 'shortcut':
+      # Flow matching at the finest step d = 1/128 from grid times j/128 (kvfrans/shortcut-models,
+      # targets_shortcut.py: dt_base = log2(denoise_timesteps)), target x1 - x0.
+      t = jax.random.randint(key_diag, (n_diag,), 0, 128) / 128
+      step = 1 / 128
     xt = o['interp'].sample(t, d0, d1)
     if name in ('meanflow', 'imf'):
       t_mf = 1.0 - t
       dist = msq(apply(net, t_mf, t_mf, xt, dy) - mf_velocity_target(net, t, xt, d0, d1, dy, o, use_teacher))
+    elif name == 'shortcut':
+      dist = msq(apply(net, t, t + step, xt, dy) - o['interp'].time_derivative(t, d0, d1))
     else:
       target = sg(o['teacher_fn'](t, xt, dy)) if use_teacher else o['interp'].time_derivative(t, d0, d1)
       dist = msq(b(net, t, xt, dy) - target)
-    per_row.append(weigh(dist, params, t, t, o))
+    per_row.append(weigh(dist, params, t, t + step, o))
   return jnp.mean(jnp.concatenate(per_row))
 
 
@@ -363,7 +379,8 @@ CASES = [
     ('psd', T, {**HALF, 'space': 'v', 'weighting': 'adaptive'}),
     ('shortcut', L, HALF),
     ('meanflow', L, {**MF, 'weighting': 'adaptive'}),
-    ('meanflow', L, {**MF, **GUIDED, 'weighting': 'adaptive'}),
+    ('meanflow', L, {**MF, **GUIDED, 'weighting': 'adaptive', 'adaptive_eps': 0.01}),
+    ('meanflow', L, {**MF, 'omega': 2.0, 'kappa': 0.0, 'null_label': NULL}),
     ('meanflow', T, {**MF, 'teacher': True, 'weighting': 'none'}),
     ('imf', L, {**MF, 'weighting': 'adaptive'}),
     ('imf', L, {**MF, **GUIDED, 'weighting': 'none'}),

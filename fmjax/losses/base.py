@@ -12,6 +12,7 @@ fixed at trace time: jvps then run only on the rows that need them (DESIGN.md, s
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -38,7 +39,10 @@ class CommonOptions:
   diagonal_fraction: share of each batch on s = t (flow matching on the map's diagonal).
   times: distribution of the off-diagonal pair times; diagonal_times: of the diagonal times.
   weighting: 'none', 'adaptive' (MeanFlow's 1 / (|err|^2 + c)^p under stop-gradient,
-    Geng et al. 2025, Sec. 4.3) or 'learned' (a learned log-variance u(s, t) of the loss,
+    Geng et al. 2025, Sec. 4.3, with |err|^2 the SUM of squares over dimensions as in the
+    reference code, Gsunshine/meanflow meanflow.py: `jnp.sum(loss, axis=(1, 2, 3))`, so c means
+    the same at every resolution; fmjax's per-row loss stays the per-dimension mean, so the
+    weighted loss is the reference's divided by the dimension D) or 'learned' (a learned log-variance u(s, t) of the loss,
     EDM2, Karras et al. 2024, Eq. 14: loss / exp(u) + u).
   label_dropout: probability of replacing a label by the null label `null_label`
     (classifier-free guidance training, Ho & Salimans 2022).
@@ -132,10 +136,14 @@ def log_variance(params: dict, s, t) -> jax.Array:
   return features @ params['w'] / jnp.sqrt(features.shape[-1]) + params['b']
 
 
-def weigh(per_row: jax.Array, params: dict, s, t, options: CommonOptions) -> jax.Array:
-  """Applies the configured weighting to per-row losses (already reduced over dimensions)."""
+def weigh(per_row: jax.Array, params: dict, s, t, options: CommonOptions,
+          num_dims: int) -> jax.Array:
+  """Applies the configured weighting to per-row losses (per-dimension means over `num_dims`
+  dimensions). The adaptive weight reads the summed square num_dims * per_row (MeanFlow's
+  |err|^2), so its constant c does not scale with the dimension."""
   if options.weighting == 'adaptive':
-    return sg(1.0 / (per_row + options.adaptive_eps) ** options.adaptive_power) * per_row
+    summed = per_row * num_dims
+    return sg(1.0 / (summed + options.adaptive_eps) ** options.adaptive_power) * per_row
   if options.weighting == 'learned':
     u = log_variance(params['log_variance'], s, t)
     return per_row * jnp.exp(-u) + u
@@ -183,22 +191,36 @@ def tangent_velocity(ctx: Context, t, x_t, rows: Rows) -> jax.Array:
   return ctx.interpolant.time_derivative(t, rows.x0, rows.x1)
 
 
-def diagonal_term(ctx: Context, params, rows: Rows, key, target_fn=None):
+def num_dims(x: jax.Array) -> int:
+  """The number of non-batch entries of a row."""
+  return math.prod(x.shape[1:])
+
+
+def diagonal_term(ctx: Context, params, rows: Rows, key, target_fn=None, times_fn=None,
+                  step: float = 0.0):
   """Flow matching on the map's diagonal: |v_{t,t}(I_t) - dI_t/dt|^2 (Lipman et al. 2023, Eq. 23;
   Boffi et al. 2505.18825, Sec. 3). Returns (per-row loss after weighting, raw per-row MSE, t).
 
   target_fn(params, t, x_t, rows, prediction) -> target lets a rule change the target (MeanFlow's
   guided velocity reuses the prediction itself as its conditional branch).
+  times_fn(key, n) -> t replaces the draw from `diagonal_times` (MeanFlow draws these times as
+  the earlier time of a pair). step > 0 trains v_{t,t+step} instead of v_{t,t} (shortcut
+  models' flow-matching rows at the finest step, Frans et al. 2410.12557); times_fn must then
+  keep t + step <= 1.
   """
-  t = ctx.options.diagonal_times.sample(key, rows.x1.shape[0])
+  n = rows.x1.shape[0]
+  t = ctx.options.diagonal_times.sample(key, n) if times_fn is None else times_fn(key, n)
   x_t = ctx.interpolant.sample(t, rows.x0, rows.x1)
-  prediction = ctx.flow_map.velocity(params['net'], t, x_t, rows.labels)
+  if step:
+    prediction = ctx.flow_map.v(params['net'], t, t + step, x_t, rows.labels)
+  else:
+    prediction = ctx.flow_map.velocity(params['net'], t, x_t, rows.labels)
   if target_fn is None:
     target = tangent_velocity(ctx, t, x_t, rows)
   else:
     target = target_fn(params, t, x_t, rows, prediction)
   raw = mean_square(prediction - target)
-  return weigh(raw, params, t, t, ctx.options), raw, t
+  return weigh(raw, params, t, t + step, ctx.options, num_dims(rows.x1)), raw, t
 
 
 def combine(off_loss, off_raw, diag_loss, diag_raw, extra_metrics=None):
@@ -214,12 +236,14 @@ def combine(off_loss, off_raw, diag_loss, diag_raw, extra_metrics=None):
   return loss, metrics
 
 
-def two_part_rule(ctx: Context, off_diagonal_fn: Callable, diagonal_target_fn=None) -> Callable:
+def two_part_rule(ctx: Context, off_diagonal_fn: Callable, diagonal_target_fn=None,
+                  diagonal_times_fn=None, diagonal_step: float = 0.0) -> Callable:
   """Builds loss_fn(params, batch, key) from a per-rule off-diagonal term.
 
   off_diagonal_fn(params, rows, key, step) -> (per_row, s, t, extra_metrics): `per_row` is
   the rule's distance per row (usually `mean_square(error)` of an error whose value is the
   rule's residual and which carries the gradient the rule prescribes); it is weighted here.
+  diagonal_target_fn, diagonal_times_fn and diagonal_step go to `diagonal_term`.
   """
   options = ctx.options
 
@@ -236,9 +260,10 @@ def two_part_rule(ctx: Context, off_diagonal_fn: Callable, diagonal_target_fn=No
         raise ValueError('This rule has only a diagonal term: set diagonal_fraction = 1.')
       step = batch.get('step', jnp.zeros((), jnp.int32))
       off_raw, s, t, extra = off_diagonal_fn(params, off_rows, key_off, step)
-      off_loss = weigh(off_raw, params, s, t, options)
+      off_loss = weigh(off_raw, params, s, t, options, num_dims(rows.x1))
     if n_diag:
-      diag_loss, diag_raw, _ = diagonal_term(ctx, params, diag_rows, key_diag, diagonal_target_fn)
+      diag_loss, diag_raw, _ = diagonal_term(ctx, params, diag_rows, key_diag, diagonal_target_fn,
+                                             diagonal_times_fn, diagonal_step)
     return combine(off_loss, off_raw, diag_loss, diag_raw, extra)
 
   return loss_fn

@@ -89,8 +89,9 @@ def guided_velocity(conditional_velocity, model_conditional, model_unconditional
      v~ = omega dI/dt + kappa v(x | c) + (1 - omega - kappa) v(x | null),
   on rows with a real label; rows whose label is null keep dI/dt (they train the
   unconditional model). omega = 1, kappa = 0 is no guidance."""
-  guided = (omega * conditional_velocity + kappa * model_conditional
-            + (1.0 - omega - kappa) * model_unconditional)
+  guided = omega * conditional_velocity + (1.0 - omega - kappa) * model_unconditional
+  if kappa != 0.0:   # with kappa = 0 the conditional branch is not needed (may be None)
+    guided = guided + kappa * model_conditional
   is_null = expand(labels == null_label, conditional_velocity)
   return jnp.where(is_null, conditional_velocity, guided)
 
@@ -107,10 +108,22 @@ def _model_velocities(fm, net, t, x, labels, null_label):
   return conditional, unconditional
 
 
+DIAGONAL_TIMES = ('pair', 'diagonal_times')
+
+
 def meanflow_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0,
-                  improved: bool = False):
-  """MeanFlow (improved=False) and iMF (improved=True), with optional in-target guidance."""
+                  improved: bool = False, diagonal_time: str = 'pair'):
+  """MeanFlow (improved=False) and iMF (improved=True), with optional in-target guidance.
+
+  diagonal_time: 'pair' (default) draws the r = t rows' time as MeanFlow does: the reference
+  code (Gsunshine/meanflow, meanflow.py `sample_tr`) draws t and r from `times`, sorts them
+  (t = max, r = min in its time, 1 = noise) and sets r = t on the first `data_proportion`
+  (0.75) of the rows, so the diagonal's time is the max of two draws in MeanFlow time, the min
+  of two draws (the pair's s) in fmjax time. 'diagonal_times' draws it from `diagonal_times`.
+  """
   fm, options = ctx.flow_map, ctx.options
+  if diagonal_time not in DIAGONAL_TIMES:
+    raise ValueError(f'Unknown diagonal_time {diagonal_time!r}; choose one of {DIAGONAL_TIMES}.')
   guidance = _uses_guidance(omega, kappa)
   if guidance and options.null_label is None:
     raise ValueError('Guidance (omega != 1 or kappa != 0) needs null_label, the class id of "no label".')
@@ -128,8 +141,13 @@ def meanflow_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0,
     s, t = times_lib.sample_pairs(key, rows.x1.shape[0], options.times)
     x_s = ctx.interpolant.sample(s, rows.x0, rows.x1)
     v_c = v_u = None
-    if guidance and rows.labels is not None:
+    if guidance and rows.labels is not None and (kappa != 0.0 or improved):
       v_c, v_u = _model_velocities(fm, net, s, x_s, rows.labels, options.null_label)
+    elif guidance and rows.labels is not None:
+      # kappa = 0: the guided target needs only the unconditional branch (the reference's
+      # `guidance_fn` also skips the conditional pass then).
+      null = jnp.full_like(rows.labels, options.null_label)
+      v_u = sg(fm.velocity(net, s, x_s, null))
     elif improved:
       v_c = sg(fm.velocity(net, s, x_s, rows.labels))
     target = target_velocity(s, x_s, rows, v_c, v_u)
@@ -149,4 +167,9 @@ def meanflow_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0,
     v_u = sg(fm.velocity(params['net'], t, x_t, jnp.full_like(rows.labels, options.null_label)))
     return target_velocity(t, x_t, rows, sg(prediction), v_u)
 
-  return base.two_part_rule(ctx, off_diagonal, diagonal_target)
+  def pair_start(key, n):
+    # The earlier time s of a pair drawn as the off-diagonal pairs are (see the docstring).
+    return times_lib.sample_pairs(key, n, options.times)[0]
+
+  times_fn = pair_start if diagonal_time == 'pair' else None
+  return base.two_part_rule(ctx, off_diagonal, diagonal_target, diagonal_times_fn=times_fn)

@@ -5,7 +5,12 @@ PSD (progressive self-distillation, Boffi et al. 2505.18825, Sec. 3):
 Shortcut models (Frans, Hafner, Levine & Abbeel, arXiv 2410.12557, Eq. 5) are PSD at the
 midpoint on dyadic jumps h = 2^-k, in v-space:
   E | v_{s,s+h}(x) - sg[(v_{s,s+h/2}(x) + v_{s+h/2,s+h}(X_{s,s+h/2}(x))) / 2] |^2,
-with one in eight rows on the diagonal (their `bootstrap_every = 8`).
+with one row in eight a self-consistency row (their `bootstrap_every = 8`) and seven in eight
+flow-matching rows. In the reference code (kvfrans/shortcut-models, targets_shortcut.py) the
+flow-matching rows regress s(x_t, t, d) onto x1 - x0 at the finest step d = 1/128
+(`dt_base = log2(denoise_timesteps)`, denoise_timesteps = 128) and at grid times t = j/128,
+which trains v_{t,t+1/128}, the smallest step the h = 1/64 targets use; fmjax does the same
+by default (finest_step_flow_matching).
 Progressive distillation (Salimans & Ho 2022, generalized to maps by Boffi et al.
 2406.07507, Sec. 3.3) is the same with the two inner jumps taken by a frozen teacher map
 (progressive_rule: teacher_steps Heun steps of the teacher velocity per inner jump).
@@ -27,12 +32,16 @@ SPACES = ('x', 'v')
 
 
 def semigroup_rule(ctx: base.Context, intermediate: str = 'uniform', space: str = 'x',
-                   dyadic_levels: int = 0, teacher_map=None):
+                   dyadic_levels: int = 0, finest_step_flow_matching: bool = True,
+                   teacher_map=None):
   """PSD / shortcut (teacher_map None) or progressive distillation (teacher_map given).
 
   space='x' compares maps (PSD); space='v' compares average velocities, the same residual
   divided by t - s (shortcut models). dyadic_levels > 0 draws shortcut's dyadic jumps.
   teacher_map(s, t, x, labels) -> a frozen map used for the two inner jumps.
+  finest_step_flow_matching (only with dyadic_levels > 0): the flow-matching rows train
+  v_{t,t+d} at the finest step d = 2^-dyadic_levels from grid times t = j d onto dI/dt, as the
+  shortcut reference code does; False trains v_{t,t} at `diagonal_times` instead.
   """
   if intermediate not in INTERMEDIATES:
     raise ValueError(f'Unknown intermediate {intermediate!r}; choose one of {INTERMEDIATES}.')
@@ -69,6 +78,11 @@ def semigroup_rule(ctx: base.Context, intermediate: str = 'uniform', space: str 
       error = fm.v(net, s, t, x_s, rows.labels) - sg(target)
     return base.mean_square(error), s, t, {}
 
+  if dyadic_levels and finest_step_flow_matching:
+    cells = 2 ** dyadic_levels
+    grid_times = lambda key, n: jax.random.randint(key, (n,), 0, cells) / cells
+    return base.two_part_rule(ctx, off_diagonal, diagonal_times_fn=grid_times,
+                              diagonal_step=1.0 / cells)
   return base.two_part_rule(ctx, off_diagonal)
 
 
