@@ -1,9 +1,11 @@
 r"""ImageNet 256x256 in SD-VAE latents (32 x 32 x 4) with a DiT: MeanFlow or improved MeanFlow.
 
 Follows MeanFlow (Geng et al. 2025, arXiv 2505.13447, Table 2: DiT-B/2 ... XL/2, 1-NFE FID
-on ImageNet 256) and improved MeanFlow (iMF: the model's own velocity as the jvp tangent,
-guidance scale as a network input). Classifier-free guidance is folded into the target
-with omega (and kappa) as in MeanFlow Sec. 4.2.
+on ImageNet 256) and, partly, improved MeanFlow (iMF: the model's own velocity as the jvp
+tangent; iMF's guidance scale as a network input and its auxiliary head are NOT implemented
+yet, see docs/methods.md). Classifier-free guidance is folded into the target with omega (and
+kappa) as in MeanFlow Sec. 4.2. The per-size omega / kappa below are not checked against the
+paper's configuration table (docs/methods.md, "Experiment presets").
 
 Prepare the latents once (ImageNet from its official source, encoded with the SD VAE)
 into an array_record TFDS folder `imagenet256_latents` with features {'latent': float32
