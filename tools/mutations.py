@@ -50,10 +50,10 @@ MUTATIONS = [
     mutation("MeanFlow's and iMF's tangents swapped", 'fmjax/losses/eulerian.py',
              'w = v_c if improved else target', 'w = target if improved else v_c'),
     mutation('guidance kappa and (1 - omega - kappa) swapped', 'fmjax/losses/eulerian.py',
-             'guided = (omega * conditional_velocity + kappa * model_conditional\n'
-             '            + (1.0 - omega - kappa) * model_unconditional)',
-             'guided = (omega * conditional_velocity + (1.0 - omega - kappa) * model_conditional\n'
-             '            + kappa * model_unconditional)'),
+             'guided = omega * conditional_velocity + (1.0 - omega - kappa) * model_unconditional',
+             'guided = omega * conditional_velocity + kappa * model_unconditional',
+             '    guided = guided + kappa * model_conditional',
+             '    guided = guided + (1.0 - omega - kappa) * model_conditional'),
     mutation('diagonal rows: conditional branch replaced by the unconditional one',
              'fmjax/losses/eulerian.py',
              'return target_velocity(t, x_t, rows, sg(prediction), v_u)',
