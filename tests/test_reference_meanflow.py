@@ -38,9 +38,10 @@ import pytest
 
 from fmjax import flow_maps, interpolants, losses
 
+import test_rule_gradients as G
+
 sg = jax.lax.stop_gradient
-B, D, H, C = 8, 3, 16, 3
-NULL = C
+B, D, C, NULL = G.B, G.D, G.C, G.NULL
 LABELS = [0, 1, NULL, 2, 1, NULL, 0, 2]
 FD_STEP = 1e-5
 EPS = 1e-5                        # fmjax clips its times to [EPS, 1 - EPS]
@@ -52,22 +53,9 @@ def _float64():
     yield
 
 
-def init_net(key):
-  k = jax.random.split(key, 5)
-  return {'w1': jax.random.normal(k[0], (D + 2, H)) / np.sqrt(D + 2),
-          'b1': 0.3 * jax.random.normal(k[1], (H,)),
-          'emb': 0.5 * jax.random.normal(k[2], (C + 1, H)),
-          'w2': jax.random.normal(k[3], (H, D)) / np.sqrt(H),
-          'b2': 0.3 * jax.random.normal(k[4], (D,))}
-
-
-def apply(p, a, b, x, labels=None):
-  """A 2-layer tanh MLP net(a, b, x | c): MeanFlow's u(z, r=a, t=b), shortcut's s(x, t=a, t+d=b)."""
-  a, b = jnp.broadcast_to(a, x.shape[:1]), jnp.broadcast_to(b, x.shape[:1])
-  h = jnp.concatenate([x, a[:, None], b[:, None]], axis=-1) @ p['w1'] + p['b1']
-  if labels is not None:
-    h = h + p['emb'][labels]
-  return jnp.tanh(h) @ p['w2'] + p['b2']
+# The tiny float64 network of the gradient tests: net(a, b, x | c) is MeanFlow's u(z, r=a, t=b)
+# and shortcut's s(x, t=a, t+d=b).
+init_net, apply = G.init_net, G.apply
 
 
 def inputs(seed=0):
