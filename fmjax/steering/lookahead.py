@@ -1,0 +1,84 @@
+"""Look-aheads: where a noisy state x_t is going, and the reward judged there.
+
+Three estimates of the clean sample behind x_t (DESIGN.md Sec. 7; arXiv 2604.27147 and
+2511.22688 compare them):
+  flow map   X_{t,1}(x_t)                       (sharp: the sample the ODE actually reaches),
+  denoiser   E[x1 | x_t] from the velocity      (the posterior mean, blurry early on),
+  naive      x_t itself.
+Each is a function `look(t, x) -> x1_hat` of a scalar time t and a batch x. Closures carry the
+network parameters and labels, so this module never sees a config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fmjax.interpolants import Interpolant, expand
+
+FlowMapFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (s, t, x) -> X_{s,t}(x)
+VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]             # (t, x) -> b_t(x)
+Lookahead = Callable[[jax.Array, jax.Array], jax.Array]              # (t, x) -> x1_hat
+
+LOOKAHEADS = ('flow_map', 'denoiser', 'naive')
+
+
+def flow_map_lookahead(flow_map: FlowMapFn) -> Lookahead:
+  """x -> X_{t,1}(x): one network evaluation."""
+  return lambda t, x: flow_map(t, jnp.ones_like(jnp.asarray(t)), x)
+
+
+def denoiser_lookahead(velocity: VelocityFn, interpolant: Interpolant) -> Lookahead:
+  """x -> E[x1 | I_t = x] = (alpha_t b_t(x) - alpha'_t x) / (alpha_t beta'_t - alpha'_t beta_t):
+  one network evaluation (the velocity)."""
+  return lambda t, x: interpolant.denoise(t, x, velocity(t, x))
+
+
+def naive_lookahead() -> Lookahead:
+  """x -> x: judge the noisy state itself (zero network evaluations)."""
+  return lambda t, x: x
+
+
+def make_lookahead(name: str, *, flow_map: FlowMapFn | None = None, velocity: VelocityFn | None = None,
+                   interpolant: Interpolant | None = None) -> Lookahead:
+  if name == 'flow_map':
+    return flow_map_lookahead(flow_map)
+  if name == 'denoiser':
+    return denoiser_lookahead(velocity, interpolant)
+  if name == 'naive':
+    return naive_lookahead()
+  raise ValueError(f'unknown look-ahead {name!r}; choose one of {LOOKAHEADS}.')
+
+
+def lookahead_nfe(name: str) -> int:
+  """Network evaluations of one look-ahead value (a gradient through it costs about twice that)."""
+  return 0 if name == 'naive' else 1
+
+
+def value_and_grad(look: Lookahead, reward, t, x, labels=None, *, keep_jacobian: bool = True):
+  """(r(L(x)) [batch], grad_x [batch, ...]) for a look-ahead L.
+
+  keep_jacobian=True: the exact gradient (dL/dx)^T grad r(L(x)) (one vjp through the network).
+  keep_jacobian=False: grad r evaluated at L(x), dropping the map's Jacobian (cheaper, biased;
+  equal to the exact gradient when L is the identity).
+  """
+  if keep_jacobian:
+    def total(xx):
+      values = reward(look(t, xx), labels)
+      return jnp.sum(values), values
+    grad, values = jax.grad(total, has_aux=True)(x)
+    return values, grad
+  x1 = jax.lax.stop_gradient(look(t, x))
+  grad, values = jax.grad(lambda y: (jnp.sum(reward(y, labels)), reward(y, labels)), has_aux=True)(x1)
+  return values, grad
+
+
+def score_from_velocity(interpolant: Interpolant, t, x, velocity) -> jax.Array:
+  """grad log p_t(x) from b_t(x) for I_t = alpha_t x0 + beta_t x1 with x0 ~ N(0, I):
+    score = (beta_t b - beta'_t x) / (alpha_t (alpha_t beta'_t - alpha'_t beta_t))
+  (linear interpolant: (t b - x) / (1 - t)); singular at alpha_t = 0 (t = 1)."""
+  a, b, ad, bd = (f(expand(t, x)) for f in (interpolant.alpha, interpolant.beta,
+                                           interpolant.alpha_dot, interpolant.beta_dot))
+  return (b * velocity - bd * x) / (a * (a * bd - ad * b))

@@ -1,0 +1,19 @@
+"""What every steering sampler returns."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+
+
+class SteerResult(NamedTuple):
+  """samples [num, ...]; log_weights [num] (self-normalized importance log-weights of the final
+  samples, None for methods without weights); ess [num_steps] (effective sample size after each
+  step as a fraction of the particle count, None where not tracked); nfe: network evaluations
+  per returned sample (gradients of the look-ahead counted as one forward + one backward = 2)."""
+
+  samples: jax.Array
+  log_weights: Optional[jax.Array] = None
+  ess: Optional[jax.Array] = None
+  nfe: int = 0
