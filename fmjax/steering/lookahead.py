@@ -5,8 +5,9 @@ Three estimates of the clean sample behind x_t (DESIGN.md Sec. 7; arXiv 2604.271
   flow map   X_{t,1}(x_t)                       (sharp: the sample the ODE actually reaches),
   denoiser   E[x1 | x_t] from the velocity      (the posterior mean, blurry early on),
   naive      x_t itself.
-Each is a function `look(t, x) -> x1_hat` of a scalar time t and a batch x. Closures carry the
-network parameters and labels, so this module never sees a config.
+Each is a function `look(t, x, labels) -> x1_hat` of a scalar time t, a batch x and its labels
+(None when unconditional; labels travel with the particles when SMC resamples). Closures carry
+the network parameters, so this module never sees a config.
 """
 
 from __future__ import annotations
@@ -18,27 +19,27 @@ import jax.numpy as jnp
 
 from fmjax.interpolants import Interpolant, expand
 
-FlowMapFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (s, t, x) -> X_{s,t}(x)
-VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]             # (t, x) -> b_t(x)
-Lookahead = Callable[[jax.Array, jax.Array], jax.Array]              # (t, x) -> x1_hat
+FlowMapFn = Callable[..., jax.Array]    # (s, t, x, labels) -> X_{s,t}(x); s, t scalars or [batch]
+VelocityFn = Callable[..., jax.Array]   # (t, x, labels) -> b_t(x)
+Lookahead = Callable[..., jax.Array]    # (t, x, labels) -> x1_hat
 
 LOOKAHEADS = ('flow_map', 'denoiser', 'naive')
 
 
 def flow_map_lookahead(flow_map: FlowMapFn) -> Lookahead:
   """x -> X_{t,1}(x): one network evaluation."""
-  return lambda t, x: flow_map(t, jnp.ones_like(jnp.asarray(t)), x)
+  return lambda t, x, labels=None: flow_map(t, jnp.ones_like(jnp.asarray(t)), x, labels)
 
 
 def denoiser_lookahead(velocity: VelocityFn, interpolant: Interpolant) -> Lookahead:
   """x -> E[x1 | I_t = x] = (alpha_t b_t(x) - alpha'_t x) / (alpha_t beta'_t - alpha'_t beta_t):
   one network evaluation (the velocity)."""
-  return lambda t, x: interpolant.denoise(t, x, velocity(t, x))
+  return lambda t, x, labels=None: interpolant.denoise(t, x, velocity(t, x, labels))
 
 
 def naive_lookahead() -> Lookahead:
   """x -> x: judge the noisy state itself (zero network evaluations)."""
-  return lambda t, x: x
+  return lambda t, x, labels=None: x
 
 
 def make_lookahead(name: str, *, flow_map: FlowMapFn | None = None, velocity: VelocityFn | None = None,
@@ -66,11 +67,11 @@ def value_and_grad(look: Lookahead, reward, t, x, labels=None, *, keep_jacobian:
   """
   if keep_jacobian:
     def total(xx):
-      values = reward(look(t, xx), labels)
+      values = reward(look(t, xx, labels), labels)
       return jnp.sum(values), values
     grad, values = jax.grad(total, has_aux=True)(x)
     return values, grad
-  x1 = jax.lax.stop_gradient(look(t, x))
+  x1 = jax.lax.stop_gradient(look(t, x, labels))
   grad, values = jax.grad(lambda y: (jnp.sum(reward(y, labels)), reward(y, labels)), has_aux=True)(x1)
   return values, grad
 
