@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import linear_call
 
-ATTENTION_IMPLEMENTATIONS = ('naive', 'blockwise')
+ATTENTION_IMPLEMENTATIONS = ('naive', 'blockwise', 'flash', 'auto')
 
 # Scores of padded keys. Finite (not -inf) so that no inf - inf appears in any derivative.
 _MASKED = -1e30
@@ -199,14 +200,140 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: in
   return _blockwise(q, k, v, int(block_size), None if query_block_size is None else int(query_block_size))
 
 
+# ---------------------------------------------------------------------------------------
+# Fused attention whose jvp is one Pallas kernel (fmjax.models.flash_jvp).
+
+
+class FlashOptions(NamedTuple):
+  """Static options of `flash_attention` (hashable: they travel as a nondiff argument)."""
+  block_q: int = 64
+  block_k: int = 64
+  interpret: bool = False
+  primal: str = 'auto'            # 'auto' | 'xla' | 'cudnn': who computes O and its reverse mode
+  tangent_gradient: str = 'exact'  # 'exact' | 'zero': reverse mode of the tangent dO
+  block_size: int = 128           # blocks of the blockwise path behind the exact tangent gradient
+
+
+def _primal_attention(q, k, v, opts: FlashOptions):
+  """O = softmax(q k^T / sqrt(d)) v by a fused kernel that has a reverse mode of its own:
+  cuDNN's flash attention through jax.nn.dot_product_attention on GPU (half precision; for
+  float32 it lets XLA choose), XLA's fused einsums elsewhere."""
+  primal = opts.primal
+  if primal == 'auto':
+    primal = 'cudnn' if jax.default_backend() == 'gpu' and not opts.interpret else 'xla'
+  if primal == 'xla':
+    return naive_attention(q, k, v)
+  implementation = 'cudnn' if q.dtype in (jnp.bfloat16, jnp.float16) else None
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation).astype(q.dtype)
+
+
+def _fused_tangent(opts, residuals, linear):
+  """dO, linear in (dq, dk, dv), from the fused Pallas kernel (its O output is a by-product)."""
+  from fmjax.models import flash_jvp   # jax.experimental.pallas imported only when used
+  (q, k, v), (dq, dk, dv) = residuals, linear
+  return flash_jvp.attention_and_tangent(q, k, v, dq, dk, dv, block_q=opts.block_q,
+                                         block_k=opts.block_k, interpret=opts.interpret)[1]
+
+
+def _fused_tangent_transpose(opts, residuals, cotangent):
+  """The transpose of (dq, dk, dv) -> dO is the reverse mode of attention itself: J^T g is the
+  vjp of O at (q, k, v), here by the primal kernel's own backward (cuDNN's on GPU)."""
+  q, k, v = residuals
+  _, vjp = jax.vjp(lambda a, b, c: _primal_attention(a, b, c, opts), q, k, v)
+  return vjp(cotangent.astype(q.dtype))
+
+
+def _blockwise_tangent(opts, q, k, v, dq, dk, dv):
+  return jax.jvp(lambda a, b, c: blockwise_attention(a, b, c, block_size=opts.block_size),
+                 (q, k, v), (dq, dk, dv))[1]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _tangent(q, k, v, dq, dk, dv, opts):
+  # linear_call: when reverse mode meets the tangent as a *linear* function of (dq, dk, dv)
+  # (plain grad of the attention output goes through this jvp rule), it is transposed by
+  # `_fused_tangent_transpose`, i.e. by attention's ordinary backward, not by tracing the kernel.
+  return linear_call(functools.partial(_fused_tangent, opts),
+                     functools.partial(_fused_tangent_transpose, opts), (q, k, v), (dq, dk, dv))
+
+
+@_tangent.defjvp
+def _tangent_jvp(opts, primals, tangents):
+  """Derivative of the tangent itself (reverse mode of a loss on dO, e.g. LSD's default).
+
+  'exact': the jvp of the blockwise tangent (fmjax's O(seq)-memory pure-JAX path), which
+  reverse mode transposes; when the loss stops the gradient of dO (MeanFlow, iMF, sCT, ESD)
+  this linear piece receives a zero cotangent and is never evaluated. 'zero': declare dO
+  constant (only correct for such rules)."""
+  out = _tangent(*primals, opts)
+  if opts.tangent_gradient == 'zero':
+    return out, jnp.zeros_like(out)
+  return out, jax.jvp(functools.partial(_blockwise_tangent, opts), primals, tangents)[1]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _flash(q, k, v, opts):
+  return _primal_attention(q, k, v, opts)
+
+
+@_flash.defjvp
+def _flash_jvp(opts, primals, tangents):
+  q, k, v = primals
+  dq, dk, dv = (t.astype(x.dtype) for t, x in zip(tangents, primals))
+  return _flash(q, k, v, opts), _tangent(q, k, v, dq, dk, dv, opts)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 64,
+                    block_k: int = 64, interpret: bool = False, primal: str = 'auto',
+                    tangent_gradient: str = 'exact', block_size: int = 128) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v with a fused forward and a fused jvp.
+
+  - forward and its reverse mode: a fused kernel with its own backward (`primal`: cuDNN on GPU
+    in half precision, XLA otherwise);
+  - `jax.jvp`: the tangent from one Pallas pass over the keys (fmjax.models.flash_jvp), memory
+    O(seq) per (batch, head);
+  - reverse mode of the output, also inside a jvp: attention's own backward (the tangent map is
+    linear in (dq, dk, dv) and transposes to the vjp);
+  - reverse mode of the tangent: `tangent_gradient='exact'` (default; the blockwise path, run
+    only when a loss actually backpropagates through dO) or 'zero'.
+  `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU).
+  """
+  _check_shapes(q, k, v)
+  if primal not in ('auto', 'xla', 'cudnn'):
+    raise ValueError(f"flash_attention: primal must be 'auto', 'xla' or 'cudnn', got {primal!r}.")
+  if tangent_gradient not in ('exact', 'zero'):
+    raise ValueError(f"flash_attention: tangent_gradient must be 'exact' or 'zero', got {tangent_gradient!r}.")
+  opts = FlashOptions(int(block_q), int(block_k), bool(interpret), primal, tangent_gradient,
+                      int(block_size))
+  return _flash(q, k, v, opts)
+
+
+# Below this many tokens XLA's fused naive attention beats the kernel (launch-bound sizes); the
+# value is the crossover measured by benchmarks/attention_jvp.py (docs/bench/attention_jvp_*.md).
+AUTO_MIN_FLASH_TOKENS = 1024
+
+
+def auto_attention(q, k, v, *, min_flash_tokens: int = AUTO_MIN_FLASH_TOKENS, **flash_options):
+  """Naive attention for short sequences or off GPU, `flash_attention` on GPU from
+  `min_flash_tokens` keys up (the choice is static: made from shapes and the backend)."""
+  if jax.default_backend() == 'gpu' and k.shape[1] >= min_flash_tokens:
+    return flash_attention(q, k, v, **flash_options)
+  return naive_attention(q, k, v)
+
+
 def attention_fn(name: str = 'naive', **options) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-  """The attention implementation called `name`: 'naive' or 'blockwise' (options: block_size)."""
+  """The attention implementation called `name`: 'naive', 'blockwise' (options: block_size),
+  'flash' (options of `flash_attention`) or 'auto' (naive below `min_flash_tokens`, or off GPU)."""
   if name == 'naive':
     if options:
       raise ValueError(f"'naive' attention takes no options, got {sorted(options)}.")
     return naive_attention
   if name == 'blockwise':
     return functools.partial(blockwise_attention, **options)
+  if name == 'flash':
+    return functools.partial(flash_attention, **options)
+  if name == 'auto':
+    return functools.partial(auto_attention, **options)
   raise ValueError(f'Unknown attention implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}.')
 
 

@@ -1,0 +1,137 @@
+"""A fused Pallas kernel for the jvp of softmax attention: output, logsumexp and tangent in one pass.
+
+With S = c q k^T (c = 1/sqrt(d)), P = softmax(S) row-wise and O = P v, the forward-mode tangent
+for input tangents (dq, dk, dv) is (sCM, Lu & Song 2024, arXiv 2410.11081, App. F):
+
+  dS = c (dq k^T + q dk^T),
+  dO_i = sum_j P_ij [dS_ij (v_j - O_i) + dv_j]
+       = [sum_j w_ij (dS_ij v_j + dv_j)] / l_i  -  ([sum_j w_ij dS_ij] / l_i) O_i,
+
+with unnormalized weights w_ij = exp(S_ij - m_i) and l_i = sum_j w_ij. Every bracket is a sum
+over keys, so one query block walks the key/value blocks once and keeps five accumulators in
+float32 (the running max m, l, sum w v, sum w (dS v + dv), sum w dS), all rescaled by the same
+exp(m_old - m_new) as FlashAttention's output accumulator (Dao et al. 2022, Alg. 1). Per key
+block: six matmuls (q k^T, dq k^T, q dk^T, w v, (w dS) v, w dv) on tiles in on-chip memory;
+nothing of size [seq, seq] is ever written, so memory is O(seq) (plus the outputs).
+
+The kernel runs on the Pallas Triton GPU backend, and on every backend in Pallas' interpret
+mode (`interpret=True`, what the CPU tests use). A TPU variant is not provided: the algorithm is
+the same, but the Mosaic TPU block shapes and layouts differ; see docs/networks.md.
+
+Shapes: [batch, seq, heads, head_dim] like the rest of fmjax.models.attention. Sequence lengths
+that are not multiples of the blocks are zero-padded, and padded keys masked; head dimensions
+are zero-padded to a power of two (zero columns of q, k add nothing to S; zero columns of v give
+zero output columns, which are sliced away).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+# Score of a padded key: finite so that exp(S - m) underflows to 0 without inf - inf.
+_MASKED = -1e30
+
+
+def _next_power_of_2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_ref, *,
+                scale: float, block_k: int, kv_len: int, num_k_blocks: int):
+  """One (query block, batch, head) program: walk all key blocks once (see module docstring)."""
+  q = q_ref[...]
+  dq = dq_ref[...]
+  block_q, d = q.shape
+  f32 = jnp.float32
+
+  def body(j, carry):
+    m, l, acc, tacc, c = carry
+    keys = pl.ds(j * block_k, block_k)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    dk, dv = dk_ref[keys, :], dv_ref[keys, :]
+    s = jnp.dot(q, k.T, preferred_element_type=f32) * scale
+    ds = (jnp.dot(dq, k.T, preferred_element_type=f32)
+          + jnp.dot(q, dk.T, preferred_element_type=f32)) * scale
+    if kv_len % block_k:     # only the padded case pays for the mask
+      valid = (j * block_k + jnp.arange(block_k)) < kv_len
+      s = jnp.where(valid[None, :], s, _MASKED)
+      ds = jnp.where(valid[None, :], ds, 0.0)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    rescale = jnp.exp(m - m_new)
+    w = jnp.exp(s - m_new[:, None])
+    wds = w * ds
+    l = rescale * l + jnp.sum(w, axis=1)
+    c = rescale * c + jnp.sum(wds, axis=1)
+    acc = rescale[:, None] * acc + jnp.dot(w.astype(v.dtype), v, preferred_element_type=f32)
+    tacc = (rescale[:, None] * tacc + jnp.dot(wds.astype(v.dtype), v, preferred_element_type=f32)
+            + jnp.dot(w.astype(dv.dtype), dv, preferred_element_type=f32))
+    return m_new, l, acc, tacc, c
+
+  init = (jnp.full((block_q,), _MASKED, f32), jnp.zeros((block_q,), f32),
+          jnp.zeros((block_q, d), f32), jnp.zeros((block_q, d), f32), jnp.zeros((block_q,), f32))
+  m, l, acc, tacc, c = jax.lax.fori_loop(0, num_k_blocks, body, init)
+  o = acc / l[:, None]
+  o_ref[...] = o.astype(o_ref.dtype)
+  do_ref[...] = (tacc / l[:, None] - (c / l)[:, None] * o).astype(do_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _pad_to(x, seq: int, dim: int):
+  b, n, h, d = x.shape
+  if (n, d) == (seq, dim):
+    return x
+  return jnp.pad(x, ((0, 0), (0, seq - n), (0, 0), (0, dim - d)))
+
+
+@functools.partial(jax.jit, static_argnames=('block_q', 'block_k', 'interpret', 'num_warps',
+                                             'num_stages'))
+def attention_and_tangent(q, k, v, dq, dk, dv, *, block_q: int = 64, block_k: int = 64,
+                          interpret: bool = False, num_warps: int | None = None,
+                          num_stages: int = 2):
+  """(O, dO, logsumexp) of softmax(q k^T / sqrt(d)) v and its jvp along (dq, dk, dv), fused.
+
+  q, dq: [B, Nq, H, D]; k, v, dk, dv: [B, Nk, H, D]. O and dO have q's dtype; the logsumexp
+  [B, H, Nq] is float32. Not differentiable itself: fmjax.models.attention.flash_attention wraps
+  it with the derivative rules.
+  """
+  b, nq, h, d = q.shape
+  nk = k.shape[1]
+  if k.shape != v.shape or dk.shape != k.shape or dv.shape != v.shape or dq.shape != q.shape:
+    raise ValueError(f'attention_and_tangent: shapes q {q.shape} dq {dq.shape} k {k.shape} '
+                     f'dk {dk.shape} v {v.shape} dv {dv.shape} do not match.')
+  block_q = min(block_q, _next_power_of_2(nq))
+  block_k = min(block_k, _next_power_of_2(nk))
+  nq_pad, nk_pad = -(-nq // block_q) * block_q, -(-nk // block_k) * block_k
+  d_pad = max(16, _next_power_of_2(d))        # Triton tiles want powers of two (>= 16 for dots)
+  dtype = q.dtype
+  q, dq = (_pad_to(x.astype(dtype), nq_pad, d_pad) for x in (q, dq))
+  k, v, dk, dv = (_pad_to(x.astype(dtype), nk_pad, d_pad) for x in (k, v, dk, dv))
+
+  kernel = functools.partial(_jvp_kernel, scale=1.0 / math.sqrt(d), block_k=block_k, kv_len=nk,
+                             num_k_blocks=nk_pad // block_k)
+  query_spec = pl.BlockSpec((None, block_q, None, d_pad), lambda i, bi, hi: (bi, i, hi, 0))
+  key_spec = pl.BlockSpec((None, nk_pad, None, d_pad), lambda i, bi, hi: (bi, 0, hi, 0))
+  lse_spec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu   # GPU-only import
+    compiler_params = plgpu.CompilerParams(
+        num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages)
+  o, do, lse = pl.pallas_call(
+      kernel,
+      grid=(nq_pad // block_q, b, h),
+      in_specs=[query_spec, key_spec, key_spec, query_spec, key_spec, key_spec],
+      out_specs=[query_spec, query_spec, lse_spec],
+      out_shape=[jax.ShapeDtypeStruct((b, nq_pad, h, d_pad), dtype),
+                 jax.ShapeDtypeStruct((b, nq_pad, h, d_pad), dtype),
+                 jax.ShapeDtypeStruct((b, h, nq_pad), jnp.float32)],
+      compiler_params=compiler_params,
+      interpret=interpret,
+      name='flash_attention_jvp',
+  )(q, k, v, dq, dk, dv)
+  return o[:, :nq, :, :d], do[:, :nq, :, :d], lse[:, :, :nq]
