@@ -1,7 +1,8 @@
-"""Naive vs blockwise attention under forward, jvp, and grad of a loss on the jvp.
+"""Naive, blockwise, fused-jvp (Pallas) and cuDNN attention under forward, jvp, and grad of a loss on the jvp.
 
     python benchmarks/attention_jvp.py                       # CPU defaults
     python benchmarks/attention_jvp.py --seq 1024 4096 16384 --heads 16 --out attention.md
+    python benchmarks/attention_jvp.py --seq 64 --impls naive,flash --interpret   # CPU smoke test
 
 For each sequence length and implementation, reports XLA's own numbers for the compiled
 program (temporary memory from `memory_analysis()`, FLOPs from `cost_analysis()`) beside
@@ -70,6 +71,22 @@ def _mib(x):
   return 'n/a' if x is None else f'{x / 2**20:,.1f}'
 
 
+# Matmul FLOPs per (batch, head) in units of N_q N_k D: forward 2 matmuls (q k^T, P v) = 4;
+# the fused jvp kernel 6 matmuls (q k^T, dq k^T, q dk^T, w v, w dS v, w dv) = 12, run beside the
+# primal kernel (4): jvp = 16. Used for the fused kernel's TFLOP/s, where XLA cannot count
+# inside a custom call.
+ANALYTIC_UNITS = {'forward': 4, 'jvp': 16, 'forward+jvp': 16}
+
+
+def _safe_measure(fn, args, repeats, flops_fn=None):
+  try:
+    return measure(fn, args, repeats, flops_fn)
+  except Exception as e:   # noqa: BLE001 -- a size that does not fit is a result ('OOM'), not a crash
+    message = str(e).split('\n')[0][:80]
+    print(f'  failed: {message}', flush=True)
+    return 'OOM' if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower() else 'error'
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--seq', type=int, nargs='+', default=[256, 1024, 4096])
@@ -79,19 +96,34 @@ def main():
   parser.add_argument('--block-size', type=int, default=256)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--impls', default=None,
+                      help='comma list of naive,blockwise,flash,cudnn (default: naive,blockwise '
+                           'on CPU; all four on GPU)')
+  parser.add_argument('--interpret', action='store_true',
+                      help="run the fused kernel in Pallas' interpreter (CPU smoke test)")
   parser.add_argument('--out', default='attention_jvp.md')
   args = parser.parse_args()
 
+  gpu = jax.default_backend() == 'gpu'
+  names = (args.impls.split(',') if args.impls else
+           ['naive', 'blockwise', 'flash', 'cudnn'] if gpu else ['naive', 'blockwise'])
   dtype = jnp.dtype(args.dtype)
   impls = {'naive': attention.naive_attention,
-           'blockwise': attention.attention_fn('blockwise', block_size=args.block_size)}
+           'blockwise': attention.attention_fn('blockwise', block_size=args.block_size),
+           'flash': attention.attention_fn('flash', interpret=args.interpret),
+           # cuDNN's fused attention: forward and reverse mode only (custom_vjp: no jvp).
+           'cudnn': lambda q, k, v: jax.nn.dot_product_attention(
+               q, k, v, implementation='cudnn' if dtype != jnp.float32 else None)}
+  impls = {k: impls[k] for k in names}
   header = (f'Attention under jvp on {jax.devices()[0].device_kind} ({jax.default_backend()}), '
             f'batch {args.batch}, {args.heads} heads x {args.head_dim}, {args.dtype}, '
-            f'block {args.block_size}. Memory: XLA temp bytes of the compiled program; '
-            f'FLOPs: XLA cost analysis (blockwise: of the same algorithm as one block, since XLA '
-            f'counts a loop body once); time: median of {args.repeats}.')
-  lines = [header, '', '| seq | mode | naive temp MiB | blockwise temp MiB | naive GFLOP | '
-           'blockwise GFLOP | naive ms | blockwise ms |', '|---:|---|---:|---:|---:|---:|---:|---:|']
+            f'blockwise block {args.block_size}. Memory: XLA temp bytes of the compiled program; '
+            f'time: median of {args.repeats} after a warm-up; naive GFLOP: XLA cost analysis; '
+            f'flash TFLOP/s: analytic matmul FLOPs ({ANALYTIC_UNITS} x B H N^2 D) / time. '
+            f'cuDNN has no forward mode, so its jvp rows are empty.')
+  cols = ' | '.join(f'{n} temp MiB | {n} ms' for n in impls)
+  lines = [header, '', f'| seq | mode | {cols} | naive GFLOP | flash TFLOP/s | naive / flash |',
+           '|---:|---|' + '---:|' * (2 * len(impls) + 3)]
   print(header, flush=True)
   for n in args.seq:
     keys = jax.random.split(jax.random.key(n), 6)
@@ -101,13 +133,28 @@ def main():
     one_block = _modes(attention.attention_fn('blockwise', block_size=n))
     for name, attend in impls.items():
       for mode, fn in _modes(attend).items():
-        results[name, mode] = measure(fn, inputs, args.repeats,
-                                      one_block[mode] if name == 'blockwise' else None)
+        if name == 'cudnn' and 'jvp' in mode:
+          continue
+        results[name, mode] = _safe_measure(fn, inputs, args.repeats,
+                                            one_block[mode] if name == 'blockwise' else None)
     for mode in ('forward', 'grad(forward)', 'jvp', 'grad(jvp)'):
-      (tn, fn_, sn), (tb, fb, sb) = results['naive', mode], results['blockwise', mode]
-      gf = lambda f: 'n/a' if f is None else f'{f / 1e9:,.2f}'
-      line = (f'| {n} | {mode} | {_mib(tn)} | {_mib(tb)} | {gf(fn_)} | {gf(fb)} | '
-              f'{sn * 1e3:,.1f} | {sb * 1e3:,.1f} |')
+      cells, times = [], {}
+      for name in impls:
+        r = results.get((name, mode))
+        if r is None:
+          cells.append('- | -')
+        elif isinstance(r, str):
+          cells.append(f'{r} | {r}')
+        else:
+          cells.append(f'{_mib(r[0])} | {r[2] * 1e3:,.2f}')
+          times[name] = r[2]
+      naive = results.get(('naive', mode))
+      gflop = f'{naive[1] / 1e9:,.2f}' if isinstance(naive, tuple) and naive[1] else 'n/a'
+      units = ANALYTIC_UNITS.get(mode)
+      rate = (f'{units * args.batch * args.heads * n * n * args.head_dim / times["flash"] / 1e12:,.1f}'
+              if units and 'flash' in times else 'n/a')
+      ratio = f'{times["naive"] / times["flash"]:.2f}x' if 'naive' in times and 'flash' in times else 'n/a'
+      line = f'| {n} | {mode} | ' + ' | '.join(cells) + f' | {gflop} | {rate} | {ratio} |'
       lines.append(line)
       print(line, flush=True)
   with open(args.out, 'w') as f:

@@ -54,9 +54,9 @@ def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_
     keys = pl.ds(j * block_k, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
     dk, dv = dk_ref[keys, :], dv_ref[keys, :]
-    s = jnp.dot(q, k.T, preferred_element_type=f32) * scale
-    ds = (jnp.dot(dq, k.T, preferred_element_type=f32)
-          + jnp.dot(q, dk.T, preferred_element_type=f32)) * scale
+    # pl.dot: float32 accumulation, transposes folded into the matmul (no k.T copy).
+    s = pl.dot(q, k, trans_b=True) * scale
+    ds = (pl.dot(dq, k, trans_b=True) + pl.dot(q, dk, trans_b=True)) * scale
     if kv_len % block_k:     # only the padded case pays for the mask
       valid = (j * block_k + jnp.arange(block_k)) < kv_len
       s = jnp.where(valid[None, :], s, _MASKED)
@@ -67,9 +67,8 @@ def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_
     wds = w * ds
     l = rescale * l + jnp.sum(w, axis=1)
     c = rescale * c + jnp.sum(wds, axis=1)
-    acc = rescale[:, None] * acc + jnp.dot(w.astype(v.dtype), v, preferred_element_type=f32)
-    tacc = (rescale[:, None] * tacc + jnp.dot(wds.astype(v.dtype), v, preferred_element_type=f32)
-            + jnp.dot(w.astype(dv.dtype), dv, preferred_element_type=f32))
+    acc = rescale[:, None] * acc + pl.dot(w.astype(v.dtype), v)
+    tacc = rescale[:, None] * tacc + pl.dot(wds.astype(v.dtype), v) + pl.dot(w.astype(dv.dtype), dv)
     return m_new, l, acc, tacc, c
 
   init = (jnp.full((block_q,), _MASKED, f32), jnp.zeros((block_q,), f32),
@@ -120,7 +119,8 @@ def attention_and_tangent(q, k, v, dq, dk, dv, *, block_q: int = 64, block_k: in
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu   # GPU-only import
-    compiler_params = plgpu.CompilerParams(
+    params_class = getattr(plgpu, 'CompilerParams', None) or getattr(plgpu, 'TritonCompilerParams')
+    compiler_params = params_class(
         num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages)
   o, do, lse = pl.pallas_call(
       kernel,
