@@ -125,11 +125,23 @@ def main():
   lines = [header, '', f'| seq | mode | {cols} | naive GFLOP | flash TFLOP/s | naive / flash |',
            '|---:|---|' + '---:|' * (2 * len(impls) + 3)]
   print(header, flush=True)
+  checks = []
   for n in args.seq:
     keys = jax.random.split(jax.random.key(n), 6)
     shape = (args.batch, n, args.heads, args.head_dim)
     inputs = [jax.random.normal(k, shape, dtype) for k in keys]
     results = {}
+    if 'flash' in impls:   # the kernel on this device against XLA's naive attention, same inputs
+      try:
+        jvp_of = lambda f: jax.jit(lambda *a: jax.jvp(f, a[:3], a[3:]))(*inputs)
+        (o_f, do_f), (o_n, do_n) = jvp_of(impls['flash']), jvp_of(attention.naive_attention)
+        err = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+               for a, b in ((o_f, o_n), (do_f, do_n))]
+        check = f'seq {n}: flash vs naive max |O diff| {err[0]:.2e}, max |dO diff| {err[1]:.2e}'
+      except Exception as e:   # noqa: BLE001
+        check = f'seq {n}: flash check failed: {str(e).splitlines()[0][:200]}'
+      print(check, flush=True)
+      checks.append(check)
     one_block = _modes(attention.attention_fn('blockwise', block_size=n))
     for name, attend in impls.items():
       for mode, fn in _modes(attend).items():
@@ -158,7 +170,7 @@ def main():
       lines.append(line)
       print(line, flush=True)
   with open(args.out, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+    f.write('\n'.join(lines + [''] + [f'- {c}' for c in checks]) + '\n')
   print(f'wrote {args.out}')
 
 
