@@ -8,9 +8,9 @@ For each sequence length and implementation, reports XLA's own numbers for the c
 program (temporary memory from `memory_analysis()`, FLOPs from `cost_analysis()`) beside
 the measured wall time (median of --repeats runs after one warm-up). The three modes are
 what the flow-map rules need: the forward pass, `jax.jvp` (d/dt of the network: the
-Lagrangian/Eulerian tangents), and `jax.grad` of a loss on the forward output (rules whose
-gradient flows through the primal only, MeanFlow-style) and on the jvp output (LSD-type
-rules that backpropagate through the tangent). Prints a markdown table and writes it to --out.
+Lagrangian/Eulerian tangents), and `jax.grad` of a loss on the forward output, on the jvp's
+primal with its tangent stop-gradiented (MeanFlow, iMF, sCT, ESD), and on the jvp output
+(LSD-type rules that backpropagate through the tangent). Prints a markdown table and writes it to --out.
 """
 
 from __future__ import annotations
@@ -37,11 +37,19 @@ def _modes(attend):
       return jnp.sum(jax.jvp(attend, (q, k, v), (dq, dk, dv))[1].astype(jnp.float32) ** 2)
     return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, dq, dk, dv)
 
+  def grad_of_jvp_stopped(q, k, v, dq, dk, dv):
+    # MeanFlow / iMF / sCT / ESD: the loss uses the primal and a stop-gradiented tangent.
+    def loss(q, k, v):
+      o, do = jax.jvp(attend, (q, k, v), (dq, dk, dv))
+      return jnp.sum((o.astype(jnp.float32) - jax.lax.stop_gradient(do.astype(jnp.float32))) ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
   def grad_of_forward(q, k, v, dq, dk, dv):
     return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2),
                     argnums=(0, 1, 2))(q, k, v)
 
-  return {'forward': forward, 'grad(forward)': grad_of_forward, 'jvp': jvp, 'grad(jvp)': grad_of_jvp}
+  return {'forward': forward, 'grad(forward)': grad_of_forward, 'jvp': jvp,
+          'grad(jvp, sg tangent)': grad_of_jvp_stopped, 'grad(jvp)': grad_of_jvp}
 
 
 def _flops(compiled):
@@ -149,7 +157,7 @@ def main():
           continue
         results[name, mode] = _safe_measure(fn, inputs, args.repeats,
                                             one_block[mode] if name == 'blockwise' else None)
-    for mode in ('forward', 'grad(forward)', 'jvp', 'grad(jvp)'):
+    for mode in ('forward', 'grad(forward)', 'jvp', 'grad(jvp, sg tangent)', 'grad(jvp)'):
       cells, times = [], {}
       for name in impls:
         r = results.get((name, mode))
