@@ -139,7 +139,7 @@ def main():
     shape = (args.batch, n, args.heads, args.head_dim)
     inputs = [jax.random.normal(k, shape, dtype) for k in keys]
     results = {}
-    if 'flash' in impls:   # the kernel on this device against XLA's naive attention, same inputs
+    if 'flash' in impls and 'naive' in impls:   # the kernel on this device against XLA's naive attention, same inputs
       try:
         jvp_of = lambda f: jax.jit(lambda *a: jax.jvp(f, a[:3], a[3:]))(*inputs)
         (o_f, do_f), (o_n, do_n) = jvp_of(impls['flash']), jvp_of(attention.naive_attention)

@@ -41,6 +41,16 @@ def _next_power_of_2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
+def _dot(a, b):
+  """a @ b with float32 accumulation (the MMA's accumulator type)."""
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+  """a @ b^T with float32 accumulation; the transpose folds into the matmul (no copy of b)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_ref, *,
                 scale: float, block_k: int, kv_len: int, num_k_blocks: int):
   """One (query block, batch, head) program: walk all key blocks once (see module docstring)."""
@@ -54,9 +64,8 @@ def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_
     keys = pl.ds(j * block_k, block_k)
     k, v = k_ref[keys, :], v_ref[keys, :]
     dk, dv = dk_ref[keys, :], dv_ref[keys, :]
-    # pl.dot: float32 accumulation, transposes folded into the matmul (no k.T copy).
-    s = pl.dot(q, k, trans_b=True) * scale
-    ds = (pl.dot(dq, k, trans_b=True) + pl.dot(q, dk, trans_b=True)) * scale
+    s = _dot_t(q, k) * scale
+    ds = (_dot_t(dq, k) + _dot_t(q, dk)) * scale
     if kv_len % block_k:     # only the padded case pays for the mask
       valid = (j * block_k + jnp.arange(block_k)) < kv_len
       s = jnp.where(valid[None, :], s, _MASKED)
@@ -67,8 +76,8 @@ def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_
     wds = w * ds
     l = rescale * l + jnp.sum(w, axis=1)
     c = rescale * c + jnp.sum(wds, axis=1)
-    acc = rescale[:, None] * acc + pl.dot(w.astype(v.dtype), v)
-    tacc = rescale[:, None] * tacc + pl.dot(wds.astype(v.dtype), v) + pl.dot(w.astype(dv.dtype), dv)
+    acc = rescale[:, None] * acc + _dot(w.astype(v.dtype), v)
+    tacc = rescale[:, None] * tacc + _dot(wds.astype(v.dtype), v) + _dot(w.astype(dv.dtype), dv)
     return m_new, l, acc, tacc, c
 
   init = (jnp.full((block_q,), _MASKED, f32), jnp.zeros((block_q,), f32),
