@@ -84,7 +84,7 @@ def test_selector_cross_attention_lengths_and_vmap():
   _close(batched, jax.jit(attention.naive_attention)(q, k, v), TOLS[jnp.float32])
   assert attention.attention_fn('naive') is attention.naive_attention
   with pytest.raises(ValueError, match='choose one of'):
-    attention.attention_fn('flash')
+    attention.attention_fn('flashy')
   with pytest.raises(ValueError, match='heads, head_dim'):
     attention.naive_attention(q[0], k[0], v[0])
 
