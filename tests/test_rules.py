@@ -20,10 +20,12 @@ SELF_RULES = ['lsd', 'esd', 'psd', 'shortcut']
 TEACHER_RULES = ['flow_matching', 'meanflow', 'imf', 'sct', 'lmd', 'emd', 'trajectory_distillation']
 VARIANTS = [('lsd', {'grad_through_jvp': False}), ('esd', {'eulerian_gradient': 'primal'}),
             ('esd', {'eulerian_gradient': 'residual'}), ('psd', {'intermediate': 'midpoint'}),
-            ('psd', {'space': 'v'}), ('sct', {'tangent_normalization': 0.0}),
+            ('psd', {'space': 'v'}), ('sct', {'tangent_normalization': 0.0, 'warmup_steps': 0}),
+            ('sct', {'tangent_form': 'displacement', 'time_sampling': 'times', 'warmup_steps': 0}),
             ('trajectory_distillation', {'ode_steps': 8, 'ode_method': 'rk4'})]
 # Heun's O(h^2) error on the teacher ODE is above 1e-8; RK4 is not.
-EXACT_OPTIONS = {'trajectory_distillation': {'ode_method': 'rk4'}}
+# sCT's exact map is a fixed point of the full tangent only: no warmup (r = 1).
+EXACT_OPTIONS = {'trajectory_distillation': {'ode_method': 'rk4'}, 'sct': {'warmup_steps': 0}}
 
 
 def _batch(n=64, seed=1):
