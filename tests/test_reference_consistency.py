@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import test_rule_gradients as G
+from fmjax.losses import consistency
 
 sg = jax.lax.stop_gradient
 HALF = {'diagonal_fraction': 0.5}
@@ -136,3 +137,35 @@ def test_rule_matches_the_paper_notation(monkeypatch, name, interp, reference, o
   flat, ref_flat = (jax.flatten_util.ravel_pytree(g_)[0] for g_ in (grad, ref_grad))
   scale = float(jnp.max(jnp.abs(ref_flat)))
   np.testing.assert_allclose(flat, ref_flat, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize('interp_name,sigma_d', [('linear', 0.5), ('trigonometric', 0.5),
+                                                 ('trigonometric', 1.0)])
+def test_trigflow_coordinates_are_the_same_noisy_point(interp_name, sigma_d):
+  """x_tau = cos(tau) x_data + sin(tau) sigma_d x0 equals (sigma_d / n_s) I_s, and the returned
+  derivatives match central finite differences of tau(s) and of the scale."""
+  interp = G.interpolants.get(interp_name)
+  s = jnp.linspace(0.05, 0.95, 7)
+  tau, cos, sin, scale, dscale, dtau = consistency.trigflow_coordinates(interp, s, sigma_d)
+  x0, x1 = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 3))
+  x_tau = cos[:, None] * x1 + sin[:, None] * sigma_d * x0
+  np.testing.assert_allclose(scale[:, None] * interp.sample(s, x0, x1), x_tau, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(sigma_d * jnp.tan(tau), interp.alpha(s) / interp.beta(s), rtol=1e-12)
+  h = 1e-6
+  fd = lambda i: (consistency.trigflow_coordinates(interp, s + h, sigma_d)[i]
+                  - consistency.trigflow_coordinates(interp, s - h, sigma_d)[i]) / (2 * h)
+  np.testing.assert_allclose(dtau, fd(0), rtol=1e-7)
+  np.testing.assert_allclose(dscale, fd(3), rtol=1e-6, atol=1e-9)
+  if interp_name == 'trigonometric' and sigma_d == 1.0:   # the special case: tau = pi / 2 (1 - s)
+    np.testing.assert_allclose(tau, np.pi / 2 * (1 - s), rtol=1e-12)
+    np.testing.assert_allclose(dtau, -np.pi / 2, rtol=1e-12)
+
+
+def test_log_normal_sigma_is_logit_normal_in_linear_time():
+  """On the linear interpolant s = 1 / (1 + sigma), so log sigma ~ N(m, v^2) is
+  s = sigmoid(-m - v n): ECT's (-1.1, 2.0) is logit-normal(1.1, 2.0) in fmjax time."""
+  ctx = consistency.base.Context(None, G.interpolants.get('linear'), None, None)
+  key = jax.random.PRNGKey(3)
+  s = consistency.sample_times(ctx, key, 16, 'log_normal_sigma', -1.1, 2.0)
+  expected = jax.nn.sigmoid(1.1 - 2.0 * jax.random.normal(key, (16,)))
+  np.testing.assert_allclose(s, np.clip(expected, 1e-5, 1 - 1e-5), rtol=1e-12)
