@@ -4,8 +4,8 @@ Follows MeanFlow (Geng et al. 2025, arXiv 2505.13447, Table 2: DiT-B/2 ... XL/2,
 on ImageNet 256) and, partly, improved MeanFlow (iMF: the model's own velocity as the jvp
 tangent; iMF's guidance scale as a network input and its auxiliary head are NOT implemented
 yet, see docs/methods.md). Classifier-free guidance is folded into the target with omega (and
-kappa) as in MeanFlow Sec. 4.2. The per-size omega / kappa below are not checked against the
-paper's configuration table (docs/methods.md, "Experiment presets").
+kappa) as in MeanFlow Sec. 4.2. Each value cites the reference code (Gsunshine/meanflow); the
+paper's own per-size table was not reachable (docs/methods.md, "Experiment presets").
 
 Prepare the latents once (ImageNet from its official source, encoded with the SD VAE)
 into an array_record TFDS folder `imagenet256_latents` with features {'latent': float32
@@ -19,7 +19,11 @@ ARG = RULE[,SIZE] with RULE in meanflow | imf and SIZE in B | M | L | XL (patch 
 
 from fmjax import configs
 
+# (hidden, depth, heads): the reference's DiT_B_2 ... DiT_XL_2 (Gsunshine/meanflow models/models_dit.py:286-295).
 _SIZES = {'B': (768, 12, 12), 'M': (1024, 16, 16), 'L': (1024, 24, 16), 'XL': (1152, 28, 16)}
+# Citations: "ref" is Gsunshine/meanflow at its stored snapshot (configs/default.py, configs/run_b4.yml,
+# README.md); MeanFlow's own appendix table of per-size configurations (arXiv 2505.13447) was
+# not reachable from this workplace: every "paper" value below is NOT CHECKED.
 
 
 def get_config(arg=None):
@@ -35,7 +39,7 @@ def get_config(arg=None):
   c.data.name = 'imagenet256_latents'
   c.data.num_classes = 1000
   c.model.name = 'dit'
-  c.model.time_conditioning = 't_gap'
+  c.model.time_conditioning = 't_gap'   # ref meanflow.py:165,227: the net sees (t, h = t - r)
   c.model.dtype = 'bfloat16'
   c.model_defaults.dit = {'patch_size': 2, 'hidden': width, 'depth': depth, 'num_heads': heads}
   c.flow_map.parameterization = 'meanflow'
@@ -43,18 +47,32 @@ def get_config(arg=None):
   c.loss_defaults[rule] = {'weighting': 'adaptive', 'adaptive_power': 1.0, 'diagonal_fraction': 0.75,
                            'label_dropout': 0.1, 'omega': 2.0 if size in ('B',) else 1.0,
                            'kappa': 0.0 if size in ('B',) else 0.92}
-  c.train.batch_size = 256
-  c.train.num_steps = 1_200_000 // 5      # 240 epochs at batch 256 (MeanFlow Table 2 setting, shortened x5)
+  if rule == 'meanflow':
+    # diagonal_fraction 0.75 = ref default.py:57 (data_proportion); label_dropout 0.1 = :58
+    # (class_dropout_prob); adaptive_power 1.0 = :70 (norm_p); adaptive_eps 0.01 (:71) and the
+    # logit-normal(-0.4, 1) times (:52-54) are the rule's own defaults. Guidance: the earlier
+    # omega = 1, kappa = 0.92 for M/L/XL meant an effective scale omega / (1 - kappa) = 12.5,
+    # six times the reference's; ref default.py:62-63 uses omega = 1.0, kappa = 0.5, and its
+    # README.md:183-188 gives (2.0, 0.0) and (1.0, 0.5) as "the same effective guidance scale"
+    # 2.0 (B/4, paper Table 1(f) and Table 5 per that README). B keeps (2.0, 0.0), M/L/XL take
+    # the reference default (1.0, 0.5); the paper's per-size scales and guidance intervals
+    # (ref t_start / t_end, default.py:66-67, not implemented here) are NOT CHECKED.
+    c.loss_defaults.meanflow.update({'omega': 2.0, 'kappa': 0.0} if size == 'B'
+                                    else {'omega': 1.0, 'kappa': 0.5})
+  c.train.batch_size = 256                # ref configs/default.py:33, run_b4.yml:13
+  # ref run_b4.yml:11 trains 240 epochs (1.2M steps at batch 256 on 1.28M images); this preset
+  # runs 1/5 of that (48 epochs). Per-size epoch counts of the paper: not checked.
+  c.train.num_steps = 1_200_000 // 5
   c.train.log_every = 500
   c.train.eval_every = 50_000
   c.train.checkpoint_every = 10_000
   c.train.keep_every = 100_000
-  c.optim.learning_rate = 1e-4
-  c.optim.b2 = 0.95
-  c.optim.warmup_steps = 0
-  c.optim.ema_decays = (0.9999,)
+  c.optim.learning_rate = 1e-4            # ref default.py:32, run_b4.yml:12 (constant: train.py:72-75)
+  c.optim.b2 = 0.95                       # ref default.py:44 (adamw, weight_decay 0: train.py:72-75)
+  c.optim.warmup_steps = 0                # ref: no warmup (train.py:72-75)
+  c.optim.ema_decays = (0.9999,)          # ref default.py:45, run_b4.yml:15 (ema_type 'const')
   c.sharding.fsdp = 8                      # shard DiT weights and Adam moments over 8 devices
   c.sharding.fsdp_min_size = 2**16
-  c.eval.steps = (1, 2)
+  c.eval.steps = (1, 2)                   # the paper's 1-NFE and 2-NFE FIDs (ref sampling.num_steps = 1)
   c.eval.grid_size = 4
   return c

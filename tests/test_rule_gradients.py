@@ -234,15 +234,18 @@ def ref_meanflow(p, x0, x1, y, key, step, o, use_teacher, improved=False):
 
 
 def ref_sct(p, x0, x1, y, key, step, o, use_teacher):
-  """sCT / sCD (Lu & Song 2410.11081, Eqs. 8-9, Secs. 4.1-4.2) on f(x, s) = X_{s,1}(x) = x + (1 - s) F:
-  g = F - w - r (1 - s) dF/ds along (1, w), r = min(1, step / warmup), g <- g / (|g| + c),
-  loss |F - sg(F) + sg(g)|^2 (value |g|^2, gradient 2 g . dF)."""
+  """sCT / sCD with tangent_form='displacement' (fmjax's simplification of Lu & Song 2410.11081,
+  Alg. 1; the paper's TrigFlow form is tests/test_reference_consistency.py) on
+  f(x, s) = X_{s,1}(x) = x + (1 - s) F: g = F - w - r (1 - s) dF/ds along (1, w),
+  r = min(1, step / warmup), g <- g / (|g| + c), loss |F - sg(F) + sg(g)|^2 (value |g|^2,
+  gradient 2 g . dF); times from the rule's `times` (uniform)."""
+  assert o['tangent_form'] == 'displacement' and o['time_sampling'] == 'times'
   s = UNIFORM.sample(key, x0.shape[0])
   one = jnp.ones_like(s)
   xs = o['interp'].sample(s, x0, x1)
   w = sg(o['teacher_fn'](s, xs, y)) if use_teacher else o['interp'].time_derivative(s, x0, x1)
   F, dF = jax.jvp(lambda ss, xx: apply(p, ss, one, xx, y), (s, xs), (one, w))
-  warmup = o.get('warmup_steps', 0)
+  warmup = o['warmup_steps']
   ramp = min(1.0, step / warmup) if warmup else 1.0
   g = F - w - ramp * (1 - s)[:, None] * dF
   c = o.get('tangent_normalization', 0.1)
@@ -257,13 +260,19 @@ def ref_ect(p, x0, x1, y, key, step, o, use_teacher):
   r = max(0, t (1 - q^-(k+1) (1 + 8 sigmoid(-t)))), k = floor(step / d), s' = sigma^-1(r) in
   closed form (linear: 1 / (1 + r); trigonometric: (2 / pi) atan(1 / r)), w = 1 / (t - r).
   'linear_time': s' = s + gap, gap = (1 - s) / q^k (at least min(min_gap, 1 - s)), w = 1 / gap.
-  d pseudo-Huber (iCT Eq. 8, not checked); with a teacher, I_s' is one Euler step of it from (s, I_s)."""
-  s = UNIFORM.sample(key, x0.shape[0])
+  d pseudo-Huber (iCT Eq. 8, not checked; c = 0 by default, ECT's L2 distance); times: ECT's
+  log-normal sigma (locuslab/ect training/loss.py:54-55) mapped to s in closed form, or uniform
+  (time_sampling='times'); with a teacher, I_s' is one Euler step of it from (s, I_s)."""
+  linear = o['interp'].name == 'linear'
+  if o.get('time_sampling', 'log_normal_sigma') == 'times':
+    s = UNIFORM.sample(key, x0.shape[0])
+  else:
+    sigma = jnp.exp(o.get('sigma_mean', -1.1) + o.get('sigma_std', 2.0) * jax.random.normal(key, x0.shape[:1]))
+    s = 1 / (1 + sigma) if linear else 2 / np.pi * jnp.arctan2(1.0, sigma)
   one = jnp.ones_like(s)
   q, halving, min_gap = o.get('gap_decay', 2.0), o.get('gap_halving_steps', 25_000), o.get('min_gap', 1e-3)
   k = step // halving
   if o.get('gap_schedule', 'ect') == 'ect':
-    linear = o['interp'].name == 'linear'
     t = (1 - s) / s if linear else 1 / jnp.tan(np.pi * s / 2)
     r = jnp.maximum(0.0, t * (1 - (1 + 8 / (1 + jnp.exp(t))) / q ** (k + 1)))
     if linear:
@@ -280,7 +289,7 @@ def ref_ect(p, x0, x1, y, key, step, o, use_teacher):
   else:
     x_next = o['interp'].sample(s_next, x0, x1)
   err = X(p, s, one, xs, y) - sg(X(p, s_next, one, x_next, y))
-  c = o.get('huber_c', 0.00054)
+  c = o.get('huber_c', 0.0)
   return (jnp.sqrt(msq(err) + c**2) - c) * w, s, one
 
 
@@ -366,6 +375,7 @@ L, T = 'linear', 'trigonometric'
 HALF = {'diagonal_fraction': 0.5}
 GUIDED = {'omega': 0.6, 'kappa': 0.3, 'null_label': NULL}   # 1 - omega - kappa = 0.1 != kappa
 MF = {'times': MEANFLOW_TIMES, **HALF}
+SCT_DISPLACEMENT = {'tangent_form': 'displacement', 'time_sampling': 'times'}
 CASES = [
     ('flow_matching', L, {'diagonal_fraction': 1.0}),
     ('flow_matching', T, {'diagonal_fraction': 1.0, 'teacher': True}),
@@ -384,11 +394,11 @@ CASES = [
     ('meanflow', T, {**MF, 'teacher': True, 'weighting': 'none'}),
     ('imf', L, {**MF, 'weighting': 'adaptive'}),
     ('imf', L, {**MF, **GUIDED, 'weighting': 'none'}),
-    ('sct', L, {**HALF, 'tangent_normalization': 0.1, 'warmup_steps': 100, 'step': 40}),
-    ('sct', T, {**HALF, 'tangent_normalization': 0.0, 'teacher': True}),
+    ('sct', L, {**HALF, **SCT_DISPLACEMENT, 'tangent_normalization': 0.1, 'warmup_steps': 100, 'step': 40}),
+    ('sct', T, {**HALF, **SCT_DISPLACEMENT, 'tangent_normalization': 0.0, 'warmup_steps': 0, 'teacher': True}),
     ('ect', L, {**HALF, 'gap_schedule': 'linear_time', 'gap_halving_steps': 1000, 'step': 2500,
-                'min_gap': 0.05}),
-    ('ect', L, {**HALF, 'gap_schedule': 'linear_time', 'teacher': True, 'step': 0}),
+                'min_gap': 0.05, 'time_sampling': 'times', 'huber_c': 0.00054}),
+    ('ect', L, {**HALF, 'gap_schedule': 'linear_time', 'teacher': True, 'step': 0, 'time_sampling': 'times'}),
     ('ect', L, {**HALF, 'gap_halving_steps': 1000, 'step': 2500}),
     ('ect', T, {**HALF, 'teacher': True, 'step': 0}),
     ('ect', T, {**HALF, 'step': 60_000}),

@@ -20,10 +20,12 @@ SELF_RULES = ['lsd', 'esd', 'psd', 'shortcut']
 TEACHER_RULES = ['flow_matching', 'meanflow', 'imf', 'sct', 'lmd', 'emd', 'trajectory_distillation']
 VARIANTS = [('lsd', {'grad_through_jvp': False}), ('esd', {'eulerian_gradient': 'primal'}),
             ('esd', {'eulerian_gradient': 'residual'}), ('psd', {'intermediate': 'midpoint'}),
-            ('psd', {'space': 'v'}), ('sct', {'tangent_normalization': 0.0}),
+            ('psd', {'space': 'v'}), ('sct', {'tangent_normalization': 0.0, 'warmup_steps': 0}),
+            ('sct', {'tangent_form': 'displacement', 'time_sampling': 'times', 'warmup_steps': 0}),
             ('trajectory_distillation', {'ode_steps': 8, 'ode_method': 'rk4'})]
 # Heun's O(h^2) error on the teacher ODE is above 1e-8; RK4 is not.
-EXACT_OPTIONS = {'trajectory_distillation': {'ode_method': 'rk4'}}
+# sCT's exact map is a fixed point of the full tangent only: no warmup (r = 1).
+EXACT_OPTIONS = {'trajectory_distillation': {'ode_method': 'rk4'}, 'sct': {'warmup_steps': 0}}
 
 
 def _batch(n=64, seed=1):
@@ -94,7 +96,8 @@ def test_discrete_consistency_residual_shrinks_with_the_gap():
     # A tiny Huber c keeps the distance in its linear regime, |err|.
     rule = losses.make('ect', flow_map, interp, teacher=flow_map.teacher, min_gap=gap,
                        gap_schedule='linear_time',
-                       gap_halving_steps=1, times={'name': 'uniform'}, huber_c=1e-9)
+                       gap_halving_steps=1, times={'name': 'uniform'}, time_sampling='times',
+                       huber_c=1e-9)
     batch = {**_batch(), 'step': jnp.array(60)}   # the gap has shrunk to min_gap
     return float(rule(rule.init({}), batch, jax.random.PRNGKey(3))[0])
   ratio = at_gap(0.02, 0.0) / at_gap(0.01, 0.0)

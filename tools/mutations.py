@@ -26,11 +26,16 @@ class Mutation(NamedTuple):
   name: str
   path: str
   edits: tuple   # (old, new) snippet pairs, applied together
+  tests: tuple = tuple(TESTS)   # the test files that must catch it
 
 
-def mutation(name, path, *pairs):
+def mutation(name, path, *pairs, tests=None):
   """A mutation of one file: the first pair is (old, new), further pairs belong to the same mistake."""
-  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])))
+  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])), tuple(tests or TESTS))
+
+
+# The papers' own notation for sCT's TrigFlow form and ECT's time draw (finite differences).
+CONSISTENCY_TESTS = ['tests/test_reference_consistency.py']
 
 
 MUTATIONS = [
@@ -102,6 +107,18 @@ MUTATIONS = [
              'error = base.regress(v, residual)', 'error = residual'),
     mutation('sCT tangent warmup ignored', 'fmjax/losses/consistency.py',
              'ramp = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0', 'ramp = 1.0'),
+    mutation("sCT warmup ramps the cos^2 term instead of TrigFlow's r-weighted sin-cos term",
+             'fmjax/losses/consistency.py',
+             'residual = -cos * (a_term + ramp * (df - a_term))',
+             'residual = -cos * (ramp * a_term + (df - a_term))', tests=CONSISTENCY_TESTS),
+    mutation("sCT tangent without its cos(tau) factor (the paper's prior weight)", 'fmjax/losses/consistency.py',
+             'residual = -cos * (a_term + ramp', 'residual = -(a_term + ramp', tests=CONSISTENCY_TESTS),
+    mutation('TrigFlow dtau/ds with the wrong sign', 'fmjax/losses/consistency.py',
+             'dtau = sigma_data * (ad * b - a * bd) / n**2', 'dtau = sigma_data * (a * bd - ad * b) / n**2',
+             tests=CONSISTENCY_TESTS),
+    mutation('log-normal sigma draw with the mean negated', 'fmjax/losses/consistency.py',
+             'sigma = jnp.exp(sigma_mean + sigma_std', 'sigma = jnp.exp(-sigma_mean + sigma_std',
+             tests=CONSISTENCY_TESTS),
     mutation('ECT without the 1 / gap weight', 'fmjax/losses/consistency.py',
              'return base.pseudo_huber(error, c) * weight, s, one', 'return base.pseudo_huber(error, c), s, one'),
     mutation("ECT mapping without its sigmoid adjustment (ECT's 'const' mapping)", 'fmjax/losses/consistency.py',
@@ -140,7 +157,7 @@ def run(mutation: Mutation, scratch: str) -> list[str]:
   with open(path, 'w') as f:
     f.write(source)
   result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-n', '2', '-p', 'no:cacheprovider',
-                           *TESTS], cwd=scratch, capture_output=True, text=True,
+                           *mutation.tests], cwd=scratch, capture_output=True, text=True,
                           env={**os.environ, 'PYTHONPATH': scratch})
   return re.findall(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
 

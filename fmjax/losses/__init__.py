@@ -49,7 +49,9 @@ RULES: dict[str, RuleSpec] = {
     'imf': RuleSpec(eulerian.meanflow_rule, 'optional', _MEANFLOW_DEFAULTS, {'improved': True}),
     'shortcut': RuleSpec(semigroup.semigroup_rule, 'none', {'diagonal_fraction': 0.875},
                          {'intermediate': 'midpoint', 'space': 'v', 'dyadic_levels': 7}),
-    'sct': RuleSpec(consistency.sct_rule, 'optional', {'diagonal_fraction': 0.0}),
+    # sCM's learned adaptive weight e^{w(t)} |.|^2 / D - w(t) (Lu & Song 2410.11081, Alg. 1) is
+    # fmjax's 'learned' log-variance with u = -w.
+    'sct': RuleSpec(consistency.sct_rule, 'optional', {'diagonal_fraction': 0.0, 'weighting': 'learned'}),
     'ect': RuleSpec(consistency.ect_rule, 'optional', {'diagonal_fraction': 0.0}),
     'lmd': RuleSpec(lagrangian.lagrangian_rule, 'required', {}),
     'emd': RuleSpec(eulerian.eulerian_rule, 'required', {'eulerian_gradient': 'residual'}),

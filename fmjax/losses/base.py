@@ -99,8 +99,11 @@ def mean_square(err: jax.Array) -> jax.Array:
 
 
 def pseudo_huber(err: jax.Array, c: float) -> jax.Array:
-  """Per-row sqrt(|err|^2 + c^2) - c with |.| the per-dimension RMS (Song & Dhariwal 2023, iCT, Eq. 8)."""
-  return jnp.sqrt(mean_square(err) + c**2) - c
+  """Per-row sqrt(|err|^2 + c^2) - c with |.| the per-dimension RMS (Song & Dhariwal 2023, iCT, Eq. 8).
+
+  c = 0 is the RMS itself (ECT's default); the floor keeps its gradient finite at err = 0."""
+  square = mean_square(err) + c**2
+  return jnp.sqrt(jnp.maximum(square, jnp.finfo(square.dtype).tiny)) - c
 
 
 def normalize_rows(err: jax.Array, c: float) -> jax.Array:

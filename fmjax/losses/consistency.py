@@ -1,39 +1,31 @@
 """Consistency models: flow maps to the data end only, f(x, s) = X_{s,1}(x).
 
+Both rules draw their times as the papers do, from EDM's log-normal noise level sigma, and
+map it to fmjax time through sigma(s) = alpha_s / beta_s (I_s / beta_s = x1 + sigma x0:
+EDM's y + sigma eps; s = 1 is the data); `time_sampling='times'` uses the rule's `times`.
+
 - sCT / sCD (continuous-time consistency training / distillation, Lu & Song, arXiv
-  2410.11081; equation numbers not checked): the Eulerian rule with t = 1 and the
-  MeanFlow-style gradient through the primal only; the tangent w is dI_s/ds (training) or a
-  teacher b_s (distillation). f(x, s) = X_{s,1}(x) = x + (1 - s) v_{s,1}(x), so
-  -df/ds = g = v - w - (1 - s) Dv, Dv the total derivative along (1, w). Stabilizers (options):
-  tangent normalization g / (|g| + c) (c = 0.1), and tangent warmup, which scales the
-  (1 - s) Dv term by min(1, step / warmup_steps).
-  How the warmup differs from the paper's: in TrigFlow, f = cos(t) x_t - sin(t) sigma_d F and
-  df/dt = -cos(t)(sigma_d F - dx_t/dt) - sin(t)(x_t + sigma_d dF/dt); the warmup multiplies the
-  second term, sin(t)(x_t + sigma_d dF/dt), by r (paper text not checked here; a third-party
-  TrigFlow sCM loss in the stored code search does exactly this). Writing f = c_skip x +
-  c_out F, that term is c_skip' x + c_out dF/dt. fmjax applies the same split to the
-  displacement form f = x + (1 - s) v (c_skip = 1, c_out = 1 - s, so c_skip' x = 0): the two
-  warmups agree when the network is read as the displacement v, and differ (by which part of
-  df/ds is ramped) when it is read through TrigFlow's c_skip / c_out; both reach the full
-  tangent at step >= warmup_steps. fmjax's time is s = 1 - 2 t / pi on the trigonometric
-  interpolant.
+  2410.11081, Alg. 1; equation numbers not checked): the Eulerian rule with t = 1, the
+  gradient through the primal only, the tangent w = dI_s/ds (training) or a teacher b_s
+  (distillation). Default tangent_form='trigflow': the paper's g in TrigFlow coordinates
+  (`trigflow_coordinates` derives tau(s) and x_tau from fmjax's interpolant), with its
+  r-weighted sin-cos warmup term, tangent normalization and (through the rule defaults)
+  learned adaptive weighting. tangent_form='displacement' is fmjax's earlier simplification
+  in f = x + (1 - s) v; `sct_rule` says how the two differ.
 - ECT (discrete consistency training, Geng et al., "Consistency models made easy", arXiv
   2406.14548; equation numbers not checked): the finite-difference version,
     E w d(X_{s,1}(I_s), sg[X_{s',1}(I_{s'})]),  s' > s,
-  with the same noise for both times and d the pseudo-Huber distance (Song & Dhariwal 2023).
-  gap_schedule='ect' (default) is the reference implementation's mapping (locuslab/ect,
-  training/loss.py, `ECMLoss.t_to_r_sigmoid` and the `loss / (t - r)` weight), written in EDM
-  noise level sigma and translated to fmjax time through sigma(s) = alpha(s) / beta(s)
-  (I_s / beta(s) = x1 + sigma(s) x0, ECT's y + t eps; s = 1 is the data):
+  with the same noise for both times. gap_schedule='ect' (default) is the reference
+  implementation's mapping (locuslab/ect, training/loss.py:45-50 `t_to_r_sigmoid`, the
+  weight `loss / (t - r)` at :92), in sigma:
     r = max(0, sigma (1 - q^-(k + 1) (1 + 8 sigmoid(-sigma)))),  k = floor(step / d),
     s' = sigma^-1(r) (by bisection: any monotone interpolant),  w = 1 / (sigma - r),
   q = gap_decay, d = gap_halving_steps (ECT's `--double`, counted in ticks there, in steps
   here). While r = 0 the target is the data (s' = 1). gap_schedule='linear_time' is fmjax's
   earlier simplification: s' = s + gap, gap = (1 - s) q^-floor(step / d), at least
   min(min_gap, 1 - s), w = 1 / gap in fmjax time (min_gap is used by it only).
-  Differences kept on purpose: s is drawn from the rule's `times` (ECT: log-normal sigma,
-  P_mean -1.1, P_std 2.0), and d is fmjax's per-dimension pseudo-Huber with huber_c (ECT's
-  default is sqrt(|.|^2 + c^2) - c on the summed error with c = 0).
+  d is sqrt(|e|^2 + c^2) - c with fmjax's per-dimension RMS |e| and c = huber_c = 0 (the
+  reference's default on the summed error: the same up to the factor sqrt(D)).
   With a teacher (consistency distillation), I_{s'} is replaced by one Euler step of it.
 """
 
@@ -48,24 +40,119 @@ from fmjax.losses import base
 sg = base.sg
 
 
-def sct_rule(ctx: base.Context, tangent_normalization: float = 0.1, warmup_steps: int = 0):
-  """sCT (teacher None) / sCD (teacher given): E |g|^2 with g as in the module docstring, the
-  gradient through v only; tangent_normalization <= 0 disables it, warmup_steps = 0 the warmup."""
+TANGENT_FORMS = ('trigflow', 'displacement')
+TIME_SAMPLINGS = ('log_normal_sigma', 'times')
+EDGE = 1e-5   # times are kept in [EDGE, 1 - EDGE], as TimeDistribution clips its draws
+
+
+def _check(name, value, choices):
+  if value not in choices:
+    raise ValueError(f'Unknown {name} {value!r}; choose one of {choices}.')
+
+
+def sample_times(ctx: base.Context, key, n: int, time_sampling: str, sigma_mean: float,
+                 sigma_std: float):
+  """The rule's times s: EDM's log-normal noise level, log sigma ~ N(sigma_mean, sigma_std^2)
+  (ECT and sCM), mapped to fmjax time through sigma(s) = alpha_s / beta_s; or a draw from
+  the rule's `times` ('times'). On the linear interpolant s = 1 / (1 + sigma), so the
+  log-normal sigma is logit-normal(-sigma_mean, sigma_std) in fmjax time."""
+  if time_sampling == 'times':
+    return ctx.options.times.sample(key, n)
+  sigma = jnp.exp(sigma_mean + sigma_std * jax.random.normal(key, (n,)))
+  s = time_of_sigma(ctx.interpolant, sigma, jnp.zeros_like(sigma))
+  return jnp.clip(s, EDGE, 1.0 - EDGE)
+
+
+def trigflow_coordinates(interpolant, s, sigma_data: float):
+  """TrigFlow's time and state scale at fmjax time s (Lu & Song, arXiv 2410.11081, Sec. 2).
+
+  TrigFlow writes x_tau = cos(tau) x_data + sin(tau) z, z ~ N(0, sigma_d^2 I), tau = 0 the
+  data, tau = pi / 2 the noise. fmjax's I_s = alpha_s x0 + beta_s x_data (x0 ~ N(0, I)) has
+  I_s / beta_s = x_data + sigma(s) x0 with sigma = alpha / beta, and x_tau / cos(tau) =
+  x_data + sigma_d tan(tau) (z / sigma_d): the same noisy point when the noise levels agree,
+    sigma_d tan(tau) = alpha_s / beta_s,   i.e. tau = atan2(alpha_s, sigma_d beta_s),
+  and then x_tau = (cos(tau) / beta_s) I_s = (sigma_d / n_s) I_s with
+  n_s = sqrt(alpha_s^2 + sigma_d^2 beta_s^2) (cos tau = sigma_d beta_s / n_s, sin tau =
+  alpha_s / n_s; sigma_d / n_s is EDM's c_in times sigma_d). Differentiating tan(tau) =
+  alpha / (sigma_d beta):
+    dtau/ds = sigma_d (alpha'_s beta_s - alpha_s beta'_s) / n_s^2   (< 0: tau runs backwards),
+    d(sigma_d / n_s)/ds = -sigma_d (alpha alpha' + sigma_d^2 beta beta') / n_s^3.
+  On the trigonometric interpolant with sigma_d = 1: n = 1, tau = pi / 2 (1 - s), x_tau = I_s
+  and dtau/ds = -pi / 2. Returns (tau, cos tau, sin tau, scale = sigma_d / n_s,
+  dscale/ds, dtau/ds), each of shape [batch].
+  """
+  a, b = interpolant.alpha(s), interpolant.beta(s)
+  ad, bd = interpolant.alpha_dot(s), interpolant.beta_dot(s)
+  n = jnp.sqrt(a**2 + (sigma_data * b)**2)
+  scale = sigma_data / n
+  dscale = -sigma_data * (a * ad + sigma_data**2 * b * bd) / n**3
+  dtau = sigma_data * (ad * b - a * bd) / n**2
+  return jnp.arctan2(a, sigma_data * b), sigma_data * b / n, a / n, scale, dscale, dtau
+
+
+def sct_rule(ctx: base.Context, tangent_normalization: float = 0.1, warmup_steps: int = 10_000,
+             tangent_form: str = 'trigflow', trigflow_sigma_data: float = 0.5,
+             time_sampling: str = 'log_normal_sigma', sigma_mean: float = -1.0,
+             sigma_std: float = 1.4):
+  """sCT (teacher None) / sCD (teacher given), Lu & Song, arXiv 2410.11081.
+
+  tangent_form='trigflow' (default): Alg. 1 of the paper in TrigFlow coordinates
+  (`trigflow_coordinates`). The consistency function is fmjax's map to the data end,
+  f(x_tau, tau) = X_{s,1}(I_s), read through TrigFlow's parameterization
+  f = cos(tau) x_tau - sin(tau) sigma_d F, so F = (cos(tau) x_tau - f) / (sigma_d sin(tau)).
+  With d/dtau the total derivative along dx_tau/dtau (the conditional cos(tau) z - sin(tau)
+  x_data, or the teacher's velocity) and r = min(1, step / warmup_steps),
+    g = -cos^2(tau) (sigma_d F - dx_tau/dtau) - r cos(tau) sin(tau) (x_tau + sigma_d dF/dtau),
+  i.e. g = cos(tau) (A + r B) with df/dtau = A + B, A = -cos(tau)(sigma_d F - dx_tau/dtau)
+  (so B = df/dtau - A needs no derivative of F); g <- g / (|g| + c); the loss is
+  |F - sg(F) - sg(g)|^2 (value |g|^2, gradient through F only). df/dtau comes from one jvp of
+  (s, I_s) -> X_{s,1}(I_s) along (1, dI_s/ds), divided by dtau/ds.
+  Paper defaults (Alg. 1, Sec. 4, App. G; values not checked against the text, taken from
+  third-party sCM code in the stored search): c = 0.1, sigma_d = 0.5, log sigma ~
+  N(-1.0, 1.4^2) (CIFAR-10), the learned adaptive weight e^{-u} |.|^2 + u (fmjax's
+  weighting='learned', set for `sct` in fmjax.losses.RULES), warmup over 10k iterations.
+  |g| is fmjax's per-dimension RMS (the paper writes ||g||; some ports use the full norm).
+
+  tangent_form='displacement' (fmjax's earlier simplification): in the displacement form
+  f = x + (1 - s) v, regress v onto sg[v - g], g = -df/ds = v - w - r (1 - s) Dv (Dv the
+  total derivative of v along (1, w)); the warmup ramps only (1 - s) Dv, which matches the
+  paper's term only when the network is read as v, and the cos(tau) factor (the paper's
+  prior weighting 1 / (sigma_d tan(tau)) folded into g) is absent. The earlier defaults
+  were tangent_form='displacement', time_sampling='times', warmup_steps=0, weighting='none'.
+  """
+  _check('tangent_form', tangent_form, TANGENT_FORMS)
+  _check('time_sampling', time_sampling, TIME_SAMPLINGS)
+  if trigflow_sigma_data <= 0:
+    raise ValueError(f'trigflow_sigma_data must be > 0, got {trigflow_sigma_data}.')
   fm = ctx.flow_map
+  sd = trigflow_sigma_data
 
   def off_diagonal(params, rows, key, step):
     n = rows.x1.shape[0]
-    s = ctx.options.times.sample(key, n)
+    s = sample_times(ctx, key, n, time_sampling, sigma_mean, sigma_std)
     t = jnp.ones_like(s)
     x_s = ctx.interpolant.sample(s, rows.x0, rows.x1)
     w = base.tangent_velocity(ctx, s, x_s, rows)
-    v, dv = jax.jvp(lambda ss, xx: fm.v(params['net'], ss, t, xx, rows.labels),
-                    (s, x_s), (jnp.ones_like(s), w))
     ramp = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0
-    residual = v - w - ramp * expand(t - s, v) * dv
+    if tangent_form == 'displacement':
+      v, dv = jax.jvp(lambda ss, xx: fm.v(params['net'], ss, t, xx, rows.labels),
+                      (s, x_s), (jnp.ones_like(s), w))
+      residual = v - w - ramp * expand(t - s, v) * dv
+      prediction = v
+    else:
+      f, df_ds = jax.jvp(lambda ss, xx: fm.X(params['net'], ss, t, xx, rows.labels),
+                         (s, x_s), (jnp.ones_like(s), w))
+      _, cos, sin, scale, dscale, dtau = (expand(q, x_s) for q in
+                                          trigflow_coordinates(ctx.interpolant, s, sd))
+      x_tau = scale * x_s
+      dx_tau = (dscale * x_s + scale * w) / dtau
+      prediction = (cos * x_tau - f) / (sd * sin)                         # F
+      df = sg(df_ds / dtau)
+      a_term = -cos * (sd * sg(prediction) - dx_tau)
+      residual = -cos * (a_term + ramp * (df - a_term))                # -g: F regresses onto sg(F + g)
     if tangent_normalization > 0:
       residual = base.normalize_rows(residual, tangent_normalization)
-    return base.mean_square(base.regress(v, residual)), s, t, {}
+    return base.mean_square(base.regress(prediction, residual)), s, t, {}
 
   return base.two_part_rule(ctx, off_diagonal)
 
@@ -93,21 +180,29 @@ def time_of_sigma(interpolant, sigma, lower, iterations: int = 64):
 
 def ect_rule(ctx: base.Context, gap_schedule: str = 'ect', gap_decay: float = 2.0,
              gap_halving_steps: int = 25_000, min_gap: float = 1e-3,
-             huber_c: float | None = None):
+             huber_c: float = 0.0, time_sampling: str = 'log_normal_sigma',
+             sigma_mean: float = -1.1, sigma_std: float = 2.0):
   """ECT (teacher None) / discrete consistency distillation (teacher given); see the module
   docstring for the two gap schedules.
 
-  huber_c defaults to iCT's 0.00054 sqrt(D) on the per-element scale, i.e. 0.00054 here
-  since fmjax's norms are per-dimension RMS.
+  Defaults are the reference implementation's (locuslab/ect): times log sigma ~
+  N(-1.1, 2.0^2) (training/loss.py:13 and :54-55, ct_train.py:65-66), the distance
+  sqrt(|e|^2 + c^2) - c with c = 0 (training/loss.py:86-89, ct_train.py:75), i.e. the L2
+  norm of the error; fmjax's |e| is the per-dimension RMS, so the loss is the reference's
+  divided by sqrt(D) (same minimizer). huber_c = 0.00054 is iCT's constant on that scale
+  (Song & Dhariwal 2023), fmjax's earlier default; time_sampling='times' draws s from the
+  rule's `times` (fmjax's earlier uniform default).
   """
-  if gap_schedule not in GAP_SCHEDULES:
-    raise ValueError(f'Unknown gap_schedule {gap_schedule!r}; choose one of {GAP_SCHEDULES}.')
+  _check('gap_schedule', gap_schedule, GAP_SCHEDULES)
+  _check('time_sampling', time_sampling, TIME_SAMPLINGS)
+  if huber_c < 0:
+    raise ValueError(f'huber_c must be >= 0, got {huber_c}.')
   fm = ctx.flow_map
-  c = 0.00054 if huber_c is None else huber_c
+  c = huber_c
 
   def off_diagonal(params, rows, key, step):
     n = rows.x1.shape[0]
-    s = ctx.options.times.sample(key, n)
+    s = sample_times(ctx, key, n, time_sampling, sigma_mean, sigma_std)
     one = jnp.ones_like(s)
     stage = jnp.floor(step / gap_halving_steps)
     if gap_schedule == 'ect':
