@@ -20,8 +20,10 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
+from fmjax import conditioning
 from fmjax.models import attention as attention_lib
 from fmjax.models import embeddings
+from fmjax.models import guidance as guidance_lib
 
 _zeros = nnx.initializers.zeros_init()
 _xavier = nnx.initializers.xavier_uniform()
@@ -109,7 +111,7 @@ class DiT(nnx.Module):
   def __init__(self, *, image_size: int = 32, in_channels: int = 4, patch_size: int = 2,
                hidden: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                num_classes: int = 0, time_conditioning: str = 's_t', time_frequency_dim: int = 256,
-               time_scale: float = 1000.0,
+               time_scale: float = 1000.0, guidance_conditioning: bool = False,
                attention: str = 'naive', attention_options: dict | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
@@ -130,6 +132,9 @@ class DiT(nnx.Module):
     self.label_embedding = (nnx.Embed(num_classes + 1, hidden, dtype=time_kw['dtype'], param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                             if num_classes else None)
+    # iMF's guidance inputs (omega, interval), added to c; absent (no params) when off.
+    self.guidance_embedding = (guidance_lib.GuidanceEmbedding(hidden, time_frequency_dim, **time_kw)
+                               if guidance_conditioning else None)
     self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, **kw)
                             for _ in range(depth)])
     self.final_norm = nnx.LayerNorm(hidden, use_bias=False, use_scale=False, epsilon=1e-6, **kw)
@@ -137,7 +142,9 @@ class DiT(nnx.Module):
     self.final_linear = nnx.Linear(hidden, patch_size * patch_size * in_channels, kernel_init=_zeros, **kw)
 
   def embed(self, s, t, labels, batch: int):
-    """The float32 conditioning vector c = emb_a + emb_b + emb_label, [batch, hidden]."""
+    """The float32 conditioning vector c = emb_a + emb_b + emb_label (+ emb_guidance), [batch, hidden]."""
+    labels, guidance = conditioning.split(labels)
+    guidance_lib.check_inputs(guidance, self.guidance_embedding is not None, 'DiT')
     s, t = embeddings.broadcast_times(s, t, batch)
     a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
     c = self.time_embed_a(a) + self.time_embed_b(b)
@@ -145,6 +152,8 @@ class DiT(nnx.Module):
       if labels is None:
         labels = jnp.full((batch,), self.num_classes, jnp.int32)
       c = c + self.label_embedding(labels)
+    if self.guidance_embedding is not None:
+      c = c + self.guidance_embedding(guidance, batch)
     return c
 
   def __call__(self, s, t, x, labels=None):
