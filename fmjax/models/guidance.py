@@ -1,4 +1,9 @@
-"""The guidance-input embedding shared by the networks (`guidance_conditioning=True`).
+"""The guidance-input embedding and the output-head check shared by the networks.
+
+`guidance_conditioning=True` embeds iMF's guidance inputs; `velocity_head=True` adds iMF's
+auxiliary output (a second output layer predicting the instantaneous velocity, read with
+`net(s, t, x, labels, head='velocity')`; the reference's head also has its own last 8
+transformer blocks, fmjax's shares every layer but the output one).
 
 iMF (Geng, Lu et al. 2025, arXiv 2512.02012) feeds the guidance scale omega and the guidance
 interval to the network. Its reference DiT (Lyy-iiis/imeanflow, models/imfDiT.py) embeds
@@ -40,3 +45,15 @@ def check_inputs(guidance, conditioned: bool, family: str):
     raise ValueError(f'The {family} received guidance inputs (fmjax.conditioning.Guidance) but was '
                      'built without them: set config.model.guidance_conditioning = True (or build '
                      'it with guidance_conditioning=True).')
+
+
+HEADS = ('average', 'velocity')
+
+
+def check_head(head: str, has_velocity_head: bool, family: str):
+  """One clear error for an unknown output head or a missing auxiliary velocity head."""
+  if head not in HEADS:
+    raise ValueError(f'Unknown head {head!r}; choose one of {HEADS}.')
+  if head == 'velocity' and not has_velocity_head:
+    raise ValueError(f'The {family} has no velocity head: set config.model.velocity_head = True (or '
+                     'build it with velocity_head=True), or set the rule option velocity_head_weight = 0.')

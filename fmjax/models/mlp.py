@@ -21,7 +21,8 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, *, hidden: int = 512, depth: int = 4, time_dim: int = 64,
                num_classes: int = 0, time_conditioning: str = 's_t', time_scale: float = 100.0,
-               guidance_conditioning: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               guidance_conditioning: bool = False, velocity_head: bool = False,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
     self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
     self.time_conditioning = time_conditioning
@@ -50,8 +51,12 @@ class MLP(nnx.Module):
         for _ in range(depth - 1)
     ])
     self.output = nnx.Linear(hidden, dim, kernel_init=nnx.initializers.zeros, **kw)
+    # iMF's auxiliary velocity head: a second output layer (absent when off).
+    self.velocity_output = (nnx.Linear(hidden, dim, kernel_init=nnx.initializers.zeros, **kw)
+                            if velocity_head else None)
 
-  def __call__(self, s, t, x, labels=None):
+  def __call__(self, s, t, x, labels=None, *, head: str = 'average'):
+    guidance_lib.check_head(head, self.velocity_output is not None, 'MLP')
     if x.ndim != 2 or x.shape[-1] != self.dim:
       raise ValueError(f'MLP expects x of shape [batch, {self.dim}], got {x.shape}.')
     labels, guidance = conditioning.split(labels)
@@ -69,4 +74,5 @@ class MLP(nnx.Module):
       h = h + self.guidance_embedding(guidance, x.shape[0]).astype(self.dtype)
     for block in self.blocks:
       h = h + block(h)
-    return self.output(nnx.silu(h)).astype(x.dtype)
+    output = self.velocity_output if head == 'velocity' else self.output
+    return output(nnx.silu(h)).astype(x.dtype)
