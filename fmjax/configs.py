@@ -350,6 +350,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'config.loss.name = {config.loss.name!r} trains from scratch, but config.teacher.workdir '
          "is set; distill with 'lmd', 'emd', 'progressive' or 'trajectory_distillation' (or 'meanflow', 'imf', 'sct', "
          "'ect'), or clear the teacher.")
+  # iMF's guidance inputs and velocity head are network outputs/inputs the rule relies on.
+  need(not config.loss.get('guidance_conditioning') or config.model.get('guidance_conditioning'),
+       'config.loss.guidance_conditioning = True feeds the guidance scale to the network: set '
+       '--config.model.guidance_conditioning=True as well.')
+  need(not config.loss.get('velocity_head_weight') or config.model.get('velocity_head'),
+       'config.loss.velocity_head_weight > 0 trains an auxiliary velocity head: set '
+       '--config.model.velocity_head=True as well (or the weight to 0).')
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
 
