@@ -26,11 +26,12 @@ class Mutation(NamedTuple):
   name: str
   path: str
   edits: tuple   # (old, new) snippet pairs, applied together
+  tests: tuple = ()   # test files run in addition to TESTS
 
 
-def mutation(name, path, *pairs):
+def mutation(name, path, *pairs, tests=()):
   """A mutation of one file: the first pair is (old, new), further pairs belong to the same mistake."""
-  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])))
+  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])), tuple(tests))
 
 
 MUTATIONS = [
@@ -122,6 +123,13 @@ MUTATIONS = [
              'return weigh(raw, params, 0 * t, t + step, ctx.options, num_dims(rows.x1)), raw, t'),
     mutation('mean_square reduces float64 in float32', 'fmjax/losses/base.py',
              'err = err.astype(jnp.promote_types(err.dtype, jnp.float32))', 'err = err.astype(jnp.float32)'),
+    # iMF with guidance inputs (issue 9): tests/test_reference_imf.py's finite-difference reference.
+    mutation("iMF guided target (1 - 1/omega) replaced by CFG's (omega - 1)", 'fmjax/losses/imf.py',
+             'expand(1.0 - 1.0 / omega, v_c) * (v_c - v_u)', 'expand(omega - 1.0, v_c) * (v_c - v_u)',
+             tests=('tests/test_reference_imf.py',)),
+    mutation('iMF guidance scale drawn uniformly instead of log-uniformly', 'fmjax/losses/imf.py',
+             'return jnp.exp(u * jnp.log(omega_max))', 'return 1.0 + u * (omega_max - 1.0)',
+             tests=('tests/test_reference_imf.py',)),
 ]
 
 
@@ -140,7 +148,7 @@ def run(mutation: Mutation, scratch: str) -> list[str]:
   with open(path, 'w') as f:
     f.write(source)
   result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-n', '2', '-p', 'no:cacheprovider',
-                           *TESTS], cwd=scratch, capture_output=True, text=True,
+                           *TESTS, *mutation.tests], cwd=scratch, capture_output=True, text=True,
                           env={**os.environ, 'PYTHONPATH': scratch})
   return re.findall(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
 
