@@ -69,10 +69,12 @@ def plan_from_config(config) -> list[SamplerSpec]:
 
 
 def make_sample_fns(flow_map, specs, *, null_label=None, guidance_scale: float = 1.0,
-                    guidance_input: bool = False) -> dict[SamplerSpec, Callable]:
+                    guidance_input: bool = False, guidance_interval=(0.0, 1.0)
+                    ) -> dict[SamplerSpec, Callable]:
   """{spec: sample(params, x0, labels) -> x}: `samplers.flow_map_sample` on the uniform k-step
   grid and `samplers.flow_map_ode_sample`, jitted with the step count traced."""
-  guidance = dict(null_label=null_label, guidance_scale=guidance_scale, guidance_input=guidance_input)
+  guidance = dict(null_label=null_label, guidance_scale=guidance_scale, guidance_input=guidance_input,
+                  guidance_interval=tuple(guidance_interval))
   flow_map_fn = jax.jit(lambda params, x0, labels, k: samplers.flow_map_sample(
       flow_map, params, x0, None, labels, num_steps=k, **guidance))
   ode_fns = {}
