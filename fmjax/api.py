@@ -114,6 +114,9 @@ class Model:
       numpy array; the samples are the same as in one call with the same key.
     """
     num = _count('num', num)
+    if self._guidance_input and not float(guidance_scale) > 0:
+      raise ValueError(f'guidance_scale must be > 0 for a guidance-conditioned network (it reads '
+                       f'1 - 1/guidance_scale; trained on [1, omega_max]), got {guidance_scale}.')
     if guidance_interval is None:
       guidance_interval = (0.0, 1.0)
     elif not self._guidance_input:

@@ -247,8 +247,8 @@ def test_imf_without_guidance_conditioning_is_the_old_rule():
   old_fn = eulerian.meanflow_rule(losses.base.Context(fm, interp, None, rule.options), improved=True)
   key = jax.random.PRNGKey(3)
   params = {'net': {k: v for k, v in net.items() if k in ('w1', 'b1', 'emb', 'w2', 'b2')}}
-  new_value, new_grad = jax.value_and_grad(lambda pp: rule(pp, batch, key)[0])(params)
-  old_value, old_grad = jax.value_and_grad(lambda pp: old_fn(pp, batch, key)[0])(params)
+  new_value, new_grad = jax.jit(jax.value_and_grad(lambda pp: rule(pp, batch, key)[0]))(params)
+  old_value, old_grad = jax.jit(jax.value_and_grad(lambda pp: old_fn(pp, batch, key)[0]))(params)
   assert bool(jnp.array_equal(new_value, old_value))
   assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(new_grad), jax.tree.leaves(old_grad)))
 
@@ -310,6 +310,8 @@ def test_model_sample_routes_the_scale_to_a_guidance_conditioned_network():
                     sharding.local_mesh())
   with pytest.raises(ValueError, match='guidance_interval is an input of guidance-conditioned'):
     plain.sample(jax.random.PRNGKey(0), 4, labels=labels, guidance_interval=(0.2, 0.8))
+  with pytest.raises(ValueError, match='guidance_scale must be > 0'):
+    model.sample(jax.random.PRNGKey(0), 4, labels=labels, guidance_scale=0.0)
 
 
 # ----------------------------------------------------------------------------- errors
