@@ -200,7 +200,7 @@ NEW_PARAMS = {'mlp-tiny': {'guidance_embedding', 'velocity_output'},
 
 
 def abstract_params(name, **options):
-  return nnx.state(models.abstract(name, num_classes=3, **options), nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(models.abstract(name, num_classes=3, **options), nnx.Param))
 
 
 @pytest.mark.parametrize('name', list(NEW_PARAMS))
