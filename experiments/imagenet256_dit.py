@@ -1,11 +1,16 @@
 r"""ImageNet 256x256 in SD-VAE latents (32 x 32 x 4) with a DiT: MeanFlow or improved MeanFlow.
 
 Follows MeanFlow (Geng et al. 2025, arXiv 2505.13447, Table 2: DiT-B/2 ... XL/2, 1-NFE FID
-on ImageNet 256) and, partly, improved MeanFlow (iMF: the model's own velocity as the jvp
-tangent; iMF's guidance scale as a network input and its auxiliary head are NOT implemented
-yet, see docs/methods.md). Classifier-free guidance is folded into the target with omega (and
-kappa) as in MeanFlow Sec. 4.2. Each value cites the reference code (Gsunshine/meanflow); the
-paper's own per-size table was not reachable (docs/methods.md, "Experiment presets").
+on ImageNet 256) and improved MeanFlow (iMF, Geng, Lu et al. 2025, arXiv 2512.02012).
+meanflow: classifier-free guidance is folded into the target with omega (and kappa) as in
+MeanFlow Sec. 4.2. Each value cites the reference code (Gsunshine/meanflow); the paper's own
+per-size table was not reachable (docs/methods.md, "Experiment presets").
+imf: the guidance scale and interval are network inputs drawn per row, with iMF's guided
+target and the auxiliary velocity head (fmjax.losses.imf); the values below are the official
+code's (Lyy-iiis/imeanflow: configs/default.py, configs/train_config.yml, configs/eval_config.yml,
+models/imfDiT.py), each cited beside it. The network is fmjax's DiT (adaLN-Zero, time
+conditioning (t, t - s), guidance inputs added to it), not iMF's in-context-conditioned
+transformer (RMSNorm, RoPE, SwiGLU, 8 head blocks per output): see docs/methods.md.
 
 Prepare the latents once (ImageNet from its official source, encoded with the SD VAE)
 into an array_record TFDS folder `imagenet256_latents` with features {'latent': float32
@@ -24,6 +29,14 @@ _SIZES = {'B': (768, 12, 12), 'M': (1024, 16, 16), 'L': (1024, 24, 16), 'XL': (1
 # Citations: "ref" is Gsunshine/meanflow at its stored snapshot (configs/default.py, configs/run_b4.yml,
 # README.md); MeanFlow's own appendix table of per-size configurations (arXiv 2505.13447) was
 # not reachable from this workplace: every "paper" value below is NOT CHECKED.
+# iMF's (hidden, depth, heads): Lyy-iiis/imeanflow models/imfDiT.py imfDiT_{B,M,L,XL}_2.
+_IMF_SIZES = {'B': (768, 12, 12), 'M': (768, 24, 12), 'L': (1024, 32, 16), 'XL': (1024, 48, 16)}
+# 1-NFE sampling guidance (omega, interval) recommended for the released checkpoints
+# (imeanflow configs/eval_config.yml), the interval mapped from its time (1 = noise) to fmjax's.
+# M and L's 10.5 lies above the training range [1, 8] of the stored B/2 config; the larger
+# models' training s_max is not in the stored configs (not checked).
+_IMF_EVAL = {'B': (8.0, (0.35, 0.6)), 'M': (10.5, (0.4, 0.6)), 'L': (10.5, (0.4, 0.6)),
+             'XL': (8.0, (0.38, 0.58))}
 
 
 def get_config(arg=None):
@@ -44,9 +57,10 @@ def get_config(arg=None):
   c.model_defaults.dit = {'patch_size': 2, 'hidden': width, 'depth': depth, 'num_heads': heads}
   c.flow_map.parameterization = 'meanflow'
   c.loss.name = rule
-  c.loss_defaults[rule] = {'weighting': 'adaptive', 'adaptive_power': 1.0, 'diagonal_fraction': 0.75,
-                           'label_dropout': 0.1, 'omega': 2.0 if size in ('B',) else 1.0,
-                           'kappa': 0.0 if size in ('B',) else 0.92}
+  c.train.batch_size = 256                # ref configs/default.py:33, run_b4.yml:13
+  # ref run_b4.yml:11 trains 240 epochs (1.2M steps at batch 256 on 1.28M images); this preset
+  # runs 1/5 of that (48 epochs). Per-size epoch counts of the paper: not checked.
+  c.train.num_steps = 1_200_000 // 5
   if rule == 'meanflow':
     # diagonal_fraction 0.75 = ref default.py:57 (data_proportion); label_dropout 0.1 = :58
     # (class_dropout_prob); adaptive_power 1.0 = :70 (norm_p); adaptive_eps 0.01 (:71) and the
@@ -57,19 +71,33 @@ def get_config(arg=None):
     # 2.0 (B/4, paper Table 1(f) and Table 5 per that README). B keeps (2.0, 0.0), M/L/XL take
     # the reference default (1.0, 0.5); the paper's per-size scales and guidance intervals
     # (ref t_start / t_end, default.py:66-67, not implemented here) are NOT CHECKED.
-    c.loss_defaults.meanflow.update({'omega': 2.0, 'kappa': 0.0} if size == 'B'
-                                    else {'omega': 1.0, 'kappa': 0.5})
-  c.train.batch_size = 256                # ref configs/default.py:33, run_b4.yml:13
-  # ref run_b4.yml:11 trains 240 epochs (1.2M steps at batch 256 on 1.28M images); this preset
-  # runs 1/5 of that (48 epochs). Per-size epoch counts of the paper: not checked.
-  c.train.num_steps = 1_200_000 // 5
+    c.loss_defaults.meanflow = {'weighting': 'adaptive', 'adaptive_power': 1.0,
+                                'diagonal_fraction': 0.75, 'label_dropout': 0.1,
+                                **({'omega': 2.0, 'kappa': 0.0} if size == 'B'
+                                   else {'omega': 1.0, 'kappa': 0.5})}
+  else:
+    width, depth, heads = _IMF_SIZES[size]
+    c.model_defaults.dit = {'patch_size': 2, 'hidden': width, 'depth': depth, 'num_heads': heads,
+                            'guidance_conditioning': True,   # omega, interval as inputs
+                            'velocity_head': True}           # imfDiT's v head (aux_head_depth 8)
+    # Rule defaults already the reference's: logit-normal(-0.4, 1) times, diagonal_fraction 0.5
+    # (data_proportion), omega^-1 on [1, 8] (cfg_beta 1, s_max 7), interval U[0, .5] x U[.5, 1].
+    c.loss_defaults.imf = {'weighting': 'adaptive', 'adaptive_power': 1.0,  # norm_p 1, norm_eps 0.01
+                           'label_dropout': 0.1,                            # class_dropout_prob
+                           'guidance_conditioning': True,
+                           'velocity_head_weight': 1.0}                     # loss = loss_u + loss_v
+    c.train.batch_size = 1024               # train_config.yml (iMF-B/2): batch 1024, 640 epochs
+    c.train.num_steps = 640 * 1_281_167 // 1024 // 5   # shortened x5, as the meanflow preset
+    c.optim.warmup_steps = 10 * 1_281_167 // 1024      # warmup_epochs 10
+    c.eval.guidance_scale, c.eval.guidance_interval = _IMF_EVAL[size]
   c.train.log_every = 500
   c.train.eval_every = 50_000
   c.train.checkpoint_every = 10_000
   c.train.keep_every = 100_000
   c.optim.learning_rate = 1e-4            # ref default.py:32, run_b4.yml:12 (constant: train.py:72-75)
   c.optim.b2 = 0.95                       # ref default.py:44 (adamw, weight_decay 0: train.py:72-75)
-  c.optim.warmup_steps = 0                # ref: no warmup (train.py:72-75)
+  if rule == 'meanflow':
+    c.optim.warmup_steps = 0              # ref: no warmup (train.py:72-75)
   c.optim.ema_decays = (0.9999,)          # ref default.py:45, run_b4.yml:15 (ema_type 'const')
   c.sharding.fsdp = 8                      # shard DiT weights and Adam moments over 8 devices
   c.sharding.fsdp_min_size = 2**16

@@ -68,7 +68,10 @@ class Model:
   mesh: Mesh
 
   def __post_init__(self):
-    self._sample = jax.jit(self._sample_impl, static_argnames=('num', 'guidance_scale'))
+    self._sample = jax.jit(self._sample_impl,
+                           static_argnames=('num', 'guidance_scale', 'guidance_interval'))
+    # iMF-style networks take the guidance scale as an input (one evaluation per step).
+    self._guidance_input = bool(self.config.model.get('guidance_conditioning'))
     fm = self.parameterization
     self._flow_map = jax.jit(lambda p, s, t, x, labels: fm.X(p, s, t, x, labels))
     self._velocity = jax.jit(lambda p, t, x, labels: fm.velocity(p, t, x, labels))
@@ -82,26 +85,49 @@ class Model:
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), self.example_shape,
                                                 jnp.float32))(rows)
 
-  def _sample_impl(self, params, key, first, times, labels, *, num, guidance_scale):
+  def _sample_impl(self, params, key, first, times, labels, *, num, guidance_scale,
+                   guidance_interval):
     x0 = jax.lax.with_sharding_constraint(self.noise(key, num, first), self._batch_sharding(num))
     return samplers.flow_map_sample(self.parameterization, params, x0, times, labels,
                                     null_label=self.num_classes or None,
-                                    guidance_scale=guidance_scale)
+                                    guidance_scale=guidance_scale,
+                                    guidance_input=self._guidance_input,
+                                    guidance_interval=guidance_interval)
 
   def sample(self, key, num: int, steps: int = 1, *, times=None, labels=None,
-             guidance_scale: float = 1.0, partial: bool = False, chunk_size: int | None = None):
+             guidance_scale: float = 1.0, guidance_interval=None, partial: bool = False,
+             chunk_size: int | None = None):
     """`num` samples by the flow map from noise (t = 0) to data (t = 1).
 
     steps: k, for the uniform grid 0, 1/k, ..., 1 (k network evaluations);
     times: an explicit, strictly increasing grid from 0 to 1 instead (its length - 1
       evaluations); partial=True allows a grid inside [0, 1] that starts later or ends earlier;
     labels: int [num] class ids for class-conditional models (None = unconditional);
-    guidance_scale: classifier-free guidance weight (1 = none);
+    guidance_scale: classifier-free guidance weight (1 = none); a network trained with the
+      scale as an input (config.model.guidance_conditioning, iMF) receives it as an input (one
+      evaluation per step), any other runs the conditional and the null pass;
+    guidance_interval: (start, end) in fmjax time (0 noise, 1 data), where a guidance-conditioned
+      network applies the scale (default (0, 1): everywhere; iMF's reference B/2 setting
+      [0.4, 0.65] in its time, 1 = noise, is (0.35, 0.6) here);
     chunk_size: samples per jitted call (default: CHUNK_ELEMENTS elements of x). A request
       larger than one chunk runs chunk by chunk (one compilation) and comes back as a host
       numpy array; the samples are the same as in one call with the same key.
     """
     num = _count('num', num)
+    if self._guidance_input and not float(guidance_scale) > 0:
+      raise ValueError(f'guidance_scale must be > 0 for a guidance-conditioned network (it reads '
+                       f'1 - 1/guidance_scale; trained on [1, omega_max]), got {guidance_scale}.')
+    if guidance_interval is None:
+      guidance_interval = (0.0, 1.0)
+    elif not self._guidance_input:
+      raise ValueError('guidance_interval is an input of guidance-conditioned networks '
+                       '(config.model.guidance_conditioning); this model has none.')
+    else:
+      start, end = (float(a) for a in guidance_interval)
+      if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f'guidance_interval must be (start, end) with 0 <= start <= end <= 1, '
+                         f'got {tuple(guidance_interval)}.')
+      guidance_interval = (start, end)
     if times is None:
       times = samplers.uniform_grid(_count('steps', steps))
     times = jnp.asarray(_check_grid(times, partial), jnp.float32)
@@ -124,7 +150,8 @@ class Model:
       if labels is not None:   # a last, short chunk is padded to the chunk size (one compilation)
         y = jnp.asarray(np.resize(labels[first:first + chunk], chunk), jnp.int32)
       return self._sample(self.params, key, first, times, y, num=chunk,
-                          guidance_scale=float(guidance_scale))[:num - first]
+                          guidance_scale=float(guidance_scale),
+                          guidance_interval=guidance_interval)[:num - first]
 
     if chunk >= num:
       return run(0)

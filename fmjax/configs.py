@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.reference_samples = 2000
   c.eval.grid_size = 8              # image sets: the sample grid is grid_size x grid_size
   c.eval.guidance_scale = 1.0
+  # (start, end) in fmjax time where a guidance-conditioned network (model.guidance_conditioning,
+  # iMF) applies eval.guidance_scale; other networks ignore it.
+  c.eval.guidance_interval = (0.0, 1.0)
   # The ODE baseline on the learned velocity v_{t,t}, at matching and larger NFE (budgets a
   # method cannot meet exactly, e.g. 1 NFE for Heun, are skipped).
   c.eval.ode_method = 'euler'       # 'euler' | 'heun' | 'midpoint' | 'rk4'
@@ -332,6 +335,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(all(int(n) >= 1 for n in config.eval.ode_nfe), 'config.eval.ode_nfe must be positive NFE budgets.')
   need(all(len(p) == 2 and 0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0 for p in config.eval.exact_pairs),
        'config.eval.exact_pairs must be (s, t) pairs of times in [0, 1].')
+  interval = tuple(config.eval.get('guidance_interval', (0.0, 1.0)))
+  need(len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
+       f'config.eval.guidance_interval must be (start, end) with 0 <= start <= end <= 1, got {interval}.')
   need(config.eval.fid_num_samples >= 2, 'config.eval.fid_num_samples must be >= 2.')
   need(config.eval.fid_batch_size >= 1, 'config.eval.fid_batch_size must be positive.')
   need(config.model.time_conditioning in embeddings.TIME_CONDITIONINGS,
@@ -350,6 +356,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'config.loss.name = {config.loss.name!r} trains from scratch, but config.teacher.workdir '
          "is set; distill with 'lmd', 'emd', 'progressive' or 'trajectory_distillation' (or 'meanflow', 'imf', 'sct', "
          "'ect'), or clear the teacher.")
+  # iMF's guidance inputs and velocity head are network outputs/inputs the rule relies on.
+  need(not config.loss.get('guidance_conditioning') or config.model.get('guidance_conditioning'),
+       'config.loss.guidance_conditioning = True feeds the guidance scale to the network: set '
+       '--config.model.guidance_conditioning=True as well.')
+  need(not config.loss.get('velocity_head_weight') or config.model.get('velocity_head'),
+       'config.loss.velocity_head_weight > 0 trains an auxiliary velocity head: set '
+       '--config.model.velocity_head=True as well (or the weight to 0).')
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
 

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fmjax import conditioning
 from fmjax.interpolants import expand
 
 VelocityFn = Callable[..., jax.Array]   # velocity(t, x) -> b_t(x), t of shape [batch]
@@ -58,7 +59,8 @@ def _schedule(times, num_steps):
   return times.shape[0] - 1, lambda i: times[i]
 
 
-def guided(fn, labels, null_label, guidance_scale):
+def guided(fn, labels, null_label, guidance_scale, *, guidance_input: bool = False,
+           guidance_interval=(0.0, 1.0)):
   """Classifier-free guidance of f(*arrays, labels): f_null + w (f_c - f_null), in one batched call.
 
   Every positional argument of the returned function is a [batch, ...] array (doubled for the
@@ -66,7 +68,16 @@ def guided(fn, labels, null_label, guidance_scale):
 
   Used both for velocities and for flow-map average velocities (the usual approximation for
   maps trained without guidance; maps trained with guidance folded in need scale 1).
+
+  guidance_input=True is for networks conditioned on the guidance scale (iMF, arXiv 2512.02012;
+  `guidance_conditioning=True`): the scale w and the interval (start, end) in fmjax time go to
+  the network as inputs (`fmjax.conditioning.Guidance`), one evaluation, no null pass.
   """
+  if guidance_input:
+    if labels is None:
+      return lambda *args: fn(*args, None)
+    start, end = guidance_interval
+    return lambda *args: fn(*args, conditioning.make(labels, guidance_scale, args[0].shape[0], start, end))
   if labels is None or guidance_scale == 1.0:
     return lambda *args: fn(*args, labels)
 
@@ -80,15 +91,17 @@ def guided(fn, labels, null_label, guidance_scale):
 
 
 def flow_map_sample(flow_map, params, x0, times=None, labels=None, *, num_steps=None,
-                    null_label=None, guidance_scale: float = 1.0):
+                    null_label=None, guidance_scale: float = 1.0, guidance_input: bool = False,
+                    guidance_interval=(0.0, 1.0)):
   """x_{t_k} = X_{t_{k-1}, t_k}(x_{t_{k-1}}) over a time grid: one evaluation per step.
 
   Boffi et al. 2406.07507, Sec. 2: a k-step flow-map sampler; k = 1 jumps from noise to
   data in one evaluation. The grid is `times` (len(times) - 1 steps) or, with `num_steps`
   = k, the uniform grid i / k; k may be a traced integer (one compilation for every k).
+  guidance_input, guidance_interval: see `guided` (networks conditioned on the guidance scale).
   """
   v = guided(lambda s, t, x, y: flow_map.v(params, s, t, x, y), labels, null_label,
-             guidance_scale)
+             guidance_scale, guidance_input=guidance_input, guidance_interval=guidance_interval)
   return _march(lambda x, s, t: x + expand(t - s, x) * v(s, t, x), x0,
                 *_schedule(times, num_steps))
 
@@ -138,11 +151,13 @@ def ode_sample(velocity: VelocityFn, x0, num_steps, method: str = 'heun',
 
 
 def flow_map_ode_sample(flow_map, params, x0, num_steps, method: str = 'heun', labels=None, *,
-                        null_label=None, guidance_scale: float = 1.0):
+                        null_label=None, guidance_scale: float = 1.0, guidance_input: bool = False,
+                        guidance_interval=(0.0, 1.0)):
   """`ode_sample` on the map's own velocity b_t = v_{t,t} (Boffi et al. 2406.07507, Sec. 2: the
   diagonal of a flow map is a flow-matching model), guided like `flow_map_sample`."""
   velocity = guided(lambda t, x, y: flow_map.velocity(params, t, x, y), labels, null_label,
-                    guidance_scale)
+                    guidance_scale, guidance_input=guidance_input,
+                    guidance_interval=guidance_interval)
   return ode_sample(velocity, x0, num_steps, method)
 
 
@@ -151,7 +166,7 @@ def ode_nfe(num_steps: int, method: str) -> int:
   return num_steps * ODE_METHODS[method]
 
 
-def make_flow_map_sampler(flow_map, *, null_label=None):
+def make_flow_map_sampler(flow_map, *, null_label=None, guidance_input: bool = False):
   """A jitted sample(params, x0, times, labels=None, guidance_scale=1.0).
 
   The grid's values are traced, so one compilation serves every grid with the same number
@@ -161,16 +176,18 @@ def make_flow_map_sampler(flow_map, *, null_label=None):
   @functools.partial(jax.jit, static_argnames='guidance_scale')
   def sample(params, x0, times, labels=None, guidance_scale=1.0):
     return flow_map_sample(flow_map, params, x0, times, labels, null_label=null_label,
-                           guidance_scale=guidance_scale)
+                           guidance_scale=guidance_scale, guidance_input=guidance_input)
 
   return sample
 
 
-def make_ode_sampler(flow_map, num_steps: int, method: str = 'heun', *, null_label=None):
+def make_ode_sampler(flow_map, num_steps: int, method: str = 'heun', *, null_label=None,
+                     guidance_input: bool = False):
   """A jitted sample(params, x0, labels=None, guidance_scale=1.0) by the ODE on v_{t,t}."""
   @functools.partial(jax.jit, static_argnames='guidance_scale')
   def sample(params, x0, labels=None, guidance_scale=1.0):
     return flow_map_ode_sample(flow_map, params, x0, num_steps, method, labels,
-                               null_label=null_label, guidance_scale=guidance_scale)
+                               null_label=null_label, guidance_scale=guidance_scale,
+                               guidance_input=guidance_input)
 
   return sample

@@ -102,7 +102,8 @@ def guided_v(p, z, t, v, y, omega, kappa):
 def meanflow_reference(params, batch, key, o, improved=False):
   """The paper's loss (sum over dimensions, mean over rows) on fmjax's batch and keys."""
   p = params['net']
-  n_diag = int(round(B * o.get('diagonal_fraction', 0.75)))
+  # data_proportion: 0.75 in MeanFlow's reference code, 0.5 in iMF's (Lyy-iiis/imeanflow).
+  n_diag = int(round(B * o.get('diagonal_fraction', 0.5 if improved else 0.75)))
   n_off = B - n_diag
   key_off, key_diag = part_keys(key)
   t_off, r_off = meanflow_times(key_off, n_off)
@@ -173,7 +174,8 @@ def test_meanflow_defaults_are_the_reference_codes():
   assert settings['times'] == {'name': 'logit_normal', 'mean': 0.4, 'std': 1.0, 'eps': EPS}
   assert settings['diagonal_fraction'] == 0.75 and settings['diagonal_time'] == 'pair'
   assert (settings['weighting'], settings['adaptive_power'], settings['adaptive_eps']) == ('adaptive', 1.0, 0.01)
-  assert losses.resolve_options('imf', {})['diagonal_time'] == 'pair'
+  imf = losses.resolve_options('imf', {})
+  assert imf['diagonal_time'] == 'pair' and imf['diagonal_fraction'] == 0.5
 
 
 def test_meanflow_without_kappa_runs_no_conditional_pass():

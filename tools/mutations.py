@@ -26,12 +26,12 @@ class Mutation(NamedTuple):
   name: str
   path: str
   edits: tuple   # (old, new) snippet pairs, applied together
-  tests: tuple = tuple(TESTS)   # the test files that must catch it
+  tests: tuple = ()   # test files run in addition to TESTS
 
 
-def mutation(name, path, *pairs, tests=None):
+def mutation(name, path, *pairs, tests=()):
   """A mutation of one file: the first pair is (old, new), further pairs belong to the same mistake."""
-  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])), tuple(tests or TESTS))
+  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])), tuple(tests))
 
 
 # The papers' own notation for sCT's TrigFlow form and ECT's time draw (finite differences).
@@ -139,6 +139,13 @@ MUTATIONS = [
              'return weigh(raw, params, 0 * t, t + step, ctx.options, num_dims(rows.x1)), raw, t'),
     mutation('mean_square reduces float64 in float32', 'fmjax/losses/base.py',
              'err = err.astype(jnp.promote_types(err.dtype, jnp.float32))', 'err = err.astype(jnp.float32)'),
+    # iMF with guidance inputs (issue 9): tests/test_reference_imf.py's finite-difference reference.
+    mutation("iMF guided target (1 - 1/omega) replaced by CFG's (omega - 1)", 'fmjax/losses/imf.py',
+             'expand(1.0 - 1.0 / omega, v_c) * (v_c - v_u)', 'expand(omega - 1.0, v_c) * (v_c - v_u)',
+             tests=('tests/test_reference_imf.py',)),
+    mutation('iMF guidance scale drawn uniformly instead of log-uniformly', 'fmjax/losses/imf.py',
+             'return jnp.exp(u * jnp.log(omega_max))', 'return 1.0 + u * (omega_max - 1.0)',
+             tests=('tests/test_reference_imf.py',)),
 ]
 
 
@@ -157,7 +164,7 @@ def run(mutation: Mutation, scratch: str) -> list[str]:
   with open(path, 'w') as f:
     f.write(source)
   result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-n', '2', '-p', 'no:cacheprovider',
-                           *mutation.tests], cwd=scratch, capture_output=True, text=True,
+                           *TESTS, *mutation.tests], cwd=scratch, capture_output=True, text=True,
                           env={**os.environ, 'PYTHONPATH': scratch})
   return re.findall(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
 

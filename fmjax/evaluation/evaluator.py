@@ -61,7 +61,9 @@ class Evaluator:
       num_classes = self.source.num_classes
       self._sample_fns = plan.make_sample_fns(self.flow_map, plan.plan_from_config(self.config),
                                               null_label=num_classes or None,
-                                              guidance_scale=self.config.eval.guidance_scale)
+                                              guidance_scale=self.config.eval.guidance_scale,
+                                              guidance_input=bool(self.config.model.get('guidance_conditioning')),
+                                              guidance_interval=tuple(self.config.eval.get('guidance_interval', (0.0, 1.0))))
     return self._sample_fns
 
   def __call__(self, state, step: int, logger, *, final: bool) -> dict:

@@ -62,15 +62,19 @@ def plan(flow_map_steps, ode_method: str, ode_nfe, guided: bool = False) -> list
 
 
 def plan_from_config(config) -> list[SamplerSpec]:
-  guided = bool(config.data.num_classes) and config.eval.guidance_scale != 1.0
+  # Guidance costs a second (null) pass, except for networks taking the scale as an input (iMF).
+  guided = (bool(config.data.num_classes) and config.eval.guidance_scale != 1.0
+            and not config.model.get('guidance_conditioning'))
   return plan(config.eval.steps, config.eval.ode_method, config.eval.ode_nfe, guided)
 
 
-def make_sample_fns(flow_map, specs, *, null_label=None, guidance_scale: float = 1.0
+def make_sample_fns(flow_map, specs, *, null_label=None, guidance_scale: float = 1.0,
+                    guidance_input: bool = False, guidance_interval=(0.0, 1.0)
                     ) -> dict[SamplerSpec, Callable]:
   """{spec: sample(params, x0, labels) -> x}: `samplers.flow_map_sample` on the uniform k-step
   grid and `samplers.flow_map_ode_sample`, jitted with the step count traced."""
-  guidance = dict(null_label=null_label, guidance_scale=guidance_scale)
+  guidance = dict(null_label=null_label, guidance_scale=guidance_scale, guidance_input=guidance_input,
+                  guidance_interval=tuple(guidance_interval))
   flow_map_fn = jax.jit(lambda params, x0, labels, k: samplers.flow_map_sample(
       flow_map, params, x0, None, labels, num_steps=k, **guidance))
   ode_fns = {}

@@ -17,7 +17,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 from fmjax import samplers
-from fmjax.losses import base, consistency, distill, eulerian, lagrangian, semigroup
+from fmjax.losses import base, consistency, distill, eulerian, imf, lagrangian, semigroup
 from fmjax.losses.base import CommonOptions, Rule
 from fmjax.losses.times import TimeDistribution
 
@@ -27,6 +27,9 @@ _MEANFLOW_TIMES = {'name': 'logit_normal', 'mean': 0.4, 'std': 1.0}   # MeanFlow
 # diagonal_time = 'pair'), norm_p = 1.0, norm_eps = 0.01 on the summed squared error. The
 # paper's own value of c is not checked here; fmjax follows the reference code.
 _MEANFLOW_DEFAULTS = {'times': _MEANFLOW_TIMES, 'weighting': 'adaptive', 'adaptive_eps': 0.01}
+# iMF's reference code (Lyy-iiis/imeanflow, configs/default.py): as MeanFlow's, but
+# data_proportion = 0.5 (half the rows have r = t).
+_IMF_DEFAULTS = {**_MEANFLOW_DEFAULTS, 'diagonal_fraction': 0.5}
 
 
 class RuleSpec(NamedTuple):
@@ -46,7 +49,7 @@ RULES: dict[str, RuleSpec] = {
     'esd': RuleSpec(eulerian.eulerian_rule, 'none', {}),
     'psd': RuleSpec(semigroup.semigroup_rule, 'none', {}),
     'meanflow': RuleSpec(eulerian.meanflow_rule, 'optional', _MEANFLOW_DEFAULTS),
-    'imf': RuleSpec(eulerian.meanflow_rule, 'optional', _MEANFLOW_DEFAULTS, {'improved': True}),
+    'imf': RuleSpec(imf.imf_rule, 'optional', _IMF_DEFAULTS, {'improved': True}),
     'shortcut': RuleSpec(semigroup.semigroup_rule, 'none', {'diagonal_fraction': 0.875},
                          {'intermediate': 'midpoint', 'space': 'v', 'dyadic_levels': 7}),
     # sCM's learned adaptive weight e^{w(t)} |.|^2 / D - w(t) (Lu & Song 2410.11081, Alg. 1) is

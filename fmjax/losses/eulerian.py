@@ -13,9 +13,10 @@ All of them evaluate the total derivative along (ds, dx) = (1, w) with one `jax.
   MeanFlow's identity u = v - (t - r) du/dt is exactly the Eulerian residual in v-space:
   v - w - (t - s) Dv = -(d/ds + w . grad) X_{s,t}. Classifier-free guidance is folded into w
   (MeanFlow Eq. 13 and its kappa variant, Appendix B.1).
-- improved MeanFlow (iMF, Geng et al. 2025, "Improved Mean Flows", Eq. 13), w = the model's
-  own velocity sg[v_{s,s}(I_s)]; the compound velocity V = v - (t - s) sg[Dv] regresses onto
-  dI/ds (or the guided velocity).
+- improved MeanFlow (iMF, Geng, Lu et al. 2025, "Improved Mean Flows", arXiv 2512.02012), w =
+  the model's own velocity sg[v_{s,s}(I_s)]; the compound velocity V = v - (t - s) sg[Dv]
+  regresses onto dI/ds (or a fixed-guidance velocity). iMF with the guidance scale as a
+  network input and its auxiliary velocity head: fmjax/losses/imf.py.
 
 `eulerian_gradient` picks which part of the residual carries the gradient:
   'derivative' only d/ds X (ESD; two jvps: the stopped grad X w is a forward-only jvp),

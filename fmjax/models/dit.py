@@ -20,8 +20,10 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
+from fmjax import conditioning
 from fmjax.models import attention as attention_lib
 from fmjax.models import embeddings
+from fmjax.models import guidance as guidance_lib
 
 _zeros = nnx.initializers.zeros_init()
 _xavier = nnx.initializers.xavier_uniform()
@@ -109,7 +111,7 @@ class DiT(nnx.Module):
   def __init__(self, *, image_size: int = 32, in_channels: int = 4, patch_size: int = 2,
                hidden: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                num_classes: int = 0, time_conditioning: str = 's_t', time_frequency_dim: int = 256,
-               time_scale: float = 1000.0,
+               time_scale: float = 1000.0, guidance_conditioning: bool = False, velocity_head: bool = False,
                attention: str = 'naive', attention_options: dict | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
@@ -130,14 +132,23 @@ class DiT(nnx.Module):
     self.label_embedding = (nnx.Embed(num_classes + 1, hidden, dtype=time_kw['dtype'], param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                             if num_classes else None)
+    # iMF's guidance inputs (omega, interval), added to c; absent (no params) when off.
+    self.guidance_embedding = (guidance_lib.GuidanceEmbedding(hidden, time_frequency_dim, **time_kw)
+                               if guidance_conditioning else None)
     self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, **kw)
                             for _ in range(depth)])
     self.final_norm = nnx.LayerNorm(hidden, use_bias=False, use_scale=False, epsilon=1e-6, **kw)
     self.final_adaln = nnx.Linear(hidden, 2 * hidden, kernel_init=_zeros, **kw)
     self.final_linear = nnx.Linear(hidden, patch_size * patch_size * in_channels, kernel_init=_zeros, **kw)
+    # iMF's auxiliary velocity head: its own final adaLN and linear layer (absent when off).
+    self.velocity_adaln = nnx.Linear(hidden, 2 * hidden, kernel_init=_zeros, **kw) if velocity_head else None
+    self.velocity_linear = (nnx.Linear(hidden, patch_size * patch_size * in_channels, kernel_init=_zeros, **kw)
+                            if velocity_head else None)
 
   def embed(self, s, t, labels, batch: int):
-    """The float32 conditioning vector c = emb_a + emb_b + emb_label, [batch, hidden]."""
+    """The float32 conditioning vector c = emb_a + emb_b + emb_label (+ emb_guidance), [batch, hidden]."""
+    labels, guidance = conditioning.split(labels)
+    guidance_lib.check_inputs(guidance, self.guidance_embedding is not None, 'DiT')
     s, t = embeddings.broadcast_times(s, t, batch)
     a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
     c = self.time_embed_a(a) + self.time_embed_b(b)
@@ -145,9 +156,12 @@ class DiT(nnx.Module):
       if labels is None:
         labels = jnp.full((batch,), self.num_classes, jnp.int32)
       c = c + self.label_embedding(labels)
+    if self.guidance_embedding is not None:
+      c = c + self.guidance_embedding(guidance, batch)
     return c
 
-  def __call__(self, s, t, x, labels=None):
+  def __call__(self, s, t, x, labels=None, *, head: str = 'average'):
+    guidance_lib.check_head(head, self.velocity_linear is not None, 'DiT')
     if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, self.in_channels):
       raise ValueError(f'DiT expects NHWC inputs [batch, {self.image_size}, {self.image_size}, '
                        f'{self.in_channels}], got {x.shape}.')
@@ -158,8 +172,12 @@ class DiT(nnx.Module):
     h = h + jnp.asarray(sincos_2d_position_embedding(self.hidden, g), self.dtype)[None]
     for block in self.blocks:
       h = block(h, c)
-    shift, scale = jnp.split(self.final_adaln(nnx.silu(c)), 2, axis=-1)
-    h = self.final_linear(modulate(self.final_norm(h), shift, scale))
+    if head == 'velocity':
+      adaln, linear = self.velocity_adaln, self.velocity_linear
+    else:
+      adaln, linear = self.final_adaln, self.final_linear
+    shift, scale = jnp.split(adaln(nnx.silu(c)), 2, axis=-1)
+    h = linear(modulate(self.final_norm(h), shift, scale))
     # Unpatchify: [b, g*g, p*p*C] -> [b, g*p, g*p, C].
     h = h.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5)
     return h.reshape(b, g * p, g * p, self.in_channels).astype(x.dtype)

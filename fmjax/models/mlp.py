@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from fmjax import conditioning
 from fmjax.models import embeddings
+from fmjax.models import guidance as guidance_lib
 
 
 class MLP(nnx.Module):
@@ -19,6 +21,7 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, *, hidden: int = 512, depth: int = 4, time_dim: int = 64,
                num_classes: int = 0, time_conditioning: str = 's_t', time_scale: float = 100.0,
+               guidance_conditioning: bool = False, velocity_head: bool = False,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
     self.dim, self.time_dim, self.num_classes = dim, time_dim, num_classes
@@ -38,16 +41,26 @@ class MLP(nnx.Module):
     self.first_time = nnx.Linear(time_dim, hidden, use_bias=False, **time_kw)
     self.second_time = nnx.Linear(time_dim, hidden, use_bias=False, **time_kw)
     self.label_embedding = nnx.Embed(num_classes + 1, hidden, **kw) if num_classes else None
+    # iMF's guidance inputs (omega, interval), added to h; absent (no params) when off.
+    self.guidance_embedding = (guidance_lib.GuidanceEmbedding(hidden, time_dim, scale=time_scale,
+                                                              **time_kw)
+                               if guidance_conditioning else None)
     self.blocks = nnx.List([
         nnx.Sequential(nnx.silu, nnx.Linear(hidden, hidden, **kw), nnx.silu,
                        nnx.Linear(hidden, hidden, **kw))
         for _ in range(depth - 1)
     ])
     self.output = nnx.Linear(hidden, dim, kernel_init=nnx.initializers.zeros, **kw)
+    # iMF's auxiliary velocity head: a second output layer (absent when off).
+    self.velocity_output = (nnx.Linear(hidden, dim, kernel_init=nnx.initializers.zeros, **kw)
+                            if velocity_head else None)
 
-  def __call__(self, s, t, x, labels=None):
+  def __call__(self, s, t, x, labels=None, *, head: str = 'average'):
+    guidance_lib.check_head(head, self.velocity_output is not None, 'MLP')
     if x.ndim != 2 or x.shape[-1] != self.dim:
       raise ValueError(f'MLP expects x of shape [batch, {self.dim}], got {x.shape}.')
+    labels, guidance = conditioning.split(labels)
+    guidance_lib.check_inputs(guidance, self.guidance_embedding is not None, 'MLP')
     s, t = embeddings.broadcast_times(s, t, x.shape[0])
     a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
     emb = lambda u: embeddings.sinusoidal_embedding(u, self.time_dim, scale=self.time_scale)
@@ -57,6 +70,9 @@ class MLP(nnx.Module):
       if labels is None:
         labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
       h = h + self.label_embedding(labels)
+    if self.guidance_embedding is not None:
+      h = h + self.guidance_embedding(guidance, x.shape[0]).astype(self.dtype)
     for block in self.blocks:
       h = h + block(h)
-    return self.output(nnx.silu(h)).astype(x.dtype)
+    output = self.velocity_output if head == 'velocity' else self.output
+    return output(nnx.silu(h)).astype(x.dtype)

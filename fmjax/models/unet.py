@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fmjax import conditioning
 from fmjax.models import attention as attention_lib
 from fmjax.models import embeddings
+from fmjax.models import guidance as guidance_lib
 
 _SKIP_SCALE = math.sqrt(0.5)
 _zeros = nnx.initializers.zeros_init()
@@ -124,7 +126,7 @@ class UNet(nnx.Module):
                num_res_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                channels_per_head: int = 64, dropout: float = 0.0, emb_mult: int = 4,
                num_classes: int = 0, time_conditioning: str = 's_t', time_scale: float = 1000.0,
-               attention: str = 'naive',
+               guidance_conditioning: bool = False, velocity_head: bool = False, attention: str = 'naive',
                attention_options: dict | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % 2 ** (len(channel_mult) - 1):
@@ -146,6 +148,10 @@ class UNet(nnx.Module):
     self.map_layer1 = nnx.Linear(emb_channels, emb_channels, kernel_init=_xavier, **f32)
     self.label_embedding = (nnx.Embed(num_classes + 1, 2 * model_channels, **f32)
                             if num_classes else None)
+    # iMF's guidance inputs (omega, interval), added to the embedding; absent when off.
+    self.guidance_embedding = (guidance_lib.GuidanceEmbedding(emb_channels, model_channels,
+                                                              scale=time_scale, **f32)
+                               if guidance_conditioning else None)
 
     block = lambda cin, cout, **o: ResBlock(
         cin, cout, emb_channels, channels_per_head=channels_per_head, dropout=dropout,
@@ -177,9 +183,14 @@ class UNet(nnx.Module):
     self.decoder_takes_skip = tuple(t for t, _ in dec)
     self.norm_out = group_norm(cout, dtype, param_dtype, rngs)
     self.conv_out = nnx.Conv(cout, out_channels, (3, 3), kernel_init=_zeros, **kw)
+    # iMF's auxiliary velocity head: a second output convolution (absent when off).
+    self.velocity_conv_out = (nnx.Conv(cout, out_channels, (3, 3), kernel_init=_zeros, **kw)
+                              if velocity_head else None)
 
   def embed(self, s, t, labels, batch: int):
     """The float32 conditioning vector [batch, emb_channels] of (s, t, labels)."""
+    labels, guidance = conditioning.split(labels)
+    guidance_lib.check_inputs(guidance, self.guidance_embedding is not None, 'UNet')
     s, t = embeddings.broadcast_times(s, t, batch)
     a, b = embeddings.two_time_inputs(s, t, self.time_conditioning)
     emb = jnp.concatenate([
@@ -189,9 +200,13 @@ class UNet(nnx.Module):
       if labels is None:
         labels = jnp.full((batch,), self.num_classes, jnp.int32)
       emb = emb + self.label_embedding(labels)
-    return nnx.silu(self.map_layer1(nnx.silu(self.map_layer0(emb))))
+    emb = nnx.silu(self.map_layer1(nnx.silu(self.map_layer0(emb))))
+    if self.guidance_embedding is not None:
+      emb = emb + self.guidance_embedding(guidance, batch)
+    return emb
 
-  def __call__(self, s, t, x, labels=None, *, key=None):
+  def __call__(self, s, t, x, labels=None, *, key=None, head: str = 'average'):
+    guidance_lib.check_head(head, self.velocity_conv_out is not None, 'UNet')
     if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, self.in_channels):
       raise ValueError(f'UNet expects NHWC images [batch, {self.image_size}, {self.image_size}, '
                        f'{self.in_channels}], got {x.shape}.')
@@ -207,4 +222,5 @@ class UNet(nnx.Module):
       if takes_skip:
         h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = blk(h, emb, nxt())
-    return self.conv_out(nnx.silu(self.norm_out(h))).astype(x.dtype)
+    conv_out = self.velocity_conv_out if head == 'velocity' else self.conv_out
+    return conv_out(nnx.silu(self.norm_out(h))).astype(x.dtype)
