@@ -5,7 +5,7 @@
 # Writes $OUT/mnist_fid.md (the FID table) and $OUT/fid_features.jsonl (Inception images/s).
 #
 #   OUT=dir bash benchmarks/gpu_mnist_fid.sh              # GPU sizes (experiments/mnist.py:RULE,unet,h100)
-#   OUT=dir TINY=1 bash benchmarks/gpu_mnist_fid.sh       # CPU smoke run, same steps, tiny sizes (~10 min)
+#   OUT=dir TINY=1 bash benchmarks/gpu_mnist_fid.sh       # CPU smoke run, same steps, tiny sizes (~30 min on 2 shared cores)
 #   RULES="lsd" OUT=dir bash benchmarks/gpu_mnist_fid.sh  # a subset (each rule is ~4 min on an H100, estimated)
 #
 # Offline inputs (the device machine reaches no network), all optional where already prepared:
