@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mnist_config(arg):
-  spec = importlib.util.spec_from_file_location('mnist', os.path.join(ROOT, 'experiments', 'mnist.py'))
+  path = os.path.join(ROOT, 'experiments', 'mnist.py')
+  spec = importlib.util.spec_from_file_location('mnist', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
