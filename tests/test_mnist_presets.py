@@ -52,3 +52,26 @@ def test_default_recipes_unchanged_and_bad_size():
     mnist_config('lsd,unet,h200')
   with pytest.raises(ValueError, match='U-Net presets'):
     mnist_config('lsd,mlp,h100')
+
+
+def test_fid_table_from_workdirs(tmp_path, capsys):
+  import json
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import mnist_fid_table
+  ref = {'dataset': 'mnist5k', 'split': 'train+test', 'count': 5000}
+  runs = {'lsd': {'few_step': {'1': {'fid': 12.345}, '4': {'fid': 6.0}}, 'ode': {}},
+          'flow_matching': {'few_step': {}, 'ode': {'8': {'fid': 30.0}, '64': {'fid': None}}}}
+  for rule, res in runs.items():
+    wd = tmp_path / f'mnist_{rule}'
+    wd.mkdir()
+    (wd / 'final_metrics.json').write_text(json.dumps(dict(res, fid_reference=ref,
+                                                           fid_num_samples=5000)))
+  (tmp_path / 'mnist_meanflow').mkdir()   # a failed run: named, not fatal
+  mnist_fid_table.main(['--device', 'H100', str(tmp_path / 'mnist_flow_matching'),
+                        str(tmp_path / 'mnist_lsd'), str(tmp_path / 'mnist_meanflow')])
+  out = capsys.readouterr().out
+  assert '| NFE | flow_matching ODE | lsd flow map |' in out
+  assert '| 1 |  | 12.35 |' in out and '| 4 |  | 6.00 |' in out
+  assert '| 8 | 30.00 |  |' in out and '| 64 |  |  |' in out   # null FID -> empty cell
+  assert 'mnist_meanflow: no final_metrics.json' in out and 'vs mnist5k/train+test (5000' in out
