@@ -183,3 +183,28 @@ def test_fmjax_and_ttur_layouts_and_bad_files(tmp_path):
   np.savez(str(tmp_path / 'other.npz'), x=np.zeros(3))
   with pytest.raises(ValueError, match='no reference layout'):
     reference_batches.read_reference(str(tmp_path / 'other.npz'))
+
+
+def test_evaluate_batches_like_the_adm_evaluator(tmp_path):
+  rng = np.random.default_rng(7)
+  ref_images = rng.integers(0, 256, (30, 4, 4, 3), dtype=np.uint8)
+  sample_images = np.clip(rng.integers(0, 256, (25, 4, 4, 3)) * 0.8 + 20, 0, 255).astype(np.uint8)
+  np.savez(str(tmp_path / 'ref.npz'), arr_0=ref_images)
+  np.savez(str(tmp_path / 'samples.npz'), arr_0=sample_images, arr_1=np.arange(25))
+  got = reference_batches.evaluate_batches(str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz'),
+                                           fake_features, batch_size=7)
+  fr, fs = fake_features(ref_images), fake_features(sample_images)
+  expected_fid = scipy_fid(fr, fs)
+  p, r = brute_precision_recall(fr, fs, 3)
+  assert got['fid'] == pytest.approx(expected_fid, rel=1e-8)
+  assert (got['precision'], got['recall']) == pytest.approx((p, r))
+  assert (got['num_reference'], got['num_samples'], got['fid_reference_stats']) == (
+      30, 25, 'arr_0 features')
+
+
+def scipy_fid(a, b):
+  """The TTUR/ADM formula with scipy.linalg.sqrtm (well-conditioned here)."""
+  import scipy.linalg
+  s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  root = scipy.linalg.sqrtm(s1 @ s2).real
+  return np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s1 + s2 - 2 * root)

@@ -153,3 +153,48 @@ def describe(ref: Reference) -> str:
   return json.dumps({'path': ref.path, 'layout': ref.layout, 'keys': list(ref.keys),
                      'num_images': ref.num_images, 'image_shape': list(ref.image_shape),
                      'has_stats': ref.stats is not None})
+
+
+def evaluate_batches(reference_path: str, sample_path: str, feature_fn, *, batch_size: int = 200,
+                     k: int = 3) -> dict:
+  """The ADM evaluator's FID, precision and recall for a sample batch against a reference batch.
+
+  Both files in the ADM layout (`arr_0` uint8 images; the reference may carry `mu`/`sigma`,
+  which FID then uses). `feature_fn`: uint8 [b, H, W, 3] -> [b, 2048] (a `fid.FeatureExtractor`).
+  No Inception Score: fmjax's weights end at pool3 (`inception_score`).
+  """
+  from fmjax.evaluation import precision_recall  # pylint: disable=import-outside-toplevel
+  ref, sample = read_reference(reference_path), read_reference(sample_path)
+  ref_features = reference_features(ref, feature_fn, batch_size=batch_size)
+  sample_features = reference_features(sample, feature_fn, batch_size=batch_size)
+  ref_stats = reference_statistics(ref, ref_features)
+  sample_stats = fid.statistics(sample_features, dataset=os.path.basename(sample_path),
+                                split='samples', resize=resize.RESIZE_MODE,
+                                feature_extractor=ref_stats.provenance.get('feature_extractor'))
+  pr = precision_recall.precision_recall(ref_features, sample_features, k)
+  return {'fid': fid.fid(sample_stats, ref_stats), 'precision': pr['precision'],
+          'recall': pr['recall'], 'k': k, 'num_reference': ref.num_images,
+          'num_samples': sample.num_images,
+          'fid_reference_stats': 'file mu/sigma' if ref.stats is not None else 'arr_0 features'}
+
+
+def main(argv=None):
+  """python -m fmjax.evaluation.reference_batches REF.npz SAMPLES.npz [--batch_size 200]"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from fmjax.evaluation import inception  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description='FID, precision and recall of an ADM-layout '
+                                   'sample batch against a reference batch (no IS: see docs)')
+  parser.add_argument('reference')
+  parser.add_argument('samples')
+  parser.add_argument('--batch_size', type=int, default=200)
+  parser.add_argument('--weights', default=None, help='Inception checkpoint (default: the cache)')
+  args = parser.parse_args(argv)
+  for path in (args.reference, args.samples):
+    print(describe(read_reference(path)))  # layout errors before loading the network
+  extractor = fid.FeatureExtractor(inception.load_params(args.weights), batch_size=args.batch_size)
+  print(json.dumps(evaluate_batches(args.reference, args.samples, extractor,
+                                    batch_size=args.batch_size)))
+
+
+if __name__ == '__main__':
+  main()
