@@ -160,9 +160,10 @@ def test_adm_batch_with_and_without_stats(tmp_path):
                         feature_extractor=fid.extractor_id())
   expected = fid.frechet_distance(mu, sigma, ours.mu, ours.sigma)
   assert fid.fid(ref2.stats, ours) == pytest.approx(expected)
-  other = fid.Statistics(ours.mu, ours.sigma, dict(ours.provenance, feature_extractor='clip'))
-  with pytest.raises(ValueError, match='not comparable'):
-    fid.fid(ref2.stats, other)
+  for name in ('clip', 'inception_fid_tf2015:sha256=0123'):  # other network / other weights
+    other = fid.Statistics(ours.mu, ours.sigma, dict(ours.provenance, feature_extractor=name))
+    with pytest.raises(ValueError, match='not comparable'):
+      fid.fid(ref2.stats, other)
 
 
 def test_fmjax_and_ttur_layouts_and_bad_files(tmp_path):
