@@ -14,7 +14,14 @@ Run:
   python -m fmjax.main --config=experiments/mnist.py:meanflow --workdir=runs/mnist_mf
   python -m fmjax.main --config=experiments/mnist.py:flow_matching,mlp --workdir=runs/mnist_fm_mlp
 
-ARG = RULE[,MODEL] with RULE in flow_matching | lsd | meanflow, MODEL in unet | mlp.
+ARG = RULE[,MODEL[,SIZE]] with RULE in flow_matching | lsd | meanflow, MODEL in unet | mlp, SIZE
+in default | h100 | tiny.
+
+`h100` (U-Net only): the GPU presets of benchmarks/gpu_mnist_fid.sh, sized to train in about 4
+minutes each on one H100 (an *estimate*, not measured: see `H100_STEPS`), evaluated with 5,000
+samples per sampler against all 5,000 mnist5k digits: LSD and MeanFlow as flow maps at 1, 2
+and 4 steps, flow matching (the baseline) by its Euler ODE at 8, 16, 32 and 64 NFE. `tiny`: the
+same evaluation plan at a size that runs in seconds on a CPU (the script's TINY=1 path).
 
 CPU recipe (`:lsd,mlp`, docs/results.md): 4,000 updates of a 512-wide MLP with the
 x-prediction map (~15 min on 2 shared cores), then the few-step FID sweep:
@@ -28,13 +35,32 @@ x-prediction map (~15 min on 2 shared cores), then the few-step FID sweep:
 
 from fmjax import configs
 
+# Updates of the h100 presets, the same for every rule (samplers compared at equal training).
+# Time estimate (not measured): the U-Net below costs 2.38 GFLOP per 28x28 forward (XLA:CPU
+# cost analysis, batch 8), a flow-matching step ~3x that per image (forward + backward), so
+# 0.91 TFLOP per batch of 128; LSD and MeanFlow cost ~1.5x and ~1.2x (the paper-mix FLOP
+# ratios of docs/bench/loss_cost_dit_h100.md, measured on a DiT, not this U-Net). At an
+# assumed 40 TFLOP/s sustained on an H100 (TF32 convs; between the launch-bound 7 TFLOP/s of
+# the 2.8 ms DiT step in docs/bench and ~10 % of the dense TF32 peak), 5,000 steps take
+# ~115 s (flow matching), ~140 s (MeanFlow), ~170 s (LSD), plus compilation and evaluation:
+# about 4 minutes per rule.
+H100_STEPS = 5000
+SIZES = ('default', 'h100', 'tiny')
+
 
 def get_config(arg=None):
-  rule, model = 'lsd', 'unet'
+  rule, model, size = 'lsd', 'unet', 'default'
   if arg:
     parts = arg.split(',')
     rule = parts[0] or rule
-    model = parts[1] if len(parts) > 1 else model
+    model = parts[1] if len(parts) > 1 and parts[1] else model
+    size = parts[2] if len(parts) > 2 else size
+  if size not in SIZES:
+    raise ValueError(f'experiments/mnist.py: size {size!r} is not one of {SIZES} '
+                     '(ARG = RULE[,MODEL[,SIZE]], e.g. lsd,unet,h100)')
+  if size != 'default' and model != 'unet':
+    raise ValueError(f'experiments/mnist.py: the {size} presets are U-Net presets; use '
+                     f'{rule},unet,{size}')
   c = configs.base_config()
   c.data.name = 'mnist5k'
   c.data.num_classes = 10
@@ -84,4 +110,35 @@ def get_config(arg=None):
     c.eval.fid_batch_size = 50
     c.eval.fid_reference_samples = 1000
     c.eval.ode_nfe = (1, 2, 4, 8, 16)
+  if size != 'default':
+    _gpu_preset(c, rule, tiny=size == 'tiny')
   return c
+
+
+def _gpu_preset(c, rule, tiny):
+  """The h100 (or tiny) preset: training length, and the issue's evaluation plan."""
+  c.train.batch_size = 8 if tiny else 128
+  c.train.num_steps = 3 if tiny else H100_STEPS
+  c.train.log_every = 1 if tiny else 500
+  c.train.eval_every = 0
+  c.train.checkpoint_every = c.train.num_steps
+  c.optim.learning_rate = 4e-4   # short run: a larger step than the 20k-step default's 2e-4
+  c.optim.schedule = 'cosine'
+  c.optim.warmup_steps = 1 if tiny else 250
+  # One EMA: 0.999 averages the last ~1,000 of 5,000 steps (0.9999 would still hold the
+  # early, poor iterates).
+  c.optim.ema_decays = (0.999,)
+  if tiny:
+    c.model_defaults.unet = {'model_channels': 32, 'channel_mult': (1, 2), 'num_res_blocks': 1,
+                             'attn_resolutions': ()}
+  c.eval.fid_num_samples = 4 if tiny else 5000
+  c.eval.fid_batch_size = 4 if tiny else 500
+  c.eval.grid_size = 2 if tiny else 10
+  if rule == 'flow_matching':
+    # The baseline: only its velocity is trained, so only the ODE is scored.
+    c.eval.steps = ()
+    c.eval.ode_method = 'euler'
+    c.eval.ode_nfe = (8, 16) if tiny else (8, 16, 32, 64)
+  else:
+    c.eval.steps = (1, 2, 4)
+    c.eval.ode_nfe = ()

@@ -40,6 +40,17 @@ def extractor_id() -> str:
   return f'inception_fid_tf2015:sha256={inception.PARAMS_SHA256}'
 
 
+# Statistics that TensorFlow computed with the 2015 graph itself (ADM reference batches, TTUR
+# files): the network fmjax ports. Treated as the same extractor as `extractor_id()`.
+TF_GRAPH_EXTRACTOR_ID = 'inception_fid_tf2015:tf_graph_def'
+
+
+def _same_network(a: str, b: str) -> bool:
+  if a == b:
+    return True
+  return {a, b} == {extractor_id(), TF_GRAPH_EXTRACTOR_ID}
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics.
 
@@ -167,7 +178,8 @@ def fid(stats_a: Statistics, stats_b: Statistics, check_provenance: bool = True)
   if check_provenance:
     for field in ('feature_extractor', 'resize'):
       a, b = stats_a.provenance.get(field), stats_b.provenance.get(field)
-      if a is not None and b is not None and a != b:
+      same = _same_network(a, b) if field == 'feature_extractor' else a == b
+      if a is not None and b is not None and not same:
         raise ValueError(f'statistics differ in {field}: {a!r} vs {b!r}; FIDs from different '
                          'pipelines are not comparable (recompute the reference statistics)')
   return frechet_distance(stats_a.mu, stats_a.sigma, stats_b.mu, stats_b.sigma)
@@ -255,14 +267,14 @@ def gather_features(features) -> np.ndarray:
 
 def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_samples: int,
                        *, image_key: str = 'image', value_range: tuple[float, float] | None = None,
-                       **provenance) -> Statistics:
+                       rounding: str = 'round', **provenance) -> Statistics:
   """Statistics of the first `num_samples` images of `batches` (gathered over all processes).
 
   Args:
     extractor: a `FeatureExtractor`.
     batches: iterable of host-local image batches (arrays, or dicts holding `image_key`); uint8
-      NHWC, or floats in `value_range` (then quantized with `resize.to_uint8`). With several
-      processes, every process must yield the same number of batches of the same size
+      NHWC, or floats in `value_range` (then quantized with `resize.to_uint8(..., rounding)`).
+      With several processes, every process must yield the same number of batches of the same size
       (possibly empty; `reference_stats.source_batches` does this), since each batch is a
       collective gather.
     num_samples: images to use in total (over all processes); 50,000 for reported numbers.
@@ -273,7 +285,7 @@ def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_sampl
   for batch in batches:
     images = batch[image_key] if isinstance(batch, dict) else batch
     if value_range is not None:
-      images = resize.to_uint8(images, value_range)
+      images = resize.to_uint8(images, value_range, rounding)
     # An empty local batch still makes the call: every process must join each gather.
     for start in range(0, max(len(images), 1), extractor.local_batch):
       features = extractor(images[start:start + extractor.local_batch])

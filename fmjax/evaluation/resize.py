@@ -101,12 +101,28 @@ def preprocess(images):
   return scale_for_inception(resized)
 
 
-def to_uint8(images, value_range: tuple[float, float] = (-1.0, 1.0)):
-  """Maps generated images in `value_range` to uint8 pixels, as saving a PNG would.
+UINT8_ROUNDING = ('round', 'floor')
 
-  `(x - lo) / (hi - lo) * 255`, rounded to nearest and clipped to [0, 255]: FID is defined on
-  8-bit images, so generated samples are quantized like the training images were.
+
+def to_uint8(images, value_range: tuple[float, float] = (-1.0, 1.0), rounding: str = 'round'):
+  """Generated floats -> the uint8 pixels the FID network sees. The one place fmjax quantizes.
+
+  Exactly: `p = (x - lo) * (255 / (hi - lo))` in float32, then
+    rounding='round' (default): nearest integer, ties to even (`jnp.round`), then clip to
+      [0, 255]. Up to exact .5 ties (measure zero for continuous samples) this is EDM's
+      `(x * 127.5 + 128).clip(0, 255).to(torch.uint8)` (Karras et al. 2022, arXiv 2206.00364,
+      generate.py) and what saving a rounded PNG does.
+    rounding='floor': clip to [0, 255], then floor: the ADM sampling scripts'
+      `((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)` (Dhariwal & Nichol 2021,
+      arXiv 2105.05233; the cast truncates, which is floor for p >= 0).
+  Floor makes every pixel 0.5 grey levels darker on average than round, which moves FID (see
+  docs/evaluation.md); use it only to reproduce numbers computed that way. NaN has no uint8
+  value: drop non-finite samples first (`sweep.image_sweep` does).
   """
+  if rounding not in UINT8_ROUNDING:
+    raise ValueError(f'rounding must be one of {UINT8_ROUNDING}, got {rounding!r}')
   lo, hi = value_range
   x = (jnp.asarray(images, jnp.float32) - lo) * (255.0 / (hi - lo))
-  return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+  if rounding == 'round':
+    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+  return jnp.floor(jnp.clip(x, 0, 255)).astype(jnp.uint8)

@@ -167,14 +167,14 @@ def toy_sweep(sample_fns: dict, params, x0, labels, reference, *, reference_othe
 # ----------------------------------------------------------------------------- images (FID)
 
 
-def to_rgb_uint8(images, value_range=(-1.0, 1.0)) -> np.ndarray:
-  """Generated images in value_range -> uint8 NHWC RGB, as a PNG would store them.
+def to_rgb_uint8(images, value_range=(-1.0, 1.0), rounding: str = 'round') -> np.ndarray:
+  """Generated images in value_range -> uint8 NHWC RGB, quantized by `resize.to_uint8`.
 
   Grayscale (1 channel, e.g. MNIST) is replicated to 3 channels, as the reference statistics
   of grayscale sets are (`reference_stats._as_rgb_uint8`). The resize to 299x299 happens inside
   the feature function (`inception.features`).
   """
-  x = np.asarray(resize.to_uint8(images, value_range))
+  x = np.asarray(resize.to_uint8(images, value_range, rounding))
   if x.ndim == 3:
     x = x[..., None]
   if x.shape[-1] == 1:

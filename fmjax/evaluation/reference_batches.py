@@ -1,0 +1,200 @@
+"""Reference statistics in the three `.npz` layouts FID numbers in papers are computed against.
+
+| layout | keys | written by |
+| --- | --- | --- |
+| `fmjax` | `mu` [2048] float64, `sigma` [2048, 2048] float64, `provenance` (JSON string) | `fid.save_statistics` |
+| `adm` | `arr_0` uint8 [N, H, W, 3] images (NHWC, RGB, [0, 255]); optionally `mu`, `sigma` (pool3) and `mu_s`, `sigma_s` (sFID's spatial features); sample batches may add `arr_1` labels | the ADM evaluator's reference batches (Dhariwal & Nichol 2021, arXiv 2105.05233, `evaluations/evaluator.py`; e.g. `VIRTUAL_imagenet256_labeled.npz`) |
+| `ttur` | `mu`, `sigma` only | the TTUR code's `fid_stats_*.npz` (Heusel et al. 2017) |
+
+What the ADM evaluator does with a reference batch, and fmjax likewise: pool3 activations of
+every `arr_0` image (precision/recall need them), FID against the file's `mu`/`sigma` when
+present, else against statistics of those activations (mean, `np.cov`, ddof = 1). Its images
+go into the graph as floats in [0, 255]; the graph resizes them (TF1 bilinear) to 299x299, which
+is `inception.features`. fmjax does not compute sFID (`mu_s`, `sigma_s`: the first 7 channels of
+`mixed_6/conv` at 17x17; the port's tap point for that tensor is not checked), and reads those
+keys only to report that they are there.
+
+Statistics from the ADM and TTUR files were computed by TensorFlow running the 2015 graph
+(`classify_image_graph_def.pb`), fmjax's by the port of that graph (`inception.py`; 3e-5 from
+the TorchScript conversion of the same graph, docs/evaluation.md; not compared with TensorFlow
+itself here). `fid.fid` treats the two extractor ids as the same network (`fid.SAME_NETWORK`).
+
+`arr_0` is streamed from the zip member in batches (a 10k x 256 x 256 x 3 batch is 2 GB), as the
+ADM evaluator does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import zipfile
+from typing import Iterator
+
+import numpy as np
+
+from fmjax.evaluation import fid, resize
+
+LAYOUTS = ('fmjax', 'adm', 'ttur')
+ADM_IMAGES = 'arr_0'
+
+
+@dataclasses.dataclass
+class Reference:
+  """A reference file: its layout, the statistics it holds (or None), its images (if any)."""
+  path: str
+  layout: str
+  stats: fid.Statistics | None
+  num_images: int
+  image_shape: tuple[int, ...]
+  keys: tuple[str, ...]
+
+  def image_batches(self, batch_size: int, num_images: int | None = None) -> Iterator[np.ndarray]:
+    """uint8 [b, H, W, 3] batches of the first `num_images` (default all) `arr_0` images."""
+    if self.num_images == 0:
+      raise ValueError(f'{self.path} holds no images ({self.layout} layout: {self.keys}); '
+                       'precision/recall need the reference images (an ADM reference batch)')
+    total = self.num_images if num_images is None else min(num_images, self.num_images)
+    with _open_member(self.path, ADM_IMAGES) as (f, shape, dtype):
+      per_image = int(np.prod(shape[1:])) * dtype.itemsize
+      for start in range(0, total, batch_size):
+        b = min(batch_size, total - start)
+        data = f.read(b * per_image)
+        if len(data) != b * per_image:
+          raise ValueError(f'{self.path}: {ADM_IMAGES} ends early ({start} images read)')
+        yield np.frombuffer(data, dtype).reshape((b,) + tuple(shape[1:]))
+
+
+@contextlib.contextmanager
+def _open_member(path: str, key: str):
+  """The open `.npy` member `key` of an npz, positioned at its data, with (shape, dtype)."""
+  with zipfile.ZipFile(path) as archive:
+    with archive.open(f'{key}.npy') as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+      elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        raise ValueError(f'{path}: unsupported .npy version {version} for {key}')
+      if fortran or dtype.hasobject:
+        raise ValueError(f'{path}: {key} is Fortran-ordered or has objects; save it with '
+                         'np.savez(path, arr_0=np.ascontiguousarray(images))')
+      yield f, shape, dtype
+
+
+def _member_header(path: str, key: str):
+  with _open_member(path, key) as (_, shape, dtype):
+    return tuple(shape), dtype
+
+
+def read_reference(path: str) -> Reference:
+  """Detects the layout of `path` and reads its statistics (not its images: see `image_batches`)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no reference file {path}')
+  with zipfile.ZipFile(path) as archive:
+    keys = tuple(sorted(n[:-4] for n in archive.namelist() if n.endswith('.npy')))
+  num_images, image_shape = 0, ()
+  if ADM_IMAGES in keys:
+    image_shape, dtype = _member_header(path, ADM_IMAGES)
+    if dtype != np.uint8 or len(image_shape) != 4 or image_shape[-1] != 3:
+      raise ValueError(f'{path}: {ADM_IMAGES} is {dtype} {image_shape}; an ADM batch holds uint8 '
+                       'RGB images [N, H, W, 3] (quantize samples with resize.to_uint8)')
+    num_images = image_shape[0]
+  if 'provenance' in keys:
+    layout = 'fmjax'
+    stats = fid.load_statistics(path)
+  elif ADM_IMAGES in keys:
+    layout = 'adm'
+    stats = None
+    if 'mu' in keys:
+      with np.load(path, allow_pickle=False) as data:
+        mu, sigma = data['mu'], data['sigma']
+      stats = fid.Statistics(mu, sigma, {
+          'dataset': os.path.basename(path), 'split': 'adm_reference_batch',
+          'count': num_images, 'resize': resize.RESIZE_MODE,
+          'feature_extractor': fid.TF_GRAPH_EXTRACTOR_ID})
+  elif 'mu' in keys and 'sigma' in keys:
+    layout = 'ttur'
+    with np.load(path, allow_pickle=False) as data:
+      mu, sigma = data['mu'], data['sigma']
+    stats = fid.Statistics(mu, sigma, {
+        'dataset': os.path.basename(path), 'split': 'ttur_stats', 'count': -1,
+        'resize': resize.RESIZE_MODE, 'feature_extractor': fid.TF_GRAPH_EXTRACTOR_ID})
+  else:
+    raise ValueError(f'{path}: keys {keys} match no reference layout: expected mu/sigma '
+                     f'(+ provenance), or ADM images {ADM_IMAGES}')
+  if stats is not None and stats.mu.shape != (stats.sigma.shape[0],):
+    raise ValueError(f'{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} do not match')
+  return Reference(path, layout, stats, num_images, image_shape, keys)
+
+
+def reference_features(ref: Reference, feature_fn, *, batch_size: int = 200,
+                       num_images: int | None = None) -> np.ndarray:
+  """Features [N, d] of the reference images; `feature_fn` takes uint8 [b, H, W, 3] (e.g. a
+  `fid.FeatureExtractor` with local batch >= batch_size)."""
+  return np.concatenate([np.asarray(feature_fn(b), np.float64)
+                         for b in ref.image_batches(batch_size, num_images)])
+
+
+def reference_statistics(ref: Reference, features: np.ndarray | None = None) -> fid.Statistics:
+  """The file's statistics when it has them (as the ADM evaluator), else those of `features`."""
+  if ref.stats is not None:
+    return ref.stats
+  if features is None:
+    raise ValueError(f'{ref.path} has no mu/sigma: pass the features of its images '
+                     '(reference_features)')
+  return fid.statistics(features, dataset=os.path.basename(ref.path), split='adm_reference_batch',
+                        resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id())
+
+
+def describe(ref: Reference) -> str:
+  return json.dumps({'path': ref.path, 'layout': ref.layout, 'keys': list(ref.keys),
+                     'num_images': ref.num_images, 'image_shape': list(ref.image_shape),
+                     'has_stats': ref.stats is not None})
+
+
+def evaluate_batches(reference_path: str, sample_path: str, feature_fn, *, batch_size: int = 200,
+                     k: int = 3) -> dict:
+  """The ADM evaluator's FID, precision and recall for a sample batch against a reference batch.
+
+  Both files in the ADM layout (`arr_0` uint8 images; the reference may carry `mu`/`sigma`,
+  which FID then uses). `feature_fn`: uint8 [b, H, W, 3] -> [b, 2048] (a `fid.FeatureExtractor`).
+  No Inception Score: fmjax's weights end at pool3 (`inception_score`).
+  """
+  from fmjax.evaluation import precision_recall  # pylint: disable=import-outside-toplevel
+  ref, sample = read_reference(reference_path), read_reference(sample_path)
+  ref_features = reference_features(ref, feature_fn, batch_size=batch_size)
+  sample_features = reference_features(sample, feature_fn, batch_size=batch_size)
+  ref_stats = reference_statistics(ref, ref_features)
+  sample_stats = fid.statistics(sample_features, dataset=os.path.basename(sample_path),
+                                split='samples', resize=resize.RESIZE_MODE,
+                                feature_extractor=ref_stats.provenance.get('feature_extractor'))
+  pr = precision_recall.precision_recall(ref_features, sample_features, k)
+  return {'fid': fid.fid(sample_stats, ref_stats), 'precision': pr['precision'],
+          'recall': pr['recall'], 'k': k, 'num_reference': ref.num_images,
+          'num_samples': sample.num_images,
+          'fid_reference_stats': 'file mu/sigma' if ref.stats is not None else 'arr_0 features'}
+
+
+def main(argv=None):
+  """python -m fmjax.evaluation.reference_batches REF.npz SAMPLES.npz [--batch_size 200]"""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from fmjax.evaluation import inception  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description='FID, precision and recall of an ADM-layout '
+                                   'sample batch against a reference batch (no IS: see docs)')
+  parser.add_argument('reference')
+  parser.add_argument('samples')
+  parser.add_argument('--batch_size', type=int, default=200)
+  parser.add_argument('--weights', default=None, help='Inception checkpoint (default: the cache)')
+  args = parser.parse_args(argv)
+  for path in (args.reference, args.samples):
+    print(describe(read_reference(path)))  # layout errors before loading the network
+  extractor = fid.FeatureExtractor(inception.load_params(args.weights), batch_size=args.batch_size)
+  print(json.dumps(evaluate_batches(args.reference, args.samples, extractor,
+                                    batch_size=args.batch_size)))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,77 @@
+"""experiments/mnist.py's GPU presets (issue 11, item 4): they validate, evaluate what the issue
+asks (flow maps at 1, 2, 4 steps, the flow-matching baseline's ODE at 8-64 NFE, 5,000 samples),
+and the CPU recipes of the README are unchanged. The tiny path of the whole script is
+`TINY=1 bash benchmarks/gpu_mnist_fid.sh` (minutes on a CPU, not run here)."""
+
+import importlib.util
+import os
+
+import pytest
+
+from fmjax import configs
+from fmjax.evaluation import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mnist_config(arg):
+  path = os.path.join(ROOT, 'experiments', 'mnist.py')
+  spec = importlib.util.spec_from_file_location('mnist', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def points(config):
+  return [(s.family, s.nfe) for s in plan.plan_from_config(config)]
+
+
+@pytest.mark.parametrize('rule', ['lsd', 'meanflow'])
+def test_flow_map_presets(rule):
+  c = configs.resolve(mnist_config(f'{rule},unet,h100'))
+  configs.validate(c)
+  assert points(c) == [('flow_map', 1), ('flow_map', 2), ('flow_map', 4)]
+  assert (c.eval.fid_num_samples, c.data.num_classes, c.model.name) == (5000, 10, 'unet')
+  assert c.train.num_steps == 5000 and c.optim.ema_decays == (0.999,)
+
+
+def test_flow_matching_baseline_preset_and_tiny():
+  c = configs.resolve(mnist_config('flow_matching,unet,h100'))
+  configs.validate(c)
+  assert points(c) == [('ode', 8), ('ode', 16), ('ode', 32), ('ode', 64)]
+  tiny = configs.resolve(mnist_config('flow_matching,unet,tiny'))
+  configs.validate(tiny)
+  assert points(tiny) == [('ode', 8), ('ode', 16)] and tiny.train.num_steps == 3
+
+
+def test_default_recipes_unchanged_and_bad_size():
+  default, mlp = mnist_config('lsd'), mnist_config('lsd,mlp')
+  assert default.train.num_steps == 20_000 and default.eval.fid_num_samples == 50_000
+  assert mlp.train.num_steps == 4000 and mlp.eval.fid_num_samples == 300
+  with pytest.raises(ValueError, match='h100'):
+    mnist_config('lsd,unet,h200')
+  with pytest.raises(ValueError, match='U-Net presets'):
+    mnist_config('lsd,mlp,h100')
+
+
+def test_fid_table_from_workdirs(tmp_path, capsys):
+  import json
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import mnist_fid_table
+  ref = {'dataset': 'mnist5k', 'split': 'train+test', 'count': 5000}
+  runs = {'lsd': {'few_step': {'1': {'fid': 12.345}, '4': {'fid': 6.0}}, 'ode': {}},
+          'flow_matching': {'few_step': {}, 'ode': {'8': {'fid': 30.0}, '64': {'fid': None}}}}
+  for rule, res in runs.items():
+    wd = tmp_path / f'mnist_{rule}'
+    wd.mkdir()
+    (wd / 'final_metrics.json').write_text(json.dumps(dict(res, fid_reference=ref,
+                                                           fid_num_samples=5000)))
+  (tmp_path / 'mnist_meanflow').mkdir()   # a failed run: named, not fatal
+  mnist_fid_table.main(['--device', 'H100', str(tmp_path / 'mnist_flow_matching'),
+                        str(tmp_path / 'mnist_lsd'), str(tmp_path / 'mnist_meanflow')])
+  out = capsys.readouterr().out
+  assert '| NFE | flow_matching ODE | lsd flow map |' in out
+  assert '| 1 |  | 12.35 |' in out and '| 4 |  | 6.00 |' in out
+  assert '| 8 | 30.00 |  |' in out and '| 64 |  |  |' in out   # null FID -> empty cell
+  assert 'mnist_meanflow: no final_metrics.json' in out and 'vs mnist5k/train+test (5000' in out
