@@ -180,7 +180,7 @@ def test_best_of_n_importance_resampling_tends_to_the_tilted_mixture():
     errors[n] = np.max(np.abs(tilted.mode_masses(q, out.samples) - q.weights))
   # n = 1: the base masses (0.5), off by |0.5 - w'|; the error shrinks as n grows.
   np.testing.assert_allclose(errors[1], abs(0.5 - q.weights[0]), atol=0.03)
-  assert errors[32] < 0.03 < errors[4] < errors[1], errors
+  assert errors[32] < 0.02 < errors[4] < errors[1], errors   # measured 0.006, 0.06, 0.45
   best = guidance.best_of_n(key, sample_fn, reward, 2000, 32, temperature=lam, select='argmax')
   assert float(jnp.mean(reward(best.samples, None))) > float(jnp.mean(reward(out.samples, None)))
   assert 0.0 < float(out.ess[0]) < 1.0
