@@ -184,13 +184,15 @@ def test_best_of_n_importance_resampling_tends_to_the_tilted_mixture():
   sample_fn = lambda key, n, labels: GMM.sample(key, n)
   key = jax.random.PRNGKey(1)
   errors = {}
+  run = lambda n, select: jax.jit(lambda k: guidance.best_of_n(   # jitted: eager ops compile one by one
+      k, sample_fn, reward, 2000, n, temperature=lam, select=select))(key)
   for n in (1, 4, 32):
-    out = guidance.best_of_n(key, sample_fn, reward, 2000, n, temperature=lam, select='importance')
+    out = run(n, 'importance')
     errors[n] = np.max(np.abs(tilted.mode_masses(q, out.samples) - q.weights))
   # n = 1: the base masses (0.5), off by |0.5 - w'|; the error shrinks as n grows.
   np.testing.assert_allclose(errors[1], abs(0.5 - q.weights[0]), atol=0.03)
   assert errors[32] < 0.02 < errors[4] < errors[1], errors   # measured 0.006, 0.06, 0.45
-  best = guidance.best_of_n(key, sample_fn, reward, 2000, 32, temperature=lam, select='argmax')
+  best = run(32, 'argmax')
   assert float(jnp.mean(reward(best.samples, None))) > float(jnp.mean(reward(out.samples, None)))
   assert 0.0 < float(out.ess[0]) < 1.0
 
