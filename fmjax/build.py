@@ -13,9 +13,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from fmjax import checkpointing, configs, flow_maps, interpolants, losses, models, train_state
+from fmjax.steering import finetune, rewards
 
 
 def _to_str_keys(tree):
@@ -96,8 +98,37 @@ def uses_dropout(config: ml_collections.ConfigDict) -> bool:
 def build_rule(config: ml_collections.ConfigDict, flow_map, interpolant, num_classes: int,
                teacher=None):
   """fmjax.losses.make(config.loss.name, ...) with the rule's options in force."""
-  return losses.make(config.loss.name, flow_map, interpolant, teacher=teacher,
-                     **loss_options(config, num_classes))
+  options = loss_options(config, num_classes)
+  if config.loss.name in finetune.RULE_NAMES:
+    options['finetune'] = finetune_options(config)
+  return losses.make(config.loss.name, flow_map, interpolant, teacher=teacher, **options)
+
+
+def finetune_options(config: ml_collections.ConfigDict) -> finetune.FinetuneOptions:
+  """config.finetune as the fine-tuning rules' FinetuneOptions (reward built from its name)."""
+  f = config.finetune
+  if f.reward == 'quadratic':
+    reward = rewards.quadratic(np.asarray(f.center, np.float32), f.std)
+  else:
+    reward = rewards.one_sided_quadratic()
+  return finetune.FinetuneOptions(reward, temperature=float(f.temperature), steps=int(f.steps),
+                                  regularization=float(f.regularization),
+                                  candidates=int(f.candidates), inner=f.inner)
+
+
+def init_from_base(net_init: Callable, base: finetune.BaseModel) -> Callable:
+  """net_init replaced by the base model's parameters (fine-tuning starts at the base), after
+  checking that config.model builds the same network (one clear error otherwise)."""
+  expected = jax.eval_shape(net_init, jax.random.PRNGKey(0))
+  shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+  if (jax.tree.structure(expected) != jax.tree.structure(base.params)
+      or shapes(expected) != shapes(base.params)):
+    raise configs.ConfigError(
+        'config.model builds a network of another shape than the base model in '
+        'config.teacher.workdir; fine-tuning starts from its parameters: use its model options '
+        '(see its config.json).')
+  params = base.params
+  return lambda key: jax.tree.map(jnp.asarray, params)
 
 
 @dataclasses.dataclass
@@ -144,7 +175,9 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
 
 
 def load_teacher(config: ml_collections.ConfigDict):
-  """The velocity b_t(x) of config.teacher.workdir (its first EMA copy) for distillation, or None."""
+  """The model of config.teacher.workdir (its first EMA copy), or None: a
+  finetune.BaseModel, which called as teacher(t, x, labels) is the velocity b_t(x) (for
+  distillation) and also offers its flow map and parameters (for reward fine-tuning)."""
   if not config.teacher.workdir:
     return None
   try:
@@ -156,4 +189,7 @@ def load_teacher(config: ml_collections.ConfigDict):
         f'teacher (config.teacher.workdir={config.teacher.workdir}, config.teacher.step='
         f'{config.teacher.step}): {e}') from None
   params, flow_map = teacher.params, teacher.flow_map
-  return lambda t, x, labels=None: flow_map.velocity(params, t, x, labels)
+  return finetune.BaseModel(
+      flow_map=lambda s, t, x, labels=None: flow_map.X(params, s, t, x, labels),
+      velocity=lambda t, x, labels=None: flow_map.velocity(params, t, x, labels),
+      params=params)

@@ -27,6 +27,7 @@ from fmjax import sharding as sharding_lib
 from fmjax import train_state
 from fmjax.data import pipelines
 from fmjax.evaluation import evaluator
+from fmjax.steering import finetune
 
 
 # Exit status of `python -m fmjax.main` when a run stopped on SIGTERM after saving a checkpoint
@@ -113,6 +114,8 @@ class Setup:
                                                self.source.num_classes)
     self.flow_map = build.build_flow_map(config, self.apply, self.interpolant)
     teacher = build.load_teacher(config)
+    if config.loss.name in finetune.RULE_NAMES:   # reward fine-tuning starts at the base model
+      net_init = build.init_from_base(net_init, teacher)
 
     def rule_for(apply):
       return build.build_rule(config, build.build_flow_map(config, apply, self.interpolant),

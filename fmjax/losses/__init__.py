@@ -20,6 +20,8 @@ from fmjax import samplers
 from fmjax.losses import base, consistency, distill, eulerian, lagrangian, semigroup
 from fmjax.losses.base import CommonOptions, Rule
 from fmjax.losses.times import TimeDistribution
+# After the rule modules: the fine-tuning rules wrap them (fmjax.steering.finetune imports them).
+from fmjax.steering import finetune as _finetune
 
 _MEANFLOW_TIMES = {'name': 'logit_normal', 'mean': 0.4, 'std': 1.0}   # MeanFlow's (-0.4, 1.0) in fmjax time
 # MeanFlow's reference code (Gsunshine/meanflow, configs/default.py): P_mean = -0.4, P_std = 1.0,
@@ -55,6 +57,10 @@ RULES: dict[str, RuleSpec] = {
     'emd': RuleSpec(eulerian.eulerian_rule, 'required', {'eulerian_gradient': 'residual'}),
     'progressive': RuleSpec(semigroup.progressive_rule, 'required', {}),
     'trajectory_distillation': RuleSpec(distill.trajectory_rule, 'required', {'diagonal_fraction': 0.0}),
+    # Reward fine-tuning (fmjax.steering.finetune): the "teacher" is the frozen base model and
+    # the reward, temperature, ... come as finetune=FinetuneOptions (config.finetune).
+    'reward_distill': RuleSpec(_finetune.reward_distill_rule, 'required', {}),
+    'reward_backprop': RuleSpec(_finetune.reward_backprop_rule, 'required', {'diagonal_fraction': 0.0}),
 }
 # 'fmm' was this rule's earlier name. In Boffi et al. 2406.07507 "flow map matching" names the
 # whole framework (abstract), not the regression onto teacher ODE solutions, so the rule was
