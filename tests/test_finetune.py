@@ -25,7 +25,7 @@ LINEAR = interpolants.get('linear')
 # Two modes; the reward pulls toward (2, 1): mass moves between modes AND within the right one.
 BASE = toy.GaussianMixtureTarget(np.array([[-2.0, 0.0], [2.0, 0.0]]), np.array([0.5, 0.5]),
                                  np.array([0.5, 0.5]), ode_steps=16)
-CENTER, REWARD_STD, TEMPERATURE = np.array([2.0, 1.0]), 1.5, 1.0
+CENTER, REWARD_STD, TEMPERATURE = np.array([2.0, 1.0]), 1.0, 2.0   # lambda != 1: r / lambda vs r * lambda differ
 TILTED = tilted.tilt_gaussian_mixture(BASE, CENTER, REWARD_STD, TEMPERATURE)
 REWARD = rewards.quadratic(CENTER, REWARD_STD)
 
