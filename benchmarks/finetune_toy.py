@@ -1,7 +1,7 @@
 r"""Reward fine-tuning on a toy mixture: reward gained vs distance to the exact tilted target.
 
   PYTHONPATH=. python benchmarks/finetune_toy.py [--base_steps 2000] [--finetune_steps 1000]
-      [--eval_every 250] [--num_samples 2000] [--out runs/finetune_toy]
+      [--eval_steps 0,25,50,100,250,500,1000,2000] [--num_samples 2000] [--out runs/finetune_toy]
 
 Base: a flow map trained by LSD (the training system, `train.train_and_evaluate`) on the
 2-mode mixture 0.5 N((-2, 0), 0.5^2 I) + 0.5 N((2, 0), 0.5^2 I). Reward r(x) = -|x - c|^2 /
@@ -9,7 +9,7 @@ Base: a flow map trained by LSD (the training system, `train.train_and_evaluate`
 (fmjax.steering.tilted) puts 0.96 of the mass on the right mode (mass must move between modes)
 and shifts / narrows it. Each method fine-tunes the base with the same sharded train step the
 CLI uses (train.Setup; rules 'reward_distill' and 'reward_backprop', config.finetune) and is
-evaluated every --eval_every steps on its own `--steps`-step sampler: mean reward, energy
+evaluated at --eval_steps on its own `--steps`-step sampler: mean reward, energy
 distance to exact draws of q, and the mass error max_k |m_k - w'_k| (mode_masses). The base
 row (step 0) and two floors are printed: the base model against the untilted target p (its own
 error), and two exact draws of q (the sampling-noise floor of the energy distance).
@@ -85,8 +85,9 @@ def finetune_run(config, workdir, args, z, reward, q, q_draws):
     state = setup.init_state()
     no_stop = sharding_lib.per_device_flags(False, setup.mesh)
     start = time.time()
+    eval_steps = {int(k) for k in args.eval_steps.split(',')} | {args.finetune_steps}
     for step in range(args.finetune_steps + 1):
-      if step % args.eval_every == 0:
+      if step in eval_steps:
         rows.append({'step': step, **evaluate(sample, state['params']['net'], z, reward, q, q_draws)})
         print(config.loss.name, rows[-1], f'{time.time() - start:.0f}s', flush=True)
       if step < args.finetune_steps:
@@ -98,7 +99,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--base_steps', type=int, default=2000)
   parser.add_argument('--finetune_steps', type=int, default=1000)
-  parser.add_argument('--eval_every', type=int, default=250)
+  parser.add_argument('--eval_steps', type=str, default='0,25,50,100,250,500,1000,2000',
+                      help='fine-tuning steps at which to evaluate (comma-separated)')
   parser.add_argument('--num_samples', type=int, default=2000)
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--hidden', type=int, default=128)
