@@ -83,7 +83,7 @@ def loss_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
   """The options of config.loss's rule in force (configs.resolve fills them; None = not the
   rule's option), with the guidance row `null_label` = num_classes for class-conditional data."""
   loss = configs.resolve(config).loss
-  understood = set(losses.valid_options(loss.name)) | set(losses.RULES[loss.name].fixed)
+  understood = set(losses.valid_options(loss.name)) | set(losses.rule_spec(loss.name).fixed)
   options = {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
              for k, v in loss.items() if k in understood}
   if num_classes and options.get('null_label') is None:

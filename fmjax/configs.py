@@ -357,7 +357,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     flow_maps.make(config.flow_map.parameterization, None, interpolants.get(config.interpolant))
   except ValueError as e:
     raise ConfigError(f'config.flow_map.parameterization: {e}') from None
-  if config.loss.name in losses.RULES:
+  if config.loss.name in losses.FINETUNE_RULES:
+    need(config.teacher.workdir,
+         f'config.loss.name = {config.loss.name!r} fine-tunes a trained base model: set '
+         '--config.teacher.workdir to its fmjax workdir.')
+  elif config.loss.name in losses.RULES:
     teacher = losses.RULES[config.loss.name].teacher
     need(teacher != 'required' or config.teacher.workdir,
          f'config.loss.name = {config.loss.name!r} distills a teacher: set --config.teacher.workdir '

@@ -196,7 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
                                          stream=stream)
     logger.info(f'fmjax: {config.loss.name} on {config.data.name}, {jax.device_count()} devices '
                 f'in {jax.process_count()} process(es), mesh {dict(setup.mesh.shape)}, '
-                + (f'resumed at step {step}' if resumed else 'from scratch'))
+                + (f'resumed at step {step}' if resumed else
+                   f'from the base model in {config.teacher.workdir}'
+                   if config.loss.name in finetune.RULE_NAMES else 'from scratch'))
 
     def save(force=False):
       checkpointing.save(manager, step, state, config, setup.source.get_state(), setup.meta,

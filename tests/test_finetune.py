@@ -179,6 +179,15 @@ def test_bad_options_are_one_clear_error():
   c.finetune.temperature = -1.0
   with pytest.raises(configs.ConfigError, match='temperature'):
     configs.resolve(c)
+  c.finetune.temperature = 1.0
+  c.teacher.workdir = ''
+  with pytest.raises(configs.ConfigError, match='fine-tunes a trained base model'):
+    configs.resolve(c)
+  c.teacher.workdir = '/nonexistent'
+  c.loss.name = 'reward_backprop'
+  c.finetune.reward = 'bright'
+  with pytest.raises(configs.ConfigError, match='finetune.reward'):
+    configs.resolve(c)
 
 
 # ------------------------------------------------------------------------------ CLI end to end
