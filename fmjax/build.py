@@ -116,9 +116,9 @@ def finetune_options(config: ml_collections.ConfigDict) -> finetune.FinetuneOpti
                                   candidates=int(f.candidates), inner=f.inner)
 
 
-def init_from_base(net_init: Callable, base: finetune.BaseModel) -> Callable:
-  """net_init replaced by the base model's parameters (fine-tuning starts at the base), after
-  checking that config.model builds the same network (one clear error otherwise)."""
+def check_same_network(net_init: Callable, base: finetune.BaseModel) -> None:
+  """Raises ConfigError unless config.model's network (net_init) has the base model's parameter
+  shapes: reward fine-tuning starts from the base parameters."""
   expected = jax.eval_shape(net_init, jax.random.PRNGKey(0))
   shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
   if (jax.tree.structure(expected) != jax.tree.structure(base.params)
@@ -127,8 +127,6 @@ def init_from_base(net_init: Callable, base: finetune.BaseModel) -> Callable:
         'config.model builds a network of another shape than the base model in '
         'config.teacher.workdir; fine-tuning starts from its parameters: use its model options '
         '(see its config.json).')
-  params = base.params
-  return lambda key: jax.tree.map(jnp.asarray, params)
 
 
 @dataclasses.dataclass
