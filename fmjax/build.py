@@ -13,9 +13,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from fmjax import checkpointing, configs, flow_maps, interpolants, losses, models, train_state
+from fmjax.steering import finetune, rewards
 
 
 def _to_str_keys(tree):
@@ -81,7 +83,7 @@ def loss_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
   """The options of config.loss's rule in force (configs.resolve fills them; None = not the
   rule's option), with the guidance row `null_label` = num_classes for class-conditional data."""
   loss = configs.resolve(config).loss
-  understood = set(losses.valid_options(loss.name)) | set(losses.RULES[loss.name].fixed)
+  understood = set(losses.valid_options(loss.name)) | set(losses.rule_spec(loss.name).fixed)
   options = {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v)
              for k, v in loss.items() if k in understood}
   if num_classes and options.get('null_label') is None:
@@ -96,8 +98,35 @@ def uses_dropout(config: ml_collections.ConfigDict) -> bool:
 def build_rule(config: ml_collections.ConfigDict, flow_map, interpolant, num_classes: int,
                teacher=None):
   """fmjax.losses.make(config.loss.name, ...) with the rule's options in force."""
-  return losses.make(config.loss.name, flow_map, interpolant, teacher=teacher,
-                     **loss_options(config, num_classes))
+  options = loss_options(config, num_classes)
+  if config.loss.name in finetune.RULE_NAMES:
+    options['finetune'] = finetune_options(config)
+  return losses.make(config.loss.name, flow_map, interpolant, teacher=teacher, **options)
+
+
+def finetune_options(config: ml_collections.ConfigDict) -> finetune.FinetuneOptions:
+  """config.finetune as the fine-tuning rules' FinetuneOptions (reward built from its name)."""
+  f = config.finetune
+  if f.reward == 'quadratic':
+    reward = rewards.quadratic(np.asarray(f.center, np.float32), f.std)
+  else:
+    reward = rewards.one_sided_quadratic()
+  return finetune.FinetuneOptions(reward, temperature=float(f.temperature), steps=int(f.steps),
+                                  regularization=float(f.regularization),
+                                  candidates=int(f.candidates), inner=f.inner)
+
+
+def check_same_network(net_init: Callable, base: finetune.BaseModel) -> None:
+  """Raises ConfigError unless config.model's network (net_init) has the base model's parameter
+  shapes: reward fine-tuning starts from the base parameters."""
+  expected = jax.eval_shape(net_init, jax.random.PRNGKey(0))
+  shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+  if (jax.tree.structure(expected) != jax.tree.structure(base.params)
+      or shapes(expected) != shapes(base.params)):
+    raise configs.ConfigError(
+        'config.model builds a network of another shape than the base model in '
+        'config.teacher.workdir; fine-tuning starts from its parameters: use its model options '
+        '(see its config.json).')
 
 
 @dataclasses.dataclass
@@ -144,7 +173,9 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
 
 
 def load_teacher(config: ml_collections.ConfigDict):
-  """The velocity b_t(x) of config.teacher.workdir (its first EMA copy) for distillation, or None."""
+  """The model of config.teacher.workdir (its first EMA copy), or None: a
+  finetune.BaseModel, which called as teacher(t, x, labels) is the velocity b_t(x) (for
+  distillation) and also offers its flow map and parameters (for reward fine-tuning)."""
   if not config.teacher.workdir:
     return None
   try:
@@ -156,4 +187,7 @@ def load_teacher(config: ml_collections.ConfigDict):
         f'teacher (config.teacher.workdir={config.teacher.workdir}, config.teacher.step='
         f'{config.teacher.step}): {e}') from None
   params, flow_map = teacher.params, teacher.flow_map
-  return lambda t, x, labels=None: flow_map.velocity(params, t, x, labels)
+  return finetune.BaseModel(
+      flow_map=lambda s, t, x, labels=None: flow_map.X(params, s, t, x, labels),
+      velocity=lambda t, x, labels=None: flow_map.velocity(params, t, x, labels),
+      params=params)

@@ -18,7 +18,10 @@ Sections:
   flow_map              the parameterization of X_{s,t} (fmjax.flow_maps.make)
   loss                  `name` picks the rule of fmjax.losses; the other keys are its options
   loss_defaults         an experiment's rule options per rule name (under explicit values)
-  teacher               a trained workdir whose velocity distills into the flow map
+  teacher               a trained workdir whose velocity distills into the flow map (or, for the
+                        reward fine-tuning rules, the frozen base model they start from)
+  finetune              reward fine-tuning (loss.name 'reward_distill' | 'reward_backprop'):
+                        reward, its center / std, temperature lambda, regularization, steps
   optim                 optax optimizer, warmup + schedule, clipping, EMA decays
   train                 the budget and the cadence of logging, evaluation and checkpoints
   sharding              the device mesh (data x fsdp) and the FSDP size rule
@@ -38,6 +41,7 @@ from ml_collections import config_dict
 
 from fmjax import flow_maps, interpolants, losses, models, samplers
 from fmjax.models import embeddings
+from fmjax.steering import finetune as _finetune
 
 TOY_DATASETS = ('gaussian', 'gmm', 'checkerboard', 'rings')
 IMAGE_DATASETS = ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
@@ -102,6 +106,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.workdir = ''            # distillation rules: a trained fmjax workdir
   c.teacher.step = -1               # -1 = latest checkpoint
+
+  # Reward fine-tuning toward q ∝ p exp(r / temperature), p the base model of teacher.workdir
+  # (fmjax.steering.finetune); read only when loss.name is 'reward_distill' or 'reward_backprop'.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.reward = 'quadratic'   # 'quadratic': -|x - center|^2 / (2 std^2); 'one_sided': -x_0^2 1[x_0 < 0]
+  c.finetune.center = ml_collections.FieldReference(0.0, field_type=object)   # scalar or one example's shape
+  c.finetune.std = 1.0
+  c.finetune.temperature = 1.0      # lambda
+  c.finetune.steps = 1              # sampler steps of base and fine-tuned maps (1..8)
+  c.finetune.regularization = 1.0   # reward_backprop: rho of (lambda rho / 2)|x - x_base|^2
+  c.finetune.candidates = 4         # reward_distill: base samples per training row
+  c.finetune.inner = 'lsd'          # reward_distill: 'lsd' | 'esd' | 'psd' | 'flow_matching'
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adam'             # 'adam' | 'adamw' | 'radam'
@@ -373,7 +389,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     flow_maps.make(config.flow_map.parameterization, None, interpolants.get(config.interpolant))
   except ValueError as e:
     raise ConfigError(f'config.flow_map.parameterization: {e}') from None
-  if config.loss.name in losses.RULES:
+  if config.loss.name in losses.FINETUNE_RULES:
+    need(config.teacher.workdir,
+         f'config.loss.name = {config.loss.name!r} fine-tunes a trained base model: set '
+         '--config.teacher.workdir to its fmjax workdir.')
+  elif config.loss.name in losses.RULES:
     teacher = losses.RULES[config.loss.name].teacher
     need(teacher != 'required' or config.teacher.workdir,
          f'config.loss.name = {config.loss.name!r} distills a teacher: set --config.teacher.workdir '
@@ -389,6 +409,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(not config.loss.get('velocity_head_weight') or config.model.get('velocity_head'),
        'config.loss.velocity_head_weight > 0 trains an auxiliary velocity head: set '
        '--config.model.velocity_head=True as well (or the weight to 0).')
+  if 'finetune' in config and config.loss.name in _finetune.RULE_NAMES:
+    _validate_finetune(config, need)
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
 
@@ -431,6 +453,33 @@ def validate_steer(config: ml_collections.ConfigDict) -> None:
     need(bool(st.classifier_dir), "classifier_dir is empty; reward = 'classifier' needs a trained "
          'classifier\'s folder (see fmjax.steering.classifier).')
     need(st.target_class >= 0, f'target_class = {st.target_class} must be a class id >= 0.')
+
+
+FINETUNE_REWARDS = ('quadratic', 'one_sided')
+
+
+def _validate_finetune(config, need) -> None:
+  f = config.finetune
+  need(f.reward in FINETUNE_REWARDS,
+       f'config.finetune.reward = {f.reward!r}; choose one of {FINETUNE_REWARDS}.')
+  need(f.std > 0, f'config.finetune.std must be > 0, got {f.std}.')
+  need(f.temperature > 0, f'config.finetune.temperature (lambda) must be > 0, got {f.temperature}.')
+  need(f.regularization >= 0, f'config.finetune.regularization must be >= 0, got {f.regularization}.')
+  need(1 <= f.steps <= _finetune.MAX_STEPS,
+       f'config.finetune.steps must be in [1, {_finetune.MAX_STEPS}], got {f.steps}.')
+  need(f.candidates >= 1, f'config.finetune.candidates must be >= 1, got {f.candidates}.')
+  need(f.inner in _finetune.INNER_RULES,
+       f'config.finetune.inner = {f.inner!r}; choose one of {sorted(_finetune.INNER_RULES)}.')
+  if f.inner == 'flow_matching' and config.loss.name == 'reward_distill':
+    need(config.loss.diagonal_fraction == 1.0,
+         "config.finetune.inner = 'flow_matching' trains only the diagonal: set "
+         '--config.loss.diagonal_fraction=1.0.')
+  center = np.asarray(f.center, np.float64)
+  need(np.all(np.isfinite(center)), 'config.finetune.center must be finite numbers.')
+  if config.data.name in TOY_DATASETS:
+    need(center.ndim == 0 or center.shape == (config.data.dim,),
+         f'config.finetune.center must be a scalar or {config.data.dim} numbers (config.data.dim), '
+         f'got shape {center.shape}.')
 
 
 def rule_and_dim(arg: str | None, default_dim: int, default_rule: str = 'lsd') -> tuple[str, int]:

@@ -27,6 +27,7 @@ from fmjax import sharding as sharding_lib
 from fmjax import train_state
 from fmjax.data import pipelines
 from fmjax.evaluation import evaluator
+from fmjax.steering import finetune
 
 
 # Exit status of `python -m fmjax.main` when a run stopped on SIGTERM after saving a checkpoint
@@ -113,6 +114,11 @@ class Setup:
                                                self.source.num_classes)
     self.flow_map = build.build_flow_map(config, self.apply, self.interpolant)
     teacher = build.load_teacher(config)
+    # Reward fine-tuning starts at the base model's parameters (same network, checked here).
+    self.base_params = None
+    if config.loss.name in finetune.RULE_NAMES:
+      build.check_same_network(net_init, teacher)
+      self.base_params = teacher.params
 
     def rule_for(apply):
       return build.build_rule(config, build.build_flow_map(config, apply, self.interpolant),
@@ -143,7 +149,14 @@ class Setup:
 
   def init_state(self):
     """The fresh state, created already sharded (no host copy of the full parameters)."""
-    return jax.jit(self.init_fn, out_shardings=self.state_shardings)(self.seed_key)
+    if self.base_params is None:
+      return jax.jit(self.init_fn, out_shardings=self.state_shardings)(self.seed_key)
+    # The base parameters enter as an argument, not a closure: a closed-over array would be
+    # baked into the program as a constant (the whole network, for a large model).
+    def from_base(key, base_params):
+      return train_state.init_state(self.rule, lambda _: base_params, self.tx,
+                                    tuple(self.config.optim.ema_decays), key)
+    return jax.jit(from_base, out_shardings=self.state_shardings)(self.seed_key, self.base_params)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -193,7 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
                                          stream=stream)
     logger.info(f'fmjax: {config.loss.name} on {config.data.name}, {jax.device_count()} devices '
                 f'in {jax.process_count()} process(es), mesh {dict(setup.mesh.shape)}, '
-                + (f'resumed at step {step}' if resumed else 'from scratch'))
+                + (f'resumed at step {step}' if resumed else
+                   f'from the base model in {config.teacher.workdir}'
+                   if config.loss.name in finetune.RULE_NAMES else 'from scratch'))
 
     def save(force=False):
       checkpointing.save(manager, step, state, config, setup.source.get_state(), setup.meta,

@@ -20,6 +20,8 @@ from fmjax import samplers
 from fmjax.losses import base, consistency, distill, eulerian, imf, lagrangian, semigroup
 from fmjax.losses.base import CommonOptions, Rule
 from fmjax.losses.times import TimeDistribution
+# After the rule modules: the fine-tuning rules wrap them (fmjax.steering.finetune imports them).
+from fmjax.steering import finetune as _finetune
 
 _MEANFLOW_TIMES = {'name': 'logit_normal', 'mean': 0.4, 'std': 1.0}   # MeanFlow's (-0.4, 1.0) in fmjax time
 # MeanFlow's reference code (Gsunshine/meanflow, configs/default.py): P_mean = -0.4, P_std = 1.0,
@@ -67,6 +69,24 @@ RULES: dict[str, RuleSpec] = {
 DEPRECATED_ALIASES = {'fmm': 'trajectory_distillation'}
 RULES['fmm'] = RULES['trajectory_distillation']
 
+# Reward fine-tuning (fmjax.steering.finetune), kept apart from RULES (the flow-map rules, each
+# with a float64 reference and a run on any teacher velocity): their "teacher" is the frozen base
+# model (finetune.BaseModel) and the reward, temperature, ... come as finetune=FinetuneOptions
+# (the training system builds it from config.finetune). make() and resolve_options() take both.
+FINETUNE_RULES: dict[str, RuleSpec] = {
+    'reward_distill': RuleSpec(_finetune.reward_distill_rule, 'required', {}),
+    'reward_backprop': RuleSpec(_finetune.reward_backprop_rule, 'required', {'diagonal_fraction': 0.0}),
+}
+
+
+def rule_spec(name: str) -> RuleSpec:
+  """The RuleSpec of loss `name` (RULES or FINETUNE_RULES), or one error listing the names."""
+  if name in RULES:
+    return RULES[name]
+  if name in FINETUNE_RULES:
+    return FINETUNE_RULES[name]
+  raise ValueError(f'Unknown loss {name!r}; choose one of {sorted({**RULES, **FINETUNE_RULES})}.')
+
 
 _COMMON_FIELDS = {f.name: f for f in dataclasses.fields(CommonOptions)}
 TIME_OPTIONS = ('times', 'diagonal_times')      # options that are a TimeDistribution
@@ -94,7 +114,7 @@ def option_types() -> dict[str, type]:
 
 def valid_options(name: str) -> list[str]:
   """The options loss `name` understands (its fixed ones excluded)."""
-  spec = RULES[name]
+  spec = rule_spec(name)
   return sorted((set(_COMMON_FIELDS) | set(_own_parameters(spec.builder))) - set(spec.fixed))
 
 
@@ -119,9 +139,7 @@ def resolve_options(name: str, options: dict) -> dict:
   (`RuleSpec.fixed`, e.g. iMF's improved=True) are included; setting one to another value
   is an error.
   """
-  if name not in RULES:
-    raise ValueError(f'Unknown loss {name!r}; choose one of {sorted(RULES)}.')
-  spec = RULES[name]
+  spec = rule_spec(name)
   own = _own_parameters(spec.builder)
   unknown = set(options) - set(_COMMON_FIELDS) - set(own)
   clashing = {k for k in set(options) & set(spec.fixed) if options[k] != spec.fixed[k]}
@@ -159,13 +177,12 @@ def _common_options(settings: dict) -> CommonOptions:
 
 def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
   """Builds the rule `name` (see RULES) with config options; teacher(t, x, labels) -> b_t(x)."""
-  if name not in RULES:
-    raise ValueError(f'Unknown loss {name!r}; choose one of {sorted(RULES)}.')
+  rule_spec(name)   # an unknown name: one error listing the valid ones
   if name in DEPRECATED_ALIASES:
     warnings.warn(f'Loss {name!r} is a deprecated alias of {DEPRECATED_ALIASES[name]!r} '
                   '(in arXiv 2406.07507 "flow map matching" names the framework).',
                   DeprecationWarning, stacklevel=2)
-  spec = RULES[name]
+  spec = rule_spec(name)
   if spec.teacher == 'required' and teacher is None:
     raise ValueError(f"Rule {name!r} distills a teacher: pass teacher=b(t, x, labels).")
   if spec.teacher == 'none' and teacher is not None:
@@ -183,4 +200,4 @@ def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
   return Rule(name, spec.builder(ctx, **rule_options), common_options)
 
 
-__all__ = ['make', 'DEPRECATED_ALIASES', 'resolve_options', 'option_types', 'valid_options', 'RULES', 'Rule', 'CommonOptions', 'TimeDistribution']
+__all__ = ['make', 'DEPRECATED_ALIASES', 'resolve_options', 'option_types', 'valid_options', 'RULES', 'FINETUNE_RULES', 'rule_spec', 'Rule', 'CommonOptions', 'TimeDistribution']
