@@ -18,15 +18,16 @@ if [ "$TINY" = 1 ]; then
   T_PREC=600; T_DIT=900; T_UNET=900; T_XL=600; BUDGET_DIT=0; BUDGET_UNET=0
 else
   TP_ARGS="--warmup 3 --repeats 10"; XL_ARGS="--warmup 2 --repeats 5"; PREC_ARGS="--batch 32"
-  # Seconds per step (wall clock, compile included): precision 45, DiT-B/2 six rules 170,
-  # U-Net six rules 160, DiT-XL/2 one rule 75 = 450 s, plus ~30 s of start-up.
-  T_PREC=45; T_DIT=170; T_UNET=160; T_XL=75; BUDGET_DIT=140; BUDGET_UNET=130
+  # Seconds per step (wall clock, compile included): precision 90, DiT-B/2 six rules 150,
+  # U-Net six rules 150, DiT-XL/2 one rule 75 = 465 s, plus ~15 s of start-up. Compile times on
+  # the GPU are not known in advance: --budget_s starts no new row after that many seconds.
+  T_PREC=90; T_DIT=150; T_UNET=150; T_XL=75; BUDGET_DIT=115; BUDGET_UNET=115
 fi
 
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') | tee "$OUT/device.txt"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 
-# 1. bfloat16 vs float32: loss and gradient of one DiT-B/2-width step per rule (+ QK-norm).
+# 1. bfloat16 vs float32: loss and gradient of one DiT-B/2-width (4-block) step per rule (+ QK-norm).
 stamp precision
 timeout $T_PREC $PY benchmarks/precision_check.py $PREC_ARGS --out "$OUT/precision.md" > "$OUT/precision.log" 2>&1
 tail -8 "$OUT/precision.md" 2>/dev/null || tail -5 "$OUT/precision.log"
