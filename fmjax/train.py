@@ -104,11 +104,13 @@ _SIGNALS = ('nonfinite_run', 'stop_requested')   # stop signals, not logged
 class Setup:
   """Everything the loop needs, built from the config (also used by tests)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, make_source=None):
+    """make_source(config, mesh) -> source replaces the data pipeline (benchmarks feed
+    synthetic batches already on device: benchmarks/train_throughput.py)."""
     config = configs.resolve(config)   # every option in force, validated
     self.config, self.workdir = config, workdir
     self.mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp)
-    self.source = pipelines.make_source(config, self.mesh)
+    self.source = (make_source or pipelines.make_source)(config, self.mesh)
     self.interpolant = build.build_interpolant(config)
     net_init, self.apply = build.build_network(config, self.source.example_shape,
                                                self.source.num_classes)

@@ -12,6 +12,15 @@ one per time input ((s, t) or (t, t - s)), summed with the label embedding (null
 `num_classes` for classifier-free guidance). Timestep embedders run in float32 whatever
 `dtype` is. The attention implementation is selectable ('naive' | 'blockwise'); the
 blockwise one is memory-efficient under `jax.jvp` and its gradients (fmjax.models.attention).
+`qk_norm=True` normalizes queries and keys per head (off by default).
+
+Mixed precision (`dtype=jnp.bfloat16`): parameters stay float32 (`param_dtype`); times, their
+embeddings and the conditioning MLP run in float32 (a jvp in time differentiates through
+sin(1000 t), which bfloat16's 8-bit mantissa would ruin), and the conditioning vector is cast
+to the compute dtype only where it enters the blocks; LayerNorm / RMSNorm statistics and the
+attention softmax are float32 (flax's norms, fmjax.models.attention); the output comes back in
+the input's dtype, so flow maps, jvp tangents of the map and the loss stay float32.
+tests/test_mixed_precision.py bounds the bfloat16 step's loss and gradient against float32.
 """
 
 from __future__ import annotations
@@ -83,12 +92,19 @@ class DiTBlock(nnx.Module):
   """Pre-LN transformer block with adaLN-Zero (Peebles & Xie 2023, Fig. 3)."""
 
   def __init__(self, hidden: int, num_heads: int, mlp_ratio: float = 4.0, *, attend,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               qk_norm: bool = False, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ln = dict(use_bias=False, use_scale=False, epsilon=1e-6, **kw)
     self.num_heads, self.attend = num_heads, attend
     self.norm1 = nnx.LayerNorm(hidden, **ln)
     self.qkv = nnx.Linear(hidden, 3 * hidden, kernel_init=_xavier, **kw)
+    # QK-normalization (Dehghani et al. 2023, arXiv 2302.05442, Sec. 3.1.1: LayerNorm of
+    # queries and keys; here RMSNorm per head with a learned scale, as SD3 / Lumina use):
+    # bounds the attention logits, which grow in large models and under jvp tangents.
+    # Off by default: a network without it has exactly the parameters it had before.
+    head_dim = hidden // num_heads
+    self.q_norm = nnx.RMSNorm(head_dim, epsilon=1e-6, **kw) if qk_norm else None
+    self.k_norm = nnx.RMSNorm(head_dim, epsilon=1e-6, **kw) if qk_norm else None
     self.proj = nnx.Linear(hidden, hidden, kernel_init=_xavier, **kw)
     self.norm2 = nnx.LayerNorm(hidden, **ln)
     mlp_hidden = int(hidden * mlp_ratio)
@@ -99,10 +115,17 @@ class DiTBlock(nnx.Module):
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaln(nnx.silu(c)), 6, axis=-1)
     h = self.qkv(modulate(self.norm1(x), shift1, scale1))
-    x = x + gate1[:, None, :] * self.proj(
-        attention_lib.multi_head_self_attention(h, self.num_heads, self.attend))
+    x = x + gate1[:, None, :] * self.proj(self._attention(h))
     h = self.fc2(nnx.gelu(self.fc1(modulate(self.norm2(x), shift2, scale2)), approximate=True))
     return x + gate2[:, None, :] * h
+
+  def _attention(self, qkv):
+    if self.q_norm is None:
+      return attention_lib.multi_head_self_attention(qkv, self.num_heads, self.attend)
+    b, n, c3 = qkv.shape
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, c3 // (3 * self.num_heads)), 3, axis=2)
+    q, k = self.q_norm(q[:, :, 0]), self.k_norm(k[:, :, 0])
+    return self.attend(q, k, v[:, :, 0]).reshape(b, n, c3 // 3)
 
 
 class DiT(nnx.Module):
@@ -113,7 +136,7 @@ class DiT(nnx.Module):
                num_classes: int = 0, time_conditioning: str = 's_t', time_frequency_dim: int = 256,
                time_scale: float = 1000.0, guidance_conditioning: bool = False, velocity_head: bool = False,
                attention: str = 'naive', attention_options: dict | None = None,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               qk_norm: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}.')
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
@@ -135,7 +158,7 @@ class DiT(nnx.Module):
     # iMF's guidance inputs (omega, interval), added to c; absent (no params) when off.
     self.guidance_embedding = (guidance_lib.GuidanceEmbedding(hidden, time_frequency_dim, **time_kw)
                                if guidance_conditioning else None)
-    self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, **kw)
+    self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, qk_norm=qk_norm, **kw)
                             for _ in range(depth)])
     self.final_norm = nnx.LayerNorm(hidden, use_bias=False, use_scale=False, epsilon=1e-6, **kw)
     self.final_adaln = nnx.Linear(hidden, 2 * hidden, kernel_init=_zeros, **kw)

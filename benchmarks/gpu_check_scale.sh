@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 11's accelerator run, in ONE device call of at most ~8 minutes (each step has its own
+# time limit; every table is written row by row, so a step cut short still leaves its rows).
+#   OUT=dir bash benchmarks/gpu_check_scale.sh          # on the GPU (needs ml_collections)
+#   TINY=1 OUT=/tmp/gs bash benchmarks/gpu_check_scale.sh   # CPU smoke run of every step
+# Writes under $OUT: device.txt, precision.md, throughput_dit_b2.md, throughput_unet.md,
+# throughput_dit_xl2.md (+ a .log per step), and whatever the marked lead section adds.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/gpu_scale}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+TINY=${TINY:-0}
+START=$(date +%s)
+stamp() { echo "[gpu_check_scale] $1 at +$(( $(date +%s) - START )) s" | tee -a "$OUT/device.txt"; }
+
+if [ "$TINY" = 1 ]; then
+  TP_ARGS="--tiny --batch 8 --warmup 1 --repeats 2"; XL_ARGS="$TP_ARGS"; PREC_ARGS="--tiny"
+  T_PREC=600; T_DIT=900; T_UNET=900; T_XL=600; BUDGET_DIT=0; BUDGET_UNET=0
+else
+  TP_ARGS="--warmup 3 --repeats 10"; XL_ARGS="--warmup 2 --repeats 5"; PREC_ARGS="--batch 32"
+  # Seconds per step (wall clock, compile included): precision 90, DiT-B/2 six rules 150,
+  # U-Net six rules 150, DiT-XL/2 one rule 75 = 465 s, plus ~15 s of start-up. Compile times on
+  # the GPU are not known in advance: --budget_s starts no new row after that many seconds.
+  T_PREC=90; T_DIT=150; T_UNET=150; T_XL=75; BUDGET_DIT=115; BUDGET_UNET=115
+fi
+
+(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') | tee "$OUT/device.txt"
+$PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+
+# 1. bfloat16 vs float32: loss and gradient of one DiT-B/2-width (4-block) step per rule (+ QK-norm).
+stamp precision
+timeout $T_PREC $PY benchmarks/precision_check.py $PREC_ARGS --out "$OUT/precision.md" > "$OUT/precision.log" 2>&1
+tail -8 "$OUT/precision.md" 2>/dev/null || tail -5 "$OUT/precision.log"
+
+# 2. Throughput and MFU: DiT-B/2 (batch 256, bf16) and the CIFAR-10 U-Net (batch 512, bf16),
+#    every rule; DiT-XL/2 (batch 256) with MeanFlow only.
+stamp dit-b2
+timeout $T_DIT $PY benchmarks/train_throughput.py --model dit-b2 $TP_ARGS --budget_s $BUDGET_DIT \
+  --out "$OUT/throughput_dit_b2.md" > "$OUT/throughput_dit_b2.log" 2>&1
+tail -8 "$OUT/throughput_dit_b2.md" 2>/dev/null || tail -5 "$OUT/throughput_dit_b2.log"
+stamp unet
+timeout $T_UNET $PY benchmarks/train_throughput.py --model unet $TP_ARGS --budget_s $BUDGET_UNET \
+  --out "$OUT/throughput_unet.md" > "$OUT/throughput_unet.log" 2>&1
+tail -8 "$OUT/throughput_unet.md" 2>/dev/null || tail -5 "$OUT/throughput_unet.log"
+stamp dit-xl2
+timeout $T_XL $PY benchmarks/train_throughput.py --model dit-xl2 --rules meanflow $XL_ARGS \
+  --out "$OUT/throughput_dit_xl2.md" > "$OUT/throughput_dit_xl2.log" 2>&1
+tail -3 "$OUT/throughput_dit_xl2.md" 2>/dev/null || tail -5 "$OUT/throughput_dit_xl2.log"
+stamp throughput-done
+
+# ======================= LEAD: MNIST FID run and Inception images/s go here ====================
+# (helper "evalparity" writes these commands; each should write a markdown table under $OUT,
+#  e.g. "$OUT/mnist_fid.md" and "$OUT/inception_speed.md", under a `timeout` like the above.)
+# ===============================================================================================
+
+stamp all-done

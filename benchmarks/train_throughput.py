@@ -1,0 +1,271 @@
+"""Training throughput and MFU of the real presets: the trainer's own jitted step, data on device.
+
+For each (network preset, rule) this builds `fmjax.train.Setup` from the experiment's config
+(the same step the training loop runs: donated, sharded state, the config's mesh, EMA,
+non-finite guard, dropout where the preset has it) and feeds it one synthetic batch that is
+already on the devices, so the step time excludes the input pipeline. Reported per row:
+
+  step ms        median over `--repeats` timed steps after `--warmup` untimed ones, each
+                 ended by jax.block_until_ready on the new state
+  img/s/device   batch / step time / devices
+  model GFLOP    analytic FLOPs of the step (fmjax.models.flops: matmuls, convolutions and
+                 attention of forward, backward and jvp, from the network's shapes)
+  XLA GFLOP      XLA's cost analysis of the step's unoptimized HLO (a cross-check: on GPU the
+                 optimized program's count leaves out cuBLAS GEMMs, the unoptimized one does not)
+  MFU            model FLOPs / step time / (devices x peak dense bf16 FLOP/s of the device,
+                 fmjax.models.flops.PEAK_BF16); blank where the peak is unknown (CPU)
+  temp GiB       XLA's temporary buffer size of the compiled step
+
+Presets (ARG of --model): dit-b2 (DiT-B/2 on 32x32x4 latents, batch 256, bfloat16:
+experiments/imagenet256_dit.py), dit-xl2 (DiT-XL/2, same), unet (the CIFAR-10 U-Net, batch
+512, bfloat16: experiments/cifar10_unet.py). Rules: flow_matching, lsd, meanflow (omega 1, no
+guidance), meanflow+cfg (in-target guidance, the experiment's omega / kappa, or omega 2 for
+the unconditional U-Net made 10-class for that row), imf, sct; each with the experiment's
+options in force (diagonal fraction, weighting). The FSDP axis of the experiment is cut to
+the devices present (gcd).
+
+  python benchmarks/train_throughput.py --model dit-b2 --out runs/tp_dit.md        # accelerator
+  python benchmarks/train_throughput.py --model unet --tiny --repeats 2            # CPU smoke run
+
+Rows are appended to --out as they finish; `--budget_s` skips the rows that would start after
+the budget is spent (a partial table instead of none when a device call has a time limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fmjax import build, models, sharding as sharding_lib, train
+from fmjax.models import flops as flops_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = ('flow_matching', 'meanflow', 'lsd', 'meanflow+cfg', 'imf', 'sct')
+# (experiment file, ARG, example shape, global batch)
+PRESETS = {
+    'dit-b2': ('imagenet256_dit', 'meanflow,B', (32, 32, 4), 256),
+    'dit-xl2': ('imagenet256_dit', 'meanflow,XL', (32, 32, 4), 256),
+    'unet': ('cifar10_unet', 'lsd', (32, 32, 3), 512),
+}
+# --tiny: the same configs with CPU-size networks and inputs.
+TINY = {
+    'dit': dict(shape=(8, 8, 4), model=dict(hidden=32, depth=2, num_heads=2, patch_size=2,
+                                           time_frequency_dim=32)),
+    'unet': dict(shape=(8, 8, 3), model=dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                            attn_resolutions=(4,), channels_per_head=8, emb_mult=2)),
+}
+
+
+def experiment_config(name: str, arg: str):
+  path = os.path.join(ROOT, 'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'experiments_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, dtype: str = ''):
+  """(config, example shape) of one row: the preset's experiment with `rule` in force."""
+  experiment, arg, shape, default_batch = PRESETS[preset]
+  is_dit = experiment == 'imagenet256_dit'
+  base_rule = rule.split('+')[0]
+  if is_dit:
+    # The DiT experiment defines meanflow and imf; the other rules run on the meanflow config
+    # (same network, parameterization and time conditioning).
+    size = arg.split(',')[1]
+    c = experiment_config(experiment, f'{"imf" if base_rule == "imf" else "meanflow"},{size}')
+  else:
+    c = experiment_config(experiment, base_rule if base_rule in ('lsd', 'meanflow', 'sct') else
+                          ('meanflow' if base_rule == 'imf' else 'lsd'))
+  with c.unlocked():
+    c.loss.name = base_rule
+    if base_rule == 'imf' and not is_dit:
+      c.loss_defaults.imf = c.loss_defaults.meanflow.to_dict()
+    if base_rule in ('meanflow', 'imf'):
+      if rule == 'meanflow+cfg':
+        if not c.data.num_classes:
+          c.data.num_classes = 10     # guidance needs labels: the class-conditional variant
+          c.loss.omega = 2.0
+      elif rule == 'meanflow':
+        c.loss.omega, c.loss.kappa = 1.0, 0.0   # no guidance
+    c.train.batch_size = batch or default_batch
+    if dtype:
+      c.model.dtype = dtype
+    n = jax.device_count()
+    c.sharding.fsdp = math.gcd(int(c.sharding.fsdp), n)
+    c.sharding.data = -1
+    c.optim.warmup_steps = 0          # a nonzero learning rate from the first step
+    c.eval.at_end = False
+    if tiny:
+      family = 'dit' if is_dit else 'unet'
+      for key, value in TINY[family]['model'].items():
+        c.model[key] = value
+      shape = TINY[family]['shape']
+  return c, shape
+
+
+class SyntheticSource:
+  """One fixed batch (normal x1, uniform labels) made on the devices in the batch sharding."""
+
+  def __init__(self, config, mesh, example_shape):
+    self.example_shape, self.num_classes = tuple(example_shape), int(config.data.num_classes)
+    b = config.train.batch_size
+    sharding_lib.local_batch_size(b)
+    out = sharding_lib.batch_sharding(mesh)
+
+    def make(key):
+      batch = {'x1': jax.random.normal(key, (b, *self.example_shape), jnp.float32)}
+      if self.num_classes:
+        batch['labels'] = jax.random.randint(jax.random.fold_in(key, 1), (b,), 0, self.num_classes)
+      return batch
+
+    self._batch = jax.jit(make, out_shardings=out)(jax.random.PRNGKey(config.seed))
+
+  def batch(self, step: int) -> dict:
+    del step
+    return self._batch
+
+  def get_state(self) -> dict:
+    return {}
+
+  def set_state(self, state) -> None:
+    del state
+
+
+def analytic_step_flops(config, example_shape, rule: str) -> float:
+  """fmjax.models.flops' count of one step of `config` (the whole global batch)."""
+  family, options = config.model.name, build.network_options(config)
+  module = models.abstract(family, example_shape=tuple(example_shape),
+                           num_classes=int(config.data.num_classes),
+                           time_conditioning=config.model.time_conditioning,
+                           dtype=jnp.dtype(config.model.dtype), **options)
+  fwd = flops_lib.forward(module)
+  loss = config.loss
+  extra = {}
+  if rule.split('+')[0] in ('meanflow', 'imf'):
+    extra = dict(guidance=(loss.omega != 1.0 or loss.kappa != 0.0), kappa=float(loss.kappa),
+                 labels=bool(config.data.num_classes))
+  return flops_lib.step_flops(config.loss.name, fwd, config.train.batch_size,
+                              float(loss.diagonal_fraction), **extra)
+
+
+def _cost(analysis) -> float:
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', float('nan')))
+
+
+def measure(preset: str, rule: str, *, tiny=False, batch=0, dtype='', warmup=2, repeats=10,
+            workdir='/tmp/fmjax_throughput') -> dict:
+  """One row: compiles the trainer's step for (preset, rule) and times it."""
+  config, shape = rule_config(preset, rule, tiny=tiny, batch=batch, dtype=dtype)
+  setup = train.Setup(config, workdir, make_source=lambda c, mesh: SyntheticSource(c, mesh, shape))
+  config = setup.config
+  row = {'preset': preset, 'rule': rule, 'batch': config.train.batch_size, 'dtype': config.model.dtype,
+         'diag': float(config.loss.diagonal_fraction),
+         'model_flops': analytic_step_flops(config, shape, rule)}
+  if config.loss.name in ('meanflow', 'imf'):
+    row['guidance'] = f'omega {config.loss.omega:g}, kappa {config.loss.kappa:g}'
+  with jax.set_mesh(setup.mesh):
+    state = setup.init_state()
+    batch_arrays = setup.source.batch(0)
+    stop = sharding_lib.per_device_flags(False, setup.mesh)
+    start = time.perf_counter()
+    lowered = setup.train_step.lower(state, batch_arrays, stop)
+    row['xla_flops'] = _cost(lowered.cost_analysis())
+    # --tiny is a smoke run: compile without backend optimization (seconds, not a minute).
+    compiled = lowered.compile(models.FAST_COMPILE if tiny else None)
+    row['compile_s'] = time.perf_counter() - start
+    try:
+      row['temp_gib'] = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    except Exception:   # backends without a memory analysis
+      row['temp_gib'] = float('nan')
+    for _ in range(warmup):
+      state, metrics = compiled(state, batch_arrays, stop)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch_arrays, stop)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - start)
+    row['loss'] = float(jax.device_get(metrics['loss']))
+  n = jax.device_count()
+  row['step_s'] = statistics.median(times)
+  row['img_s_device'] = row['batch'] / row['step_s'] / n
+  peak = flops_lib.peak_bf16_flops(jax.devices()[0].device_kind)
+  row['mfu'] = row['model_flops'] / row['step_s'] / (peak * n) if peak else float('nan')
+  return row
+
+
+HEADER = ('| network | rule | batch | dtype | diagonal | step ms | img/s/device | model GFLOP | '
+          'XLA GFLOP | model/XLA | MFU | temp GiB | compile s | note |')
+
+
+def format_row(r: dict) -> str:
+  if 'error' in r:
+    return (f"| {r['preset']} | {r['rule']} | {r.get('batch', '')} | | | | | | | | | | | "
+            f"{r['error']} |")
+  mfu = '' if math.isnan(r['mfu']) else f"{100 * r['mfu']:.1f} %"
+  return (f"| {r['preset']} | {r['rule']} | {r['batch']} | {r['dtype']} | {r['diag']:g} | "
+          f"{1e3 * r['step_s']:.1f} | {r['img_s_device']:.1f} | {r['model_flops'] / 1e9:.4g} | "
+          f"{r['xla_flops'] / 1e9:.4g} | {r['model_flops'] / r['xla_flops']:.3f} | {mfu} | "
+          f"{r['temp_gib']:.2f} | {r['compile_s']:.0f} | {r.get('guidance', '')} |")
+
+
+def table(rows) -> str:
+  device = jax.devices()[0]
+  peak = flops_lib.peak_bf16_flops(device.device_kind)
+  peak_text = f'{peak / 1e12:.1f} TFLOP/s dense bf16 per device' if peak else 'peak unknown: no MFU'
+  lines = [f'Training step throughput on {jax.device_count()} x {device.device_kind} ({device.platform}), '
+           f'jax {jax.__version__}; MFU against {peak_text} (fmjax.models.flops.PEAK_BF16). '
+           'Step: fmjax.train.Setup\'s jitted step, synthetic batch on device; median of the timed repeats.',
+           '', HEADER, '|' + '---|' * (HEADER.count('|') - 1)]
+  return '\n'.join(lines + [format_row(r) for r in rows]) + '\n'
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', default='dit-b2', choices=sorted(PRESETS))
+  parser.add_argument('--rules', default=','.join(RULES), help=f'comma-separated, of {RULES}')
+  parser.add_argument('--batch', type=int, default=0, help='global batch (0: the preset\'s)')
+  parser.add_argument('--dtype', default='', help='compute dtype (default: the experiment\'s, bfloat16)')
+  parser.add_argument('--tiny', action='store_true', help='CPU-size network and inputs (smoke test)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--budget_s', type=float, default=0.0, help='skip rows that would start later')
+  parser.add_argument('--out', default='')
+  args = parser.parse_args(argv)
+  rules = [r for r in args.rules.split(',') if r]
+  unknown = sorted(set(rules) - set(RULES))
+  if unknown:
+    parser.error(f'unknown rule(s) {unknown}; choose from {RULES}.')
+  start, rows = time.perf_counter(), []
+  for rule in rules:
+    if args.budget_s and time.perf_counter() - start > args.budget_s:
+      rows.append({'preset': args.model, 'rule': rule, 'error': f'skipped: --budget_s {args.budget_s:g} spent'})
+    else:
+      try:
+        rows.append(measure(args.model, rule, tiny=args.tiny, batch=args.batch, dtype=args.dtype,
+                            warmup=args.warmup, repeats=args.repeats))
+      except Exception as e:   # e.g. out of memory: keep the other rows
+        message = ' '.join(str(e).split())[:160].replace('|', '/')
+        rows.append({'preset': args.model, 'rule': rule, 'error': f'{type(e).__name__}: {message}'})
+    print(format_row(rows[-1]), file=sys.stderr, flush=True)
+    if args.out:
+      with open(args.out, 'w') as f:
+        f.write(table(rows))
+  print(table(rows))
+  return rows
+
+
+if __name__ == '__main__':
+  main()
