@@ -130,14 +130,14 @@ def main(argv=None) -> list[dict]:
     for look in lookaheads:
       if guidance is not None and hasattr(guidance, 'guided_sample'):
         rows.append((f'guidance, {look} look-ahead, {k} steps',
-                     lambda key, x0, k=k, look=look: guidance.guided_sample(
-                         x0, times=jnp.linspace(0.0, 1.0, k + 1), lookahead=look, **common)))
+                     jax.jit(lambda key, x0, k=k, look=look: guidance.guided_sample(
+                         x0, times=jnp.linspace(0.0, 1.0, k + 1), lookahead=look, **common))))
       else:
         skipped.append(f'guidance ({look}, {k} steps): fmjax.steering.guidance.guided_sample not found')
       if smc is not None and hasattr(smc, 'smc_sample'):
         rows.append((f'SMC, {look} look-ahead, {k} steps, {args.num_particles} particles',
-                     lambda key, x0, k=k, look=look: smc.smc_sample(
-                         key, x0, num_steps=k, num_particles=args.num_particles, lookahead=look, **common)))
+                     jax.jit(lambda key, x0, k=k, look=look: smc.smc_sample(
+                         key, x0, num_steps=k, num_particles=args.num_particles, lookahead=look, **common))))
       else:
         skipped.append(f'SMC ({look}, {k} steps): fmjax.steering.smc.smc_sample not found')
 
