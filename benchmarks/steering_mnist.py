@@ -17,7 +17,7 @@ modules are absent.
   python -m fmjax.steering.train_classifier --workdir=runs/classifier_eval --seed=1 --steps=1500 \
       --data_dir=~/tensorflow_datasets
   python benchmarks/steering_mnist.py --model_dir=runs/mnist_uncond --classifier_dir=runs/classifier \
-      --eval_classifier_dir=runs/classifier_eval --digit=3 --out=docs/img/steering_mnist.png
+      --eval_classifier_dir=runs/classifier_eval --digit=4 --out=docs/img/steering_mnist.png
 
 `--tiny` runs two rows on 8 samples (a smoke test of the script).
 """
@@ -61,8 +61,9 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--model_dir', required=True)
   parser.add_argument('--classifier_dir', required=True)
   parser.add_argument('--eval_classifier_dir', default=None)
-  parser.add_argument('--digit', type=int, default=3)
-  parser.add_argument('--temperature', type=float, default=0.1)
+  parser.add_argument('--digit', type=int, default=4)
+  parser.add_argument('--temperature', type=float, default=1.0,
+                      help='lambda; 1 makes the tilted law p(x) p(digit | x) the class-conditional p(x | digit)')
   parser.add_argument('--num', type=int, default=64, help='samples per row')
   parser.add_argument('--best_of', type=int, nargs='+', default=[4, 16])
   parser.add_argument('--steps', type=int, nargs='+', default=[4, 8], help='guidance / SMC steps')
