@@ -109,9 +109,9 @@ def main(argv=None) -> list[dict]:
 
   for n in args.best_of:
     if guidance is not None and hasattr(guidance, 'best_of_n'):
-      def bon(key, x0, n=n):
-        sample_fn = lambda k, count, labels: sample_from_noise(noise(k, count), 1)
-        return guidance.best_of_n(key, sample_fn, reward, x0.shape[0], n, temperature=lam)
+      sample_fn = lambda k, count, labels: sample_from_noise(noise(k, count), 1)
+      bon = jax.jit(lambda key, x0, n=n: guidance.best_of_n(key, sample_fn, reward, x0.shape[0], n,
+                                                            temperature=lam))
     else:
       @jax.jit
       def best(key, x0, n=n):   # the same baseline, written out: the best of n 1-step samples
@@ -130,9 +130,11 @@ def main(argv=None) -> list[dict]:
   for k in args.steps:
     for look in lookaheads:
       if guidance is not None and hasattr(guidance, 'guided_sample'):
-        rows.append((f'guidance, {look} look-ahead, {k} steps',
-                     jax.jit(lambda key, x0, k=k, look=look: guidance.guided_sample(
-                         x0, times=jnp.linspace(0.0, 1.0, k + 1), lookahead=look, **common))))
+        grid = tuple(float(t) for t in np.linspace(0.0, 1.0, k + 1))   # concrete: the steps unroll
+        for keep in ([True, False] if look == 'flow_map' else [True]):
+          rows.append((f'guidance, {look} look-ahead{"" if keep else " (no Jacobian)"}, {k} steps',
+                       jax.jit(lambda key, x0, grid=grid, look=look, keep=keep: guidance.guided_sample(
+                           x0, times=grid, lookahead=look, keep_jacobian=keep, **common))))
       else:
         skipped.append(f'guidance ({look}, {k} steps): fmjax.steering.guidance.guided_sample not found')
       if smc is not None and hasattr(smc, 'smc_sample'):
