@@ -128,3 +128,19 @@ def test_missing_dataset_names_the_prepare_command(tmp_path):
   with pytest.raises(pipelines.DatasetNotFoundError, match='python -m fmjax.data.mnist5k'):
     train_classifier.main(['--workdir', str(tmp_path / 'w'), '--data_dir', str(tmp_path / 'empty')])
   assert not os.path.exists(tmp_path / 'w')     # failed before any work
+
+
+def test_steer_mode_names_the_training_command(tmp_path):
+  # --mode=steer builds the reward before loading the model: a missing classifier is one line.
+  import subprocess
+  import sys
+  from train_testlib import ROOT, env_with_devices
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  result = subprocess.run(
+      [sys.executable, '-m', 'fmjax.main', '--config=experiments/toy_gmm.py', f'--workdir={workdir}',
+       '--mode=steer', '--config.steer.reward=classifier', f'--config.steer.classifier_dir={tmp_path / "none"}'],
+      cwd=ROOT, env=env_with_devices(1), capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'python -m fmjax.steering.train_classifier' in result.stderr
+  assert 'Traceback' not in result.stderr
