@@ -123,6 +123,12 @@ def run(args):
     ref_key = jax.random.PRNGKey(100)
     if q is not None:
       rows['exact draw (floor)'] = {**metrics(q.sample(jax.random.PRNGKey(101), num), reward, q, ref_key), 'nfe': 0}
+    else:
+      # No closed form: self-normalized importance weights exp(r / lambda) on 2^20 exact draws.
+      big = RING.sample(jax.random.PRNGKey(102), 1 << 20)
+      wts = jax.nn.softmax(reward(big) / lam)
+      rows['exact (importance weights, 2^20 draws)'] = {
+          'mean_reward': float(wts @ reward(big)), 'frac_x0_pos': float(wts @ (big[:, 0] > 0)), 'nfe': 0}
     rows['plain'] = {**metrics(plain, reward, q, ref_key), 'nfe': 1}
     # N one-step samples per output: best-of-N (argmax) and importance resampling (categorical).
     cand = one_step(jax.random.normal(jax.random.fold_in(key, 1), (num * budget, 2))).reshape(num, budget, 2)
