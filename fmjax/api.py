@@ -6,6 +6,7 @@
   x = model.sample(key, 10**6)                    # chunk by chunk (chunk_size=), a host array
   y = model.flow_map(s, t, x)                     # X_{s,t}(x); s, t scalars or [batch]
   b = model.velocity(t, x)                        # b_t(x) = v_{t,t}(x)
+  out = model.steer(key, 256, reward, method='smc', temperature=0.5, steps=8)   # q ∝ p exp(r / 0.5)
 
 The parameters are restored replicated over the caller's local devices (whatever they are:
 one CPU, eight GPUs, ...); batches that split evenly are sharded over them. The model is
@@ -27,6 +28,15 @@ from fmjax import build
 from fmjax import samplers
 from fmjax import sharding
 
+
+# Options of Model.steer per method (beyond key, num, reward_fn, method, temperature, steps).
+STEER_OPTIONS = {
+    'best_of_n': ('n', 'select', 'labels'),
+    'guidance': ('lookahead', 'keep_jacobian', 'guidance_scale', 'guidance_stop', 'schedule',
+                 'transport', 'times', 'labels'),
+    'smc': ('num_particles', 'lookahead', 'keep_jacobian', 'guidance_scale', 'guidance_stop',
+            'schedule', 'ess_threshold', 'noise', 'transport', 'final_resample', 'times', 'labels'),
+}
 
 # Default sampling chunk: this many elements of x per chunk (2^20 floats = 4 MiB of samples).
 # The network's activations, not x, bound the memory; a few hundred CIFAR-size images or a
@@ -72,6 +82,7 @@ class Model:
     fm = self.parameterization
     self._flow_map = jax.jit(lambda p, s, t, x, labels: fm.X(p, s, t, x, labels))
     self._velocity = jax.jit(lambda p, t, x, labels: fm.velocity(p, t, x, labels))
+    self._steer_cache = {}
 
   # -------------------------------------------------------------- sampling
 
@@ -132,6 +143,99 @@ class Model:
     for first in range(0, num, chunk):
       out[first:first + chunk] = np.asarray(run(first))
     return out
+
+  # -------------------------------------------------------------- steering
+
+  def steer(self, key, num: int, reward_fn, method: str = 'guidance', temperature: float = 1.0,
+            steps: int = 8, **options):
+    """`num` samples steered toward q ∝ p exp(reward_fn(x) / temperature) (fmjax.steering).
+
+    reward_fn(x, labels) -> [batch] floats (e.g. fmjax.steering.rewards.quadratic(c, std)).
+    method: 'best_of_n' (options n = 8, select = 'importance' | 'argmax'; steps: the base
+      sampler's flow-map steps), 'guidance' (fmjax.steering.guidance.guided_sample: lookahead,
+      keep_jacobian, guidance_scale, guidance_stop, schedule, transport, times) or 'smc'
+      (fmjax.steering.smc.smc_sample: num_particles = 8 and the same guidance options,
+      ess_threshold, ...; num must be a multiple of num_particles); labels for conditional models.
+    Returns a SteerResult(samples, log_weights, ess, nfe); one compilation per (num, reward_fn,
+    method, options).
+    """
+    num, steps = _count('num', num), _count('steps', steps)
+    if method not in STEER_OPTIONS:
+      raise ValueError(f'unknown steering method {method!r}; choose one of {tuple(STEER_OPTIONS)}.')
+    unknown = sorted(set(options) - set(STEER_OPTIONS[method]))
+    if unknown:
+      raise ValueError(f'method={method!r} takes no option(s) {unknown}; it takes '
+                       f'{STEER_OPTIONS[method]}.')
+    if isinstance(temperature, bool) or not float(temperature) > 0:
+      raise ValueError(f'temperature must be a positive number, got {temperature!r}.')
+    labels = options.pop('labels', None)
+    if labels is not None:
+      if not self.num_classes:
+        raise ValueError('This model is unconditional; call steer without labels.')
+      labels = jnp.asarray(labels, jnp.int32)
+      if labels.shape != (num,):
+        raise ValueError(f'labels must be integer class ids of shape [{num}], got {labels.shape}.')
+    if not callable(reward_fn):
+      raise ValueError('reward_fn must be a callable r(x, labels) -> [batch] floats.')
+    from fmjax.steering import rewards
+    rewards.check_reward(reward_fn, jax.ShapeDtypeStruct((num,) + self.example_shape, jnp.float32),
+                         labels)
+    if method == 'smc':
+      options.setdefault('num_particles', 8)
+      _count('num_particles', options['num_particles'])
+      if num % options['num_particles']:
+        raise ValueError(f'num = {num} must be a multiple of num_particles = '
+                         f'{options["num_particles"]} (smc resamples within groups).')
+    if method == 'best_of_n':
+      options.setdefault('n', 8)
+      _count('n', options['n'])
+    if options.get('times') is not None:
+      options['times'] = tuple(float(t) for t in _check_grid(options['times'], False))
+    cache_key = (num, reward_fn, method, float(temperature), steps, tuple(sorted(options.items())))
+    if cache_key not in self._steer_cache:
+      self._steer_cache[cache_key] = self._steer_fn(*cache_key)
+    fn, nfe = self._steer_cache[cache_key]
+    from fmjax.steering.result import SteerResult
+    out = fn(self.params, key, labels)
+    return SteerResult(*out, nfe[0])   # nfe: a Python int, recorded while tracing
+
+  def _steer_fn(self, num, reward_fn, method, temperature, steps, options):
+    """(a jitted (params, key, labels) -> (samples, log_weights, ess), its NFE per sample)."""
+    from fmjax import interpolants
+    from fmjax.steering import guidance
+    options = dict(options)
+    fm = self.parameterization
+    interpolant = interpolants.get(self.config.interpolant)
+    nfe = []
+
+    def run(params, key, labels):
+      options_ = dict(options)
+      flow_map = lambda s, t, x, y=None: fm.X(params, s, t, x, y)
+      velocity = lambda t, x, y=None: fm.velocity(params, t, x, y)
+      key_noise, key_run = jax.random.split(key)
+      if method == 'best_of_n':
+        grid = samplers.uniform_grid(steps)
+        sample_fn = lambda k, count, y: samplers.flow_map_sample(fm, params, self.noise(k, count),
+                                                                 grid, y)
+        out = guidance.best_of_n(key_run, sample_fn, reward_fn, num, options_['n'],
+                                 temperature=temperature, select=options_.get('select', 'importance'),
+                                 labels=labels, base_nfe=steps)
+      elif method == 'guidance':
+        times = options_.pop('times', None) or tuple(np.linspace(0.0, 1.0, steps + 1).tolist())
+        out = guidance.guided_sample(self.noise(key_noise, num), flow_map=flow_map,
+                                     velocity=velocity, interpolant=interpolant, reward=reward_fn,
+                                     temperature=temperature, times=times, labels=labels, **options_)
+      else:
+        from fmjax.steering import smc   # helper module of issue 10, imported when used
+        out = smc.smc_sample(key_run, self.noise(key_noise, num), flow_map=flow_map,
+                             velocity=velocity, interpolant=interpolant, reward=reward_fn,
+                             temperature=temperature, num_steps=steps, labels=labels, **options_)
+      nfe.append(int(out.nfe))
+      return out.samples, out.log_weights, out.ess
+
+    jitted = jax.jit(run)
+    return jitted, nfe
+
 
   # -------------------------------------------------------------- maps
 

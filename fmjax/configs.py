@@ -23,6 +23,8 @@ Sections:
   train                 the budget and the cadence of logging, evaluation and checkpoints
   sharding              the device mesh (data x fsdp) and the FSDP size rule
   eval                  the few-step sweep run at eval time
+  sample                --mode=sample: how many samples, how many steps
+  steer                 --mode=steer: reward-steered sampling (method, reward, temperature, ...)
 """
 
 from __future__ import annotations
@@ -158,10 +160,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict()   # --mode=sample
   c.sample.num = 64
   c.sample.steps = 1
+
+  # --mode=steer: sample the tilted law q ∝ p exp(r / temperature) (fmjax.steering; docs/steering.md).
+  c.steer = ml_collections.ConfigDict()
+  c.steer.method = 'guidance'       # 'best_of_n' | 'guidance' | 'smc'
+  c.steer.reward = 'quadratic'      # 'quadratic' (-|x - center|^2 / (2 std^2)) | 'classifier'
+  c.steer.temperature = 1.0         # lambda > 0
+  c.steer.num_samples = 1000
+  c.steer.steps = 8                 # flow-map steps (guidance, smc) / base sampler steps (best_of_n)
+  c.steer.num_particles = 8         # smc: particles per group; best_of_n: the N
+  c.steer.lookahead = 'flow_map'    # 'flow_map' | 'denoiser' | 'naive'
+  c.steer.keep_jacobian = True      # differentiate through the look-ahead (False: cheaper, biased)
+  c.steer.guidance_scale = 1.0
+  c.steer.guidance_stop = 1.0       # no guidance at times >= this
+  c.steer.schedule = 'constant'     # 'constant' | 'linear' (1 - t)
+  c.steer.ess_threshold = 0.5       # smc: resample when ESS < this fraction of num_particles
+  c.steer.select = 'importance'     # best_of_n: 'importance' (tends to q) | 'argmax'
+  c.steer.center = ml_collections.FieldReference(0.0, field_type=object)   # scalar or [D]
+  c.steer.std = 1.0                 # quadratic reward's sigma
+  c.steer.classifier_dir = ''       # reward = 'classifier': a trained classifier's folder
+  c.steer.target_class = 0
+  c.steer.seed = 0
   return c
 
 
-_MODES = ('train', 'eval', 'sample')
+_MODES = ('train', 'eval', 'sample', 'steer')
+STEER_METHODS = ('best_of_n', 'guidance', 'smc')
+STEER_REWARDS = ('quadratic', 'classifier')
 
 
 class ConfigError(ValueError):
@@ -337,6 +362,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.model.time_conditioning in embeddings.TIME_CONDITIONINGS,
        f'config.model.time_conditioning = {config.model.time_conditioning!r}; choose one of '
        f'{embeddings.TIME_CONDITIONINGS}.')
+  validate_steer(config)
   try:   # building a flow map only wraps the network: checks the name without any work
     flow_maps.make(config.flow_map.parameterization, None, interpolants.get(config.interpolant))
   except ValueError as e:
@@ -352,6 +378,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "'ect'), or clear the teacher.")
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
+
+
+def validate_steer(config: ml_collections.ConfigDict) -> None:
+  """config.steer's values (names, ranges, the reward's parameters): one ConfigError each."""
+  if 'steer' not in config:   # configs saved before --mode=steer existed
+    return
+  st = config.steer
+
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(f'config.steer.{msg}')
+
+  need(st.method in STEER_METHODS, f'method = {st.method!r}; choose one of {STEER_METHODS}.')
+  need(st.reward in STEER_REWARDS, f'reward = {st.reward!r}; choose one of {STEER_REWARDS}.')
+  need(st.temperature > 0, f'temperature = {st.temperature} must be > 0 (the lambda of p exp(r / lambda)).')
+  need(st.num_samples >= 1, f'num_samples = {st.num_samples} must be >= 1.')
+  need(st.steps >= 1, f'steps = {st.steps} must be >= 1.')
+  need(st.num_particles >= 1, f'num_particles = {st.num_particles} must be >= 1.')
+  need(st.method != 'smc' or st.num_samples % st.num_particles == 0,
+       f'num_samples = {st.num_samples} must be a multiple of num_particles = {st.num_particles} '
+       '(smc resamples within groups of num_particles).')
+  need(st.lookahead in ('flow_map', 'denoiser', 'naive'),
+       f"lookahead = {st.lookahead!r}; choose 'flow_map', 'denoiser' or 'naive'.")
+  need(st.schedule in ('constant', 'linear'), f"schedule = {st.schedule!r}; choose 'constant' or 'linear'.")
+  need(0.0 <= st.guidance_stop <= 1.0, f'guidance_stop = {st.guidance_stop} must be a time in [0, 1].')
+  need(0.0 <= st.ess_threshold <= 1.0, f'ess_threshold = {st.ess_threshold} must be in [0, 1].')
+  need(st.select in ('importance', 'argmax'), f"select = {st.select!r}; choose 'importance' or 'argmax'.")
+  if st.reward == 'quadratic':
+    need(st.std > 0, f'std = {st.std} must be > 0 (the quadratic reward\'s width).')
+    center = np.asarray(st.center, np.float64) if st.center is not None else None
+    need(center is not None and np.all(np.isfinite(center)),
+         f'center = {st.center!r} must be a number or a list of finite numbers.')
+    if config.data.name in TOY_DATASETS and center.ndim > 0:
+      dim = config.data.dim if config.data.dim is not None else 2
+      need(center.shape == (dim,), f'center has shape {center.shape}; the data are {dim}-D: give '
+           f'{dim} numbers or one scalar.')
+  else:
+    need(bool(st.classifier_dir), "classifier_dir is empty; reward = 'classifier' needs a trained "
+         'classifier\'s folder (see fmjax.steering.classifier).')
+    need(st.target_class >= 0, f'target_class = {st.target_class} must be a class id >= 0.')
 
 
 def rule_and_dim(arg: str | None, default_dim: int, default_rule: str = 'lsd') -> tuple[str, int]:

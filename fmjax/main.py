@@ -38,9 +38,10 @@ from fmjax.evaluation import assets, evaluator
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/NAME.py[:ARG].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'steer'],
                           'train (resumes if WORKDIR has a checkpoint), eval (few-step sweep of the '
-                          'latest checkpoint) or sample (config.sample.num samples to WORKDIR/samples).')
+                          'latest checkpoint), sample (config.sample.num samples to WORKDIR/samples) '
+                          'or steer (config.steer: reward-steered samples to WORKDIR/steer).')
 _COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-host only).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host only).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index (multi-host only).')
@@ -79,6 +80,9 @@ def run(config, workdir: str, mode: str) -> dict:
     return train.train_and_evaluate(config, workdir)
   if mode == 'eval':
     return evaluate_checkpoint(config, workdir)
+  if mode == 'steer':
+    from fmjax import steer_mode   # imported when used: the steering stack stays off the train path
+    return steer_mode.steer_to_workdir(config, workdir)
   return sample_to_workdir(config, workdir)
 
 
