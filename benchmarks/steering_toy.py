@@ -155,14 +155,15 @@ def run(args):
           'ess': float(out.ess[-1]), 'seconds': time.time() - t0}
     if guidance is not None:
       for look in lookahead_lib.LOOKAHEADS:
-        try:
-          steps = max(1, budget // (2 * max(lookahead_lib.lookahead_nfe(look), 1) + 1))
-          res = guidance.guided_sample(
-              x0, flow_map=flow_map, velocity=velocity, interpolant=ip, reward=reward,
-              temperature=lam, times=jnp.linspace(0.0, 1.0, steps + 1), lookahead=look)
-          rows[f'guidance, {look} look-ahead'] = {**metrics(res.samples, reward, q, ref_key), 'nfe': int(res.nfe)}
-        except Exception as e:   # the guide's interface may differ: report and go on
-          rows[f'guidance, {look} look-ahead'] = {'error': repr(e)[:200]}
+        grid = lambda k: tuple(np.linspace(0.0, 1.0, k + 1).tolist())
+        steps = max((k for k in range(1, 65)
+                     if guidance.guided_nfe(grid(k), ip, lookahead=look) <= budget), default=1)
+        sample = jax.jit(lambda x, look=look, steps=steps: guidance.guided_sample(
+            x, flow_map=flow_map, velocity=velocity, interpolant=ip, reward=reward,
+            temperature=lam, times=grid(steps), lookahead=look))
+        res = sample(x0)
+        rows[f'guidance, {look} look-ahead, {steps} steps'] = {
+            **metrics(res.samples, reward, q, ref_key), 'nfe': int(res.nfe)}
     results['cases'][name] = rows
   return results
 
