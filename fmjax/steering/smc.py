@@ -54,19 +54,10 @@ import numpy as np
 
 from fmjax.interpolants import Interpolant, expand
 from fmjax.steering import lookahead as lookahead_lib
+from fmjax.steering.guidance import strength   # one schedule convention for guidance and SMC
 from fmjax.steering.result import SteerResult
 
-SCHEDULES = ('constant', 'linear')
 TRANSPORTS = ('flow_map', 'euler')
-
-
-def strength(schedule: str, t: float) -> float:
-  """Guidance strength over time: 'constant' 1; 'linear' 1 - t (strong early, off at the data)."""
-  if schedule == 'constant':
-    return 1.0
-  if schedule == 'linear':
-    return 1.0 - float(t)
-  raise ValueError(f'unknown guidance schedule {schedule!r}; choose one of {SCHEDULES}.')
 
 
 def systematic_resample(key, log_weights: jax.Array) -> jax.Array:
