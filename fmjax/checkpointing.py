@@ -40,7 +40,7 @@ SAFE_FIELDS = (
     'train.num_steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
     'train.keep_checkpoints', 'train.keep_every', 'train.async_checkpointing',
     'train.max_nonfinite_in_a_row', 'train.loss_log_file', 'train.restore_step',
-    'eval', 'sample', 'sharding', 'data.worker_count', 'data.data_dir',
+    'eval', 'sample', 'steer', 'sharding', 'data.worker_count', 'data.data_dir',
     'loss_defaults', 'model_defaults',
 )
 

@@ -23,6 +23,8 @@ Sections:
   train                 the budget and the cadence of logging, evaluation and checkpoints
   sharding              the device mesh (data x fsdp) and the FSDP size rule
   eval                  the few-step sweep run at eval time
+  sample                --mode=sample: how many samples, how many steps
+  steer                 --mode=steer: reward-steered sampling (method, reward, temperature, ...)
 """
 
 from __future__ import annotations

@@ -124,6 +124,15 @@ def test_guidance_stop_and_schedule_reduce_the_shift():
   for partial in (half, lin):
     assert np.all(np.abs(partial - base) < np.abs(full - base))
     assert np.all(np.abs(partial - base) > 0.05)
+  # The discrete scheme by hand: the step into t adds h w(t) k_t grad_x a.E[x1 | x_t] / lambda
+  # = h w(t) ((1 - t) / t) (t s^2 / std_t^2) a / lambda, carried to t = 1 by the slope s / std_t.
+  s_ = np.array([0.7, 1.3])
+  for mean, w in [(full, lambda t: 1.0), (half, lambda t: float(t < 0.5)), (lin, lambda t: 1 - t)]:
+    shift = 0.0
+    for t in np.linspace(0, 1, 17)[1:]:
+      std_t = np.sqrt((1 - t) ** 2 + (t * s_) ** 2)
+      shift += (1 / 16) * w(t) * (1 - t) * s_**3 / std_t**3 * np.asarray(a) / lam
+    np.testing.assert_allclose(mean, base + shift, rtol=1e-4, atol=1e-5)
 
 
 def test_nfe_is_the_number_of_network_calls():

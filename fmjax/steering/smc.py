@@ -4,12 +4,18 @@ The base process is an SDE with the marginals p_t of the probability-flow ODE dx
   dx = [b_t(x) + eps_t s_t(x)] dt + sqrt(2 eps_t) dW,      s_t = grad log p_t
 (the score comes from the velocity through the interpolant, `lookahead.score_from_velocity`; this
 is the SDE of FMTT, arXiv 2511.22688, Sec. 2, and of stochastic interpolants, arXiv 2303.08797).
-eps_t = noise * alpha_t, so the noise vanishes at the data end, where the score is singular.
+eps_t = noise * alpha_t^2: the noise vanishes at the data end, where the score is singular, and a
+Langevin step eps_t h stays below noise * h times the variance alpha_t^2 that every local mode of
+p_t has at least (the linear interpolant), so its O(eps h) bias stays small.
 
 Twist (DESIGN.md Sec. 7): V_t(x) = r(L_t(x)) / lambda with a look-ahead L_t (the flow map
 X_{t,1}, the denoiser E[x1 | x_t], or x_t itself). The proposal adds the control
   u_t(x) = guidance_scale * strength(t) * 2 eps_t grad V_t(x),
-the Doob h-transform drift sigma^2 grad log h_t with h_t ≈ exp(V_t) (zero after guidance_stop).
+the Doob h-transform drift sigma^2 grad log h_t with h_t ≈ exp(V_t) (zero after guidance_stop),
+its step h |u| capped at control_clip noise stds (near a boundary between modes the flow map's
+Jacobian is huge, and uncapped controls make the weights heavy-tailed: measured on the exact
+3-mode mixture of the tests, the normalizer estimate came out 6% low (4 standard errors) without
+the cap and unbiased with it; the weights stay exact for the capped proposal).
 On the grid t_0 = 0 < ... < t_N = 1 the particles carry the twisted-SMC log-weights
   log w_0 = V_0(x_0),
   log w_{k+1} - log w_k = V_{k+1}(x_{k+1}) - V_k(x_k) + log K(x_{k+1} | x_k) - log K_u(x_{k+1} | x_k),
@@ -48,19 +54,10 @@ import numpy as np
 
 from fmjax.interpolants import Interpolant, expand
 from fmjax.steering import lookahead as lookahead_lib
+from fmjax.steering.guidance import strength   # one schedule convention for guidance and SMC
 from fmjax.steering.result import SteerResult
 
-SCHEDULES = ('constant', 'linear')
 TRANSPORTS = ('flow_map', 'euler')
-
-
-def strength(schedule: str, t: float) -> float:
-  """Guidance strength over time: 'constant' 1; 'linear' 1 - t (strong early, off at the data)."""
-  if schedule == 'constant':
-    return 1.0
-  if schedule == 'linear':
-    return 1.0 - float(t)
-  raise ValueError(f'unknown guidance schedule {schedule!r}; choose one of {SCHEDULES}.')
 
 
 def systematic_resample(key, log_weights: jax.Array) -> jax.Array:
@@ -158,7 +155,7 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
         num_steps: int, num_particles: int, lookahead: str = 'flow_map', keep_jacobian: bool = True,
         guidance_scale: float = 1.0, guidance_stop: float = 1.0, schedule: str = 'constant',
         ess_threshold: float = 0.5, labels=None, noise: float = 0.5, transport: str = 'flow_map',
-        final_resample: bool = True, times=None) -> SMCOutput:
+        final_resample: bool = True, times=None, control_clip: Optional[float] = 1.0) -> SMCOutput:
   """Twisted SMC on the guided SDE (module docstring); the full output (see SMCOutput).
 
   Every option is static (a Python value): the step loop is unrolled, which lets the network
@@ -216,7 +213,13 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
     if move_noise:
       sigma = jnp.sqrt(2 * eps * h)
       z = jax.random.normal(key_n, x.shape, x.dtype)
-      u = 2 * eps * scale * grad
+      u = 2 * eps * scale * grad / lam
+      if control_clip is not None:
+        # Near a boundary between modes X_{t,1} has a huge Jacobian, so grad V and u can be
+        # huge and log K / K_u heavy-tailed. Capping the shift h |u| at control_clip noise
+        # stds bounds that log-ratio; the weights stay exact for the capped proposal.
+        size = h * jnp.sqrt(jnp.sum(u**2, tuple(range(1, x.ndim)), keepdims=True))
+        u = u * jnp.minimum(1.0, control_clip * sigma / jnp.maximum(size, 1e-30))
       x = m + h * u + sigma * z
       axes = tuple(range(1, x.ndim))
       correction = -(h**2) * jnp.sum(u**2, axes) / (2 * sigma**2) - h * jnp.sum(u * z, axes) / sigma
@@ -264,7 +267,7 @@ def _plan(grid, interpolant, noise, guidance_scale, guidance_stop, schedule, loo
   rows = []
   for k in range(len(grid) - 1):
     t, t_next = float(grid[k]), float(grid[k + 1])
-    eps = noise * _alpha(interpolant, t_next if transport == 'flow_map' else t)
+    eps = noise * _alpha(interpolant, t_next if transport == 'flow_map' else t)**2
     scale = guidance_scale * strength(schedule, t) if t < guidance_stop else 0.0
     # No noise into t = 1 with the flow-map transport: the score is singular there.
     move_noise = eps > 0 and not (transport == 'flow_map' and t_next == 1.0)
@@ -305,7 +308,7 @@ def smc_sample(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward,
                keep_jacobian: bool = True, guidance_scale: float = 1.0, guidance_stop: float = 1.0,
                schedule: str = 'constant', ess_threshold: float = 0.5, labels=None,
                noise: float = 0.5, transport: str = 'flow_map', final_resample: bool = True,
-               times=None) -> SteerResult:
+               times=None, control_clip: Optional[float] = 1.0) -> SteerResult:
   """SMC sampling of q ∝ p exp(r / lambda) (STEER_API): x0 [num, ...] noise at t = 0, split into
   groups of num_particles rows. Returns SteerResult(samples, log_weights, ess, nfe): with
   final_resample=True (default) the samples are resampled by the final weights and log_weights
@@ -315,5 +318,5 @@ def smc_sample(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward,
             lookahead=lookahead, keep_jacobian=keep_jacobian, guidance_scale=guidance_scale,
             guidance_stop=guidance_stop, schedule=schedule, ess_threshold=ess_threshold,
             labels=labels, noise=noise, transport=transport, final_resample=final_resample,
-            times=times)
+            times=times, control_clip=control_clip)
   return SteerResult(out.samples, out.log_weights, out.ess, out.nfe)
