@@ -34,6 +34,7 @@ import numpy as np
 
 from fmjax import api, checkpointing, configs, logging_utils, sharding, train
 from fmjax.evaluation import assets, evaluator
+from fmjax.steering import classifier
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/NAME.py[:ARG].',
                                           lock_config=True)
@@ -174,7 +175,7 @@ def unknown_key_message(error: Exception, argv) -> str:
 # diverged run): one line that says what to do, no traceback.
 _USER_ERRORS = (configs.ConfigError, checkpointing.CheckpointError,
                 checkpointing.IncompatibleCheckpointError, assets.MissingFIDAssetsError,
-                train.NonFiniteError)
+                train.NonFiniteError, classifier.ClassifierError)
 
 
 def main(argv):
