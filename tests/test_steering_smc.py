@@ -63,9 +63,11 @@ def _group_estimates(out, groups, particles, normalizer):
 
 
 def _assert_within(estimates, truth, slack):
-  """The mean over groups agrees with the truth to 4 standard errors plus a small slack."""
+  """The mean over groups agrees with the truth to 4 standard errors plus a small slack, and
+  the standard error itself is small (wrong weights are often wildly spread, not just off)."""
   estimates = np.asarray(estimates)
   se = estimates.std(0) / np.sqrt(estimates.shape[0])
+  assert (se < 0.05).all(), se
   assert (np.abs(estimates.mean(0) - truth) < 4 * se + slack).all(), (estimates.mean(0), truth, se)
 
 

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.interpolants import Interpolant, expand
+from fmjax.interpolants import Interpolant
 from fmjax.steering import lookahead as lookahead_lib
 from fmjax.steering.guidance import strength   # one schedule convention for guidance and SMC
 from fmjax.steering.result import SteerResult
@@ -158,8 +158,10 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
         final_resample: bool = True, times=None, control_clip: Optional[float] = 1.0) -> SMCOutput:
   """Twisted SMC on the guided SDE (module docstring); the full output (see SMCOutput).
 
-  Every option is static (a Python value): the step loop is unrolled, which lets the network
-  count, the guidance window and the last step be decided per step at trace time.
+  Every option is static (a Python value): per-step flags (guided or not, noisy or not, the
+  last flow-map step reusing the look-ahead) are decided at trace time, and each run of steps
+  with equal flags is one lax.scan, so the compile time does not grow with num_steps.
+  control_clip: cap on the control's step h |u| in noise stds (None: uncapped).
   times: an optional increasing grid from 0 to 1 (num_steps + 1 points; default uniform).
   """
   _check(x0, num_particles, num_steps, temperature, ess_threshold, noise, lookahead, transport,
@@ -171,7 +173,6 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
     raise ValueError(f'times must increase from 0 to 1 in num_steps + 1 = {num_steps + 1} points.')
   look = lookahead_lib.make_lookahead(lookahead, flow_map=flow_map, velocity=velocity,
                                       interpolant=interpolant)
-  look_nfe = lookahead_lib.lookahead_nfe(lookahead)
   lam = float(temperature)
   grouped = lambda a: a.reshape(groups, num_particles)
 
