@@ -21,7 +21,8 @@ else
   # Seconds per step (wall clock, compile included): precision 90, DiT-B/2 six rules 150,
   # U-Net six rules 150, DiT-XL/2 one rule 75 = 465 s, plus ~15 s of start-up. Compile times on
   # the GPU are not known in advance: --budget_s starts no new row after that many seconds.
-  T_PREC=90; T_DIT=150; T_UNET=150; T_XL=75; BUDGET_DIT=115; BUDGET_UNET=115
+  T_PREC=${T_PREC:-90}; T_DIT=${T_DIT:-150}; T_UNET=${T_UNET:-150}; T_XL=${T_XL:-75}
+  BUDGET_DIT=${BUDGET_DIT:-115}; BUDGET_UNET=${BUDGET_UNET:-115}
 fi
 
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') | tee "$OUT/device.txt"
