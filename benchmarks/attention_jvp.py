@@ -177,6 +177,8 @@ def main():
       line = f'| {n} | {mode} | ' + ' | '.join(cells) + f' | {gflop} | {rate} | {ratio} |'
       lines.append(line)
       print(line, flush=True)
+    with open(args.out, 'w') as f:   # after every length: a run cut short keeps what it measured
+      f.write('\n'.join(lines + [''] + [f'- {c}' for c in checks]) + '\n')
   with open(args.out, 'w') as f:
     f.write('\n'.join(lines + [''] + [f'- {c}' for c in checks]) + '\n')
   print(f'wrote {args.out}')
