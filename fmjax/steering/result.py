@@ -9,8 +9,9 @@ import jax
 
 class SteerResult(NamedTuple):
   """samples [num, ...]; log_weights [num] (self-normalized importance log-weights of the final
-  samples, None for methods without weights); ess [num_steps] (effective sample size after each
-  step as a fraction of the particle count, None where not tracked); nfe: network evaluations
+  samples, None for methods without weights); ess: effective sample sizes as fractions of the
+  particle count, None where not tracked (smc: [num_steps + 1], after each step and for the
+  final weights; best_of_n: [1], the candidates' mean); nfe: network evaluations
   per returned sample (gradients of the look-ahead counted as one forward + one backward = 2)."""
 
   samples: jax.Array
