@@ -308,8 +308,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
   return _flash(q, k, v, opts)
 
 
-# Below this many tokens XLA's fused naive attention beats the kernel (launch-bound sizes); the
-# value is the crossover measured by benchmarks/attention_jvp.py (docs/bench/attention_jvp_*.md).
+# From this many keys up the fused jvp was measured faster than XLA's naive attention on an H100
+# (1.43x at 1024 tokens, 1.55x at 4096: docs/bench/attention_flash_h100.md); shorter lengths were
+# not measured, so naive is kept there. Rules that backpropagate through the tangent (LSD's
+# default) are slower with the kernel at every measured length: pick 'naive' for them.
 AUTO_MIN_FLASH_TOKENS = 1024
 
 
