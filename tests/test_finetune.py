@@ -19,7 +19,7 @@ import pytest
 
 from fmjax import build, configs, interpolants, losses
 from fmjax.data import toy
-from fmjax.steering import finetune, rewards, tilted
+from fmjax.steering import finetune, resampling, rewards, tilted
 
 LINEAR = interpolants.get('linear')
 # Two modes; the reward pulls toward (2, 1): mass moves between modes AND within the right one.
@@ -43,7 +43,7 @@ def test_systematic_resample_counts_are_floor_or_ceil_of_n_w():
   key = jax.random.PRNGKey(0)
   log_w = jax.random.normal(key, (37,)) * 2.0
   w = np.asarray(jax.nn.softmax(log_w))
-  resample = jax.jit(finetune.systematic_resample, static_argnums=2)
+  resample = jax.jit(resampling.systematic_resample, static_argnums=2)
   n = 113
   for i in range(5):
     idx = np.asarray(resample(jax.random.PRNGKey(i + 1), log_w, n))
@@ -53,9 +53,9 @@ def test_systematic_resample_counts_are_floor_or_ceil_of_n_w():
 
 
 def test_effective_sample_size():
-  assert float(finetune.effective_sample_size(jnp.zeros(10))) == pytest.approx(1.0)
+  assert float(resampling.ess_fraction(jnp.zeros(10))) == pytest.approx(1.0)
   log_w = jnp.log(jnp.array([0.5, 0.5, 0.0, 0.0]) + 1e-30)
-  assert float(finetune.effective_sample_size(log_w)) == pytest.approx(0.5, rel=1e-5)
+  assert float(resampling.ess_fraction(log_w)) == pytest.approx(0.5, rel=1e-5)
 
 
 def test_resampled_base_samples_follow_the_tilted_mixture():
@@ -64,7 +64,7 @@ def test_resampled_base_samples_follow_the_tilted_mixture():
   x = jax.jit(lambda z: finetune.k_step_sample(_base_model(BASE).flow_map, z, 1))(
       jax.random.normal(key_z, (m, 2)))
   log_w = finetune.tilt_log_weights(REWARD(x), TEMPERATURE)
-  rows = np.asarray(x[finetune.systematic_resample(key_pick, log_w, n)])
+  rows = np.asarray(x[resampling.systematic_resample(key_pick, log_w, n)])
   masses = tilted.mode_masses(TILTED, rows)
   np.testing.assert_allclose(masses, TILTED.weights, atol=0.02)
   np.testing.assert_allclose(rows.mean(0), _mixture_mean(TILTED), atol=0.05)

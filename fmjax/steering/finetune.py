@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.losses import base, eulerian, lagrangian, semigroup
+from fmjax.steering.resampling import ess_fraction, systematic_resample
 
 sg = jax.lax.stop_gradient
 
@@ -122,22 +123,6 @@ class FinetuneOptions:
 def tilt_log_weights(rewards: jax.Array, temperature: float) -> jax.Array:
   """Self-normalized log-weights log softmax(r / lambda) of a batch of rewards [n]."""
   return jax.nn.log_softmax(rewards / temperature)
-
-
-def effective_sample_size(log_weights: jax.Array) -> jax.Array:
-  """1 / sum w_i^2 for normalized weights, as a fraction of n (1 = equal weights)."""
-  w = jnp.exp(log_weights - jax.scipy.special.logsumexp(log_weights))
-  return 1.0 / (jnp.sum(w**2) * w.shape[0])
-
-
-def systematic_resample(key, log_weights: jax.Array, num: int) -> jax.Array:
-  """`num` indices drawn by systematic resampling: index i appears floor(num w_i) or
-  ceil(num w_i) times (one uniform offset u, points (j + u) / num on the weights' CDF)."""
-  w = jnp.exp(log_weights - jax.scipy.special.logsumexp(log_weights))
-  cdf = jnp.cumsum(w)
-  points = (jnp.arange(num) + jax.random.uniform(key, ())) / num
-  # Clip: float rounding can leave cdf[-1] a hair below 1.
-  return jnp.minimum(jnp.searchsorted(cdf, points, side='right'), w.shape[0] - 1)
 
 
 def k_step_sample(flow_map: Callable[..., jax.Array], x0, steps: int, labels=None) -> jax.Array:
@@ -215,7 +200,7 @@ def reward_distill_rule(ctx: base.Context, finetune: FinetuneOptions | None = No
     loss, metrics = inner(params, rows, key_inner)
     w = jnp.exp(log_w)
     return loss, dict(metrics, reward_base=jnp.mean(r), reward_tilted=jnp.sum(w * r),
-                      ess=effective_sample_size(log_w))
+                      ess=ess_fraction(log_w))
 
   return loss_fn
 

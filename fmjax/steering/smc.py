@@ -55,30 +55,10 @@ import numpy as np
 from fmjax.interpolants import Interpolant
 from fmjax.steering import lookahead as lookahead_lib
 from fmjax.steering.guidance import strength   # one schedule convention for guidance and SMC
+from fmjax.steering.resampling import ess_fraction, systematic_resample
 from fmjax.steering.result import SteerResult
 
 TRANSPORTS = ('flow_map', 'euler')
-
-
-def systematic_resample(key, log_weights: jax.Array) -> jax.Array:
-  """Indices [n] drawn by systematic resampling from normalized-or-not log-weights [n].
-
-  One uniform u ~ U[0, 1/n); particle i is copied once for every point u + j/n falling in its
-  cumulative-weight interval, so its count is floor(n w_i) or ceil(n w_i) and E[count] = n w_i
-  (Kitagawa 1996; Douc, Cappe & Moulines 2005).
-  """
-  n = log_weights.shape[0]
-  w = jax.nn.softmax(log_weights)
-  cdf = jnp.cumsum(w)
-  cdf = cdf.at[-1].set(1.0)                                 # guard the float round-off at the end
-  points = (jax.random.uniform(key) + jnp.arange(n)) / n
-  return jnp.minimum(jnp.searchsorted(cdf, points, side='right', method='compare_all'), n - 1)
-
-
-def ess_fraction(log_weights: jax.Array) -> jax.Array:
-  """(sum w)^2 / (n sum w^2) along the last axis: 1 for equal weights, 1/n for one survivor."""
-  log_w = log_weights - jax.scipy.special.logsumexp(log_weights, axis=-1, keepdims=True)
-  return jnp.exp(-jax.scipy.special.logsumexp(2 * log_w, axis=-1)) / log_weights.shape[-1]
 
 
 class SMCOutput(NamedTuple):
