@@ -37,7 +37,7 @@ STDS, WEIGHTS = (0.5, 0.5), (1.0, 1.0)
 CENTER, REWARD_STD, TEMPERATURE = (2.0, 1.0), 1.5, 1.0
 
 
-def base_config(args) -> 'ml_collections.ConfigDict':
+def base_config(args):
   c = configs.base_config()
   c.data.name = 'gmm'
   c.data.means, c.data.stds, c.data.weights = MEANS, STDS, WEIGHTS

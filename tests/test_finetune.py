@@ -10,14 +10,13 @@
 """
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import build, configs, interpolants, losses
+from fmjax import configs, interpolants, losses
 from fmjax.data import toy
 from fmjax.steering import finetune, resampling, rewards, tilted
 

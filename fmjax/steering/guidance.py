@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.interpolants import Interpolant, expand
+from fmjax.interpolants import Interpolant
 from fmjax.steering import lookahead as lookahead_lib
 from fmjax.steering.result import SteerResult
 
