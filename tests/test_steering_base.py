@@ -115,3 +115,10 @@ def test_rewards_values_and_checks():
     rewards.check_reward(lambda y, l: y, x)
   with pytest.raises(ValueError, match='std > 0'):
     rewards.quadratic(0.0, 0.0)
+
+
+def test_steer_result_weights_are_the_normalized_exponentials():
+  from fmjax.steering.result import SteerResult
+  out = SteerResult(jnp.zeros((3, 2)), jnp.log(jnp.array([1.0, 2.0, 5.0])), None, 4)
+  np.testing.assert_allclose(out.weights, [0.125, 0.25, 0.625], rtol=1e-6)
+  assert SteerResult(jnp.zeros((3, 2))).weights is None

@@ -18,3 +18,11 @@ class SteerResult(NamedTuple):
   log_weights: Optional[jax.Array] = None
   ess: Optional[jax.Array] = None
   nfe: int = 0
+
+  @property
+  def weights(self) -> Optional[jax.Array]:
+    """The importance weights exp(log_weights), normalized to sum to 1 over all returned samples
+    (None for methods without weights). After SMC's final resampling they are uniform."""
+    if self.log_weights is None:
+      return None
+    return jax.nn.softmax(self.log_weights)
