@@ -131,16 +131,17 @@ def test_auto_attention_is_naive_off_gpu_and_names_are_checked():
     attention.flash_attention(q, k, v, primal='triton')
 
 
-@pytest.mark.parametrize('rule,options', [('lsd', {}), ('esd', {}), ('meanflow', {}), ('sct', {})])
+@pytest.mark.parametrize('rule,options', [('lsd', {}), ('esd', {}), ('meanflow', {}), ('imf', {}),
+                                          ('sct', {})])
 def test_dit_loss_and_gradient_with_the_kernel(rule, options):
   """One DiT loss and parameter gradient per jvp rule: the kernel (interpret mode) selected
-  equals naive attention."""
+  equals naive attention. (The distillation rules lmd/emd share LSD's/ESD's jvp paths.)"""
   interp = interpolants.linear()
   results = []
   for name, opts in (('flash', {'interpret': True, 'block_q': 16, 'block_k': 16}), ('naive', None)):
     apply, params, x = build_for_benchmark('dit', 'tiny', batch=4, depth=1, attention=name,
                                            attention_options=opts)
-    parameterization = 'meanflow' if rule == 'meanflow' else 'displacement'
+    parameterization = 'meanflow' if rule in ('meanflow', 'imf') else 'displacement'
     fm = flow_maps.make(parameterization, apply, interp)
     loss = losses.make(rule, fm, interp, **options)
     batch = {'x1': x, 'step': jnp.zeros((), jnp.int32)}
