@@ -6,7 +6,7 @@
 # Writes under $OUT: device.txt, precision.md, throughput_dit_b2.md, throughput_unet.md,
 # throughput_dit_xl2.md (+ a .log per step), and whatever the marked lead section adds.
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1   # keep a caller's path (carried wheels)
 OUT=${OUT:-runs/gpu_scale}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 TINY=${TINY:-0}

@@ -18,7 +18,7 @@
 #   and a sha256) in the next call while the machine is still warm; cat the parts into
 #   $FMJAX_CACHE/inception/inception_fid_tf2015.npz and check the sha256 before running this.
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1   # keep a caller's path (carried wheels)
 OUT=${OUT:-runs/gpu_mnist}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 TINY=${TINY:-0}
