@@ -6,6 +6,7 @@
 #
 #   OUT=dir bash benchmarks/gpu_mnist_fid.sh              # GPU sizes (experiments/mnist.py:RULE,unet,h100)
 #   OUT=dir TINY=1 bash benchmarks/gpu_mnist_fid.sh       # CPU smoke run, same steps, tiny sizes (~30 min on 2 shared cores)
+#   OUT=dir SIZE=cpu RULES=lsd bash benchmarks/gpu_mnist_fid.sh   # the cpu preset: a 32-channel U-Net, 5,000 samples (~2 h on 2 cores)
 #   RULES="lsd" OUT=dir bash benchmarks/gpu_mnist_fid.sh  # a subset (each rule is ~4 min on an H100, estimated)
 #
 # Offline inputs (the device machine reaches no network), all optional where already prepared:
@@ -31,8 +32,11 @@ $PY -c "import grain; print('grain', getattr(grain, '__version__', 'imported'))"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1 | tee "$OUT/device.txt"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/device.txt"
 
+SIZE=${SIZE:-h100}
 if [ "$TINY" = 1 ]; then
   SIZE=tiny; REF_N=8; REF_BATCH=8; FEAT_ARGS="--batch 2 --size 28 --iters 1"
+elif [ "$SIZE" = cpu ]; then
+  REF_N=5000; REF_BATCH=100; FEAT_ARGS="--batch 100 --size 28 --iters 1"
 else
   SIZE=h100; REF_N=5000; REF_BATCH=500; FEAT_ARGS="--batch 500 --size 28 --iters 5"
 fi

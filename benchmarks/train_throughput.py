@@ -25,15 +25,24 @@ options in force (diagonal fraction, weighting). The FSDP axis of the experiment
 the devices present (gcd).
 
   python benchmarks/train_throughput.py --model dit-b2 --out runs/tp_dit.md        # accelerator
+  python benchmarks/train_throughput.py --model dit-b2 --rules flow_matching,meanflow \
+      --attention naive,flash --compile_workers 4                                  # attention rows
   python benchmarks/train_throughput.py --model unet --tiny --repeats 2            # CPU smoke run
 
-Rows are appended to --out as they finish; `--budget_s` skips the rows that would start after
+Under the table, each rule's step-time ratio to flow matching (same attention) beside its
+analytic FLOP ratio: the issue's bound is a time ratio at most 1.1x the FLOP ratio.
+
+Rows are written to --out as they finish; `--budget_s` skips the rows that would start after
 the budget is spent (a partial table instead of none when a device call has a time limit).
+`--compile_workers N` compiles every row first, N at a time (a GPU compile of a DiT-B/2 step
+took 26-42 s on an H100, one at a time), writes their compile times and memory, then times
+them one by one; with JAX_COMPILATION_CACHE_DIR set, a rerun loads the compiled steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import math
 import os
@@ -72,8 +81,10 @@ def experiment_config(name: str, arg: str):
   return module.get_config(arg)
 
 
-def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, dtype: str = ''):
-  """(config, example shape) of one row: the preset's experiment with `rule` in force."""
+def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, dtype: str = '',
+                attention: str = ''):
+  """(config, example shape) of one row: the preset's experiment with `rule` in force (and
+  `attention`, an implementation of fmjax.models.attention, when given)."""
   experiment, arg, shape, default_batch = PRESETS[preset]
   is_dit = experiment == 'imagenet256_dit'
   base_rule = rule.split('+')[0]
@@ -99,6 +110,8 @@ def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, d
     c.train.batch_size = batch or default_batch
     if dtype:
       c.model.dtype = dtype
+    if attention:
+      c.model.attention = attention
     n = jax.device_count()
     c.sharding.fsdp = math.gcd(int(c.sharding.fsdp), n)
     c.sharding.data = -1
@@ -163,65 +176,124 @@ def _cost(analysis) -> float:
   return float((analysis or {}).get('flops', float('nan')))
 
 
-def measure(preset: str, rule: str, *, tiny=False, batch=0, dtype='', warmup=2, repeats=10,
-            workdir='/tmp/fmjax_throughput') -> dict:
-  """One row: compiles the trainer's step for (preset, rule) and times it."""
-  config, shape = rule_config(preset, rule, tiny=tiny, batch=batch, dtype=dtype)
-  setup = train.Setup(config, workdir, make_source=lambda c, mesh: SyntheticSource(c, mesh, shape))
-  config = setup.config
-  row = {'preset': preset, 'rule': rule, 'batch': config.train.batch_size, 'dtype': config.model.dtype,
-         'diag': float(config.loss.diagonal_fraction),
-         'model_flops': analytic_step_flops(config, shape, rule)}
-  if config.loss.name in ('meanflow', 'imf'):
-    row['guidance'] = f'omega {config.loss.omega:g}, kappa {config.loss.kappa:g}'
-  with jax.set_mesh(setup.mesh):
-    state = setup.init_state()
-    batch_arrays = setup.source.batch(0)
-    stop = sharding_lib.per_device_flags(False, setup.mesh)
-    start = time.perf_counter()
-    lowered = setup.train_step.lower(state, batch_arrays, stop)
-    row['xla_flops'] = _cost(lowered.cost_analysis())
-    # --tiny is a smoke run: compile without backend optimization (seconds, not a minute).
-    compiled = lowered.compile(models.FAST_COMPILE if tiny else None)
-    row['compile_s'] = time.perf_counter() - start
-    try:
-      row['temp_gib'] = compiled.memory_analysis().temp_size_in_bytes / 2**30
-    except Exception:   # backends without a memory analysis
-      row['temp_gib'] = float('nan')
-    for _ in range(warmup):
-      state, metrics = compiled(state, batch_arrays, stop)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
+class Row:
+  """One (preset, rule, attention) row in three phases: `prepare` builds the trainer and lowers
+  its step against the abstract state (no device memory), `compile` (thread-safe: XLA compiles
+  outside the GIL, so rows compile in parallel), `time` creates the state and times the step."""
+
+  def __init__(self, preset: str, rule: str, *, attention: str = '', tiny=False, batch=0, dtype='',
+               workdir='/tmp/fmjax_throughput'):
+    config, self.shape = rule_config(preset, rule, tiny=tiny, batch=batch, dtype=dtype,
+                                     attention=attention)
+    self.tiny = tiny
+    self.setup = train.Setup(config, workdir,
+                             make_source=lambda c, mesh: SyntheticSource(c, mesh, self.shape))
+    config = self.setup.config
+    self.row = {'preset': preset, 'rule': rule, 'batch': config.train.batch_size,
+                'dtype': config.model.dtype, 'diag': float(config.loss.diagonal_fraction),
+                'attention': config.model.get('attention') or 'naive',
+                'model_flops': analytic_step_flops(config, self.shape, rule)}
+    if config.loss.name in ('meanflow', 'imf'):
+      self.row['guidance'] = f'omega {config.loss.omega:g}, kappa {config.loss.kappa:g}'
+    self.compiled = None
+
+  def lower(self):
+    setup = self.setup
+    with jax.set_mesh(setup.mesh):
+      self.batch = setup.source.batch(0)
+      self.stop = sharding_lib.per_device_flags(False, setup.mesh)
       start = time.perf_counter()
-      state, metrics = compiled(state, batch_arrays, stop)
+      self.lowered = setup.train_step.lower(setup.abstract_state, self.batch, self.stop)
+      self.row['lower_s'] = time.perf_counter() - start
+    self.row['xla_flops'] = _cost(self.lowered.cost_analysis())
+
+  def compile(self):
+    start = time.perf_counter()
+    # --tiny is a smoke run: compile without backend optimization (seconds, not a minute).
+    self.compiled = self.lowered.compile(models.FAST_COMPILE if self.tiny else None)
+    self.row['compile_s'] = self.row['lower_s'] + time.perf_counter() - start
+    try:
+      self.row['temp_gib'] = self.compiled.memory_analysis().temp_size_in_bytes / 2**30
+    except Exception:   # backends without a memory analysis
+      self.row['temp_gib'] = float('nan')
+
+  def time(self, warmup: int, repeats: int) -> dict:
+    setup, compiled, row = self.setup, self.compiled, self.row
+    with jax.set_mesh(setup.mesh):
+      state = setup.init_state()
+      for _ in range(warmup):
+        state, metrics = compiled(state, self.batch, self.stop)
       jax.block_until_ready(state)
-      times.append(time.perf_counter() - start)
-    row['loss'] = float(jax.device_get(metrics['loss']))
-  n = jax.device_count()
-  row['step_s'] = statistics.median(times)
-  row['img_s_device'] = row['batch'] / row['step_s'] / n
-  peak = flops_lib.peak_bf16_flops(jax.devices()[0].device_kind)
-  row['mfu'] = row['model_flops'] / row['step_s'] / (peak * n) if peak else float('nan')
-  return row
+      times = []
+      for _ in range(repeats):
+        start = time.perf_counter()
+        state, metrics = compiled(state, self.batch, self.stop)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+      row['loss'] = float(jax.device_get(metrics['loss']))
+    del state
+    self.compiled = self.lowered = None   # free the executable before the next row
+    n = jax.device_count()
+    row['step_s'] = statistics.median(times)
+    row['img_s_device'] = row['batch'] / row['step_s'] / n
+    peak = flops_lib.peak_bf16_flops(jax.devices()[0].device_kind)
+    row['mfu'] = row['model_flops'] / row['step_s'] / (peak * n) if peak else float('nan')
+    return row
 
 
-HEADER = ('| network | rule | batch | dtype | diagonal | step ms | img/s/device | model GFLOP | '
-          'XLA GFLOP | model/XLA | MFU | temp GiB | compile s | note |')
+def measure(preset: str, rule: str, *, attention='', tiny=False, batch=0, dtype='', warmup=2,
+            repeats=10, workdir='/tmp/fmjax_throughput') -> dict:
+  """One row, compiled and timed on its own."""
+  r = Row(preset, rule, attention=attention, tiny=tiny, batch=batch, dtype=dtype, workdir=workdir)
+  r.lower()
+  r.compile()
+  return r.time(warmup, repeats)
+
+
+def _error_row(preset, rule, attention, e) -> dict:
+  message = ' '.join(str(e).split())[:160].replace('|', '/')
+  return {'preset': preset, 'rule': rule, 'attention': attention or '',
+          'error': f'{type(e).__name__}: {message}'}
+
+
+HEADER = ('| network | rule | attention | batch | dtype | diagonal | step ms | img/s/device | '
+          'model GFLOP | XLA GFLOP | model/XLA | MFU | temp GiB | compile s | note |')
 
 
 def format_row(r: dict) -> str:
   if 'error' in r:
-    return (f"| {r['preset']} | {r['rule']} | {r.get('batch', '')} | | | | | | | | | | | "
-            f"{r['error']} |")
-  mfu = '' if math.isnan(r['mfu']) else f"{100 * r['mfu']:.1f} %"
-  return (f"| {r['preset']} | {r['rule']} | {r['batch']} | {r['dtype']} | {r['diag']:g} | "
-          f"{1e3 * r['step_s']:.1f} | {r['img_s_device']:.1f} | {r['model_flops'] / 1e9:.4g} | "
+    return (f"| {r['preset']} | {r['rule']} | {r.get('attention', '')} | {r.get('batch', '')} "
+            f"| | | | | | | | | | | {r['error']} |")
+  timed = 'step_s' in r
+  mfu = '' if not timed or math.isnan(r['mfu']) else f"{100 * r['mfu']:.1f} %"
+  step = f"{1e3 * r['step_s']:.1f}" if timed else ''
+  per_device = f"{r['img_s_device']:.1f}" if timed else ''
+  note = r.get('guidance', '') if timed else 'compiled, not timed'
+  return (f"| {r['preset']} | {r['rule']} | {r['attention']} | {r['batch']} | {r['dtype']} | "
+          f"{r['diag']:g} | {step} | {per_device} | {r['model_flops'] / 1e9:.4g} | "
           f"{r['xla_flops'] / 1e9:.4g} | {r['model_flops'] / r['xla_flops']:.3f} | {mfu} | "
-          f"{r['temp_gib']:.2f} | {r['compile_s']:.0f} | {r.get('guidance', '')} |")
+          f"{r['temp_gib']:.2f} | {r['compile_s']:.0f} | {note} |")
+
+
+def ratios(rows) -> list[str]:
+  """Each timed rule against flow matching with the same attention: the time ratio, the
+  analytic FLOP ratio, and their quotient (the issue's bound: at most 1.1)."""
+  timed = [r for r in rows if r is not None and 'step_s' in r]
+  base = {r['attention']: r for r in timed if r['rule'] == 'flow_matching'}
+  lines = []
+  for r in timed:
+    b = base.get(r['attention'])
+    if b is None or r is b:
+      continue
+    time_ratio, flop_ratio = r['step_s'] / b['step_s'], r['model_flops'] / b['model_flops']
+    lines.append(f"- {r['rule']} ({r['attention']} attention) / flow matching: time "
+                 f"{time_ratio:.3f}, FLOPs {flop_ratio:.3f}, time / FLOP ratio "
+                 f"{time_ratio / flop_ratio:.3f}")
+  return lines
 
 
 def table(rows) -> str:
+  rows = [r for r in rows if r is not None]
   device = jax.devices()[0]
   peak = flops_lib.peak_bf16_flops(device.device_kind)
   peak_text = f'{peak / 1e12:.1f} TFLOP/s dense bf16 per device' if peak else 'peak unknown: no MFU'
@@ -229,40 +301,91 @@ def table(rows) -> str:
            f'jax {jax.__version__}; MFU against {peak_text} (fmjax.models.flops.PEAK_BF16). '
            'Step: fmjax.train.Setup\'s jitted step, synthetic batch on device; median of the timed repeats.',
            '', HEADER, '|' + '---|' * (HEADER.count('|') - 1)]
-  return '\n'.join(lines + [format_row(r) for r in rows]) + '\n'
+  lines += [format_row(r) for r in rows]
+  extra = ratios(rows)
+  return '\n'.join(lines + ([''] + extra if extra else [])) + '\n'
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model', default='dit-b2', choices=sorted(PRESETS))
   parser.add_argument('--rules', default=','.join(RULES), help=f'comma-separated, of {RULES}')
+  parser.add_argument('--attention', default='',
+                      help='comma-separated attention implementations, a row each (default: the '
+                           "preset's); e.g. naive,flash (flash: cuDNN forward on GPU)")
   parser.add_argument('--batch', type=int, default=0, help='global batch (0: the preset\'s)')
   parser.add_argument('--dtype', default='', help='compute dtype (default: the experiment\'s, bfloat16)')
   parser.add_argument('--tiny', action='store_true', help='CPU-size network and inputs (smoke test)')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--budget_s', type=float, default=0.0, help='skip rows that would start later')
+  parser.add_argument('--compile_workers', type=int, default=1,
+                      help='>1: compile every row first, this many at a time (XLA compiles outside '
+                           'the GIL), then time them one by one; 1: compile and time row by row')
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
   rules = [r for r in args.rules.split(',') if r]
   unknown = sorted(set(rules) - set(RULES))
   if unknown:
     parser.error(f'unknown rule(s) {unknown}; choose from {RULES}.')
-  start, rows = time.perf_counter(), []
-  for rule in rules:
-    if args.budget_s and time.perf_counter() - start > args.budget_s:
-      rows.append({'preset': args.model, 'rule': rule, 'error': f'skipped: --budget_s {args.budget_s:g} spent'})
-    else:
-      try:
-        rows.append(measure(args.model, rule, tiny=args.tiny, batch=args.batch, dtype=args.dtype,
-                            warmup=args.warmup, repeats=args.repeats))
-      except Exception as e:   # e.g. out of memory: keep the other rows
-        message = ' '.join(str(e).split())[:160].replace('|', '/')
-        rows.append({'preset': args.model, 'rule': rule, 'error': f'{type(e).__name__}: {message}'})
-    print(format_row(rows[-1]), file=sys.stderr, flush=True)
+  attentions = [a for a in args.attention.split(',') if a] or ['']
+  from fmjax.models import attention as attention_lib
+  unknown = sorted(set(attentions) - set(attention_lib.ATTENTION_IMPLEMENTATIONS) - {''})
+  if unknown:
+    parser.error(f'unknown attention {unknown}; choose from {attention_lib.ATTENTION_IMPLEMENTATIONS}.')
+  specs = [(rule, attention) for rule in rules for attention in attentions]
+  options = dict(tiny=args.tiny, batch=args.batch, dtype=args.dtype)
+  start, rows = time.perf_counter(), [None] * len(specs)
+
+  def write(i):
+    print(format_row(rows[i]), file=sys.stderr, flush=True)
     if args.out:
       with open(args.out, 'w') as f:
-        f.write(table(rows))
+        f.write(table([r for r in rows if r is not None]))
+
+  def spent():
+    return args.budget_s and time.perf_counter() - start > args.budget_s
+
+  def skipped(rule, attention):
+    return {'preset': args.model, 'rule': rule, 'attention': attention,
+            'error': f'skipped: --budget_s {args.budget_s:g} spent'}
+
+  if args.compile_workers <= 1:
+    for i, (rule, attention) in enumerate(specs):
+      try:
+        rows[i] = (skipped(rule, attention) if spent() else
+                   measure(args.model, rule, attention=attention, warmup=args.warmup,
+                           repeats=args.repeats, **options))
+      except Exception as e:   # e.g. out of memory: keep the other rows
+        rows[i] = _error_row(args.model, rule, attention, e)
+      write(i)
+  else:
+    # Compile everything before timing anything: XLA:GPU autotunes on the device while it
+    # compiles, which would disturb a step being timed.
+    prepared = {}
+    for i, (rule, attention) in enumerate(specs):
+      try:
+        prepared[i] = Row(args.model, rule, attention=attention, **options)
+        prepared[i].lower()
+      except Exception as e:
+        rows[i] = _error_row(args.model, rule, attention, e)
+        prepared.pop(i, None)
+    with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
+      futures = {i: pool.submit(r.compile) for i, r in prepared.items()}
+      for i, future in futures.items():
+        try:
+          future.result()
+          rows[i] = prepared[i].row
+        except Exception as e:
+          rows[i] = _error_row(args.model, *specs[i], e)
+          prepared.pop(i)
+        write(i)   # compile times and memory first: they survive a cut-off timing phase
+    for i, r in prepared.items():
+      try:
+        rows[i] = skipped(*specs[i]) if spent() else r.time(args.warmup, args.repeats)
+      except Exception as e:
+        rows[i] = _error_row(args.model, *specs[i], e)
+      write(i)
   print(table(rows))
   return rows
 

@@ -59,6 +59,20 @@ def test_kernel_in_bfloat16_accumulates_in_float32():
 FLASH = functools.partial(attention.flash_attention, interpret=True, block_q=16, block_k=16)
 
 
+def test_default_interprets_off_gpu():
+  """interpret=None (the default) runs the kernel in the interpreter on a CPU: the same
+  output and tangent as naive attention, where interpret=False has no CPU lowering."""
+  q, k, v, dq, dk, dv = _inputs(1, 24, 2, 16, seed=5)
+  out, tangent = jax.jvp(functools.partial(attention.flash_attention, block_q=16, block_k=16),
+                         (q, k, v), (dq, dk, dv))
+  ref_out, ref_tangent = jax.jvp(attention.naive_attention, (q, k, v), (dq, dk, dv))
+  np.testing.assert_allclose(out, ref_out, atol=1e-5)
+  np.testing.assert_allclose(tangent, ref_tangent, atol=1e-4, rtol=1e-4)
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(Exception, match='interpret'):
+      jax.jvp(functools.partial(attention.flash_attention, interpret=False), (q, k, v), (dq, dk, dv))
+
+
 def test_flash_attention_every_mode_matches_naive():
   """jvp, grad of the output, grad of a loss on the primal and on the tangent (LSD-type), and
   grad with the tangent stop-gradiented (MeanFlow-type): equal to naive attention's."""

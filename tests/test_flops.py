@@ -119,17 +119,50 @@ def test_peak_table():
   assert flops.peak_bf16_flops('cpu') is None
 
 
-def test_throughput_benchmark_tiny_runs():
-  """The benchmark end to end at CPU size: the trainer's step compiles, runs, and its table
-  carries the analytic and XLA counts (no timing asserted)."""
+def _throughput_module():
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   try:
     import train_throughput
   finally:
     sys.path.pop(0)
-  rows = train_throughput.main(['--model', 'dit-b2', '--tiny', '--batch', '4', '--rules', 'flow_matching',
-                                '--warmup', '0', '--repeats', '1'])
-  (row,) = rows
-  assert 'error' not in row, row
-  assert jnp.isfinite(row['loss']) and row['step_s'] > 0
-  assert 0.7 < row['model_flops'] / row['xla_flops'] <= 1.0   # tiny widths: elementwise ops weigh more
+  return train_throughput
+
+
+def test_throughput_benchmark_tiny_runs(tmp_path):
+  """The benchmark end to end at CPU size, rows compiled in parallel then timed: the trainer's
+  step compiles, runs, and its table carries the analytic and XLA counts and the time/FLOP
+  ratio line of the issue's bound (no timing asserted)."""
+  train_throughput = _throughput_module()
+  out = tmp_path / 'table.md'
+  rows = train_throughput.main(['--model', 'dit-b2', '--tiny', '--batch', '4', '--rules',
+                                'flow_matching,meanflow', '--attention', 'naive', '--warmup', '0',
+                                '--repeats', '1', '--compile_workers', '2', '--out', str(out)])
+  assert [(r['rule'], r['attention']) for r in rows] == [('flow_matching', 'naive'), ('meanflow', 'naive')]
+  for row in rows:
+    assert 'error' not in row, row
+    assert jnp.isfinite(row['loss']) and row['step_s'] > 0 and row['compile_s'] > 0
+    assert 0.7 < row['model_flops'] / row['xla_flops'] <= 1.0   # tiny widths: elementwise ops weigh more
+  text = out.read_text()
+  flop_ratio = rows[1]['model_flops'] / rows[0]['model_flops']
+  assert f'- meanflow (naive attention) / flow matching: time {rows[1]["step_s"] / rows[0]["step_s"]:.3f}, ' \
+         f'FLOPs {flop_ratio:.3f}' in text
+  columns = train_throughput.HEADER.count('|')
+  assert all(line.count('|') == columns for line in text.splitlines() if line.startswith('| dit-b2'))
+
+
+def test_throughput_benchmark_rows_without_timing():
+  """Skipped, failed and compiled-but-untimed rows keep the table's columns; bad arguments are
+  refused before any compile."""
+  train_throughput = _throughput_module()
+  rows = train_throughput.main(['--model', 'unet', '--tiny', '--rules', 'lsd,sct', '--attention',
+                                'naive,flash', '--budget_s', '1e-9'])
+  assert len(rows) == 4 and all(r['error'].startswith('skipped') for r in rows)
+  columns = train_throughput.HEADER.count('|')
+  untimed = dict(preset='dit-b2', rule='lsd', attention='naive', batch=4, dtype='bfloat16', diag=0.25,
+                 model_flops=1e9, xla_flops=1.1e9, temp_gib=0.5, compile_s=3.0)
+  for row in rows + [untimed, train_throughput._error_row('unet', 'imf', 'flash', MemoryError('oom'))]:
+    assert train_throughput.format_row(row).count('|') == columns, row
+  assert 'compiled, not timed' in train_throughput.format_row(untimed)
+  for bad in (['--rules', 'mf'], ['--attention', 'fast']):
+    with pytest.raises(SystemExit):
+      train_throughput.main(['--tiny'] + bad)

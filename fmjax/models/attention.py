@@ -284,7 +284,7 @@ def _flash_jvp(opts, primals, tangents):
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 64,
-                    block_k: int = 64, interpret: bool = False, primal: str = 'auto',
+                    block_k: int = 64, interpret: bool | None = None, primal: str = 'auto',
                     tangent_gradient: str = 'exact', block_size: int = 128) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v with a fused forward and a fused jvp.
 
@@ -296,13 +296,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
     linear in (dq, dk, dv) and transposes to the vjp);
   - reverse mode of the tangent: `tangent_gradient='exact'` (default; the blockwise path, run
     only when a loss actually backpropagates through dO) or 'zero'.
-  `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU).
+  `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU); the
+  default, None, interprets off GPU (correct but slow: the kernel is written for GPUs).
   """
   _check_shapes(q, k, v)
   if primal not in ('auto', 'xla', 'cudnn'):
     raise ValueError(f"flash_attention: primal must be 'auto', 'xla' or 'cudnn', got {primal!r}.")
   if tangent_gradient not in ('exact', 'zero'):
     raise ValueError(f"flash_attention: tangent_gradient must be 'exact' or 'zero', got {tangent_gradient!r}.")
+  if interpret is None:
+    interpret = jax.default_backend() != 'gpu'
   opts = FlashOptions(int(block_q), int(block_k), bool(interpret), primal, tangent_gradient,
                       int(block_size))
   return _flash(q, k, v, opts)
