@@ -166,6 +166,9 @@ def analytic_step_flops(config, example_shape, rule: str) -> float:
   if rule.split('+')[0] in ('meanflow', 'imf'):
     extra = dict(guidance=(loss.omega != 1.0 or loss.kappa != 0.0), kappa=float(loss.kappa),
                  labels=bool(config.data.num_classes))
+  if rule.split('+')[0] == 'imf' and loss.get('guidance_conditioning'):
+    extra.update(guidance_conditioning=True,
+                 velocity_head=float(loss.get('velocity_head_weight') or 0.0) > 0.0)
   return flops_lib.step_flops(config.loss.name, fwd, config.train.batch_size,
                               float(loss.diagonal_fraction), **extra)
 

@@ -99,6 +99,34 @@ def test_step_matches_xla(name, rule, options, extra):
   assert LOWER < analytic / xla <= 1.0, analytic / xla
 
 
+@pytest.mark.parametrize('velocity_head', [False, True])
+def test_imf_guidance_conditioning_step_matches_xla(velocity_head):
+  """iMF as its preset trains it: omega drawn per row as a network input (so the stopped v_c
+  and v_u passes run on every row), with and without the auxiliary velocity head, on both
+  off-diagonal and diagonal rows."""
+  module = models.abstract('dit', num_classes=NUM_CLASSES, guidance_conditioning=True,
+                           velocity_head=velocity_head, **NETS['dit'])
+  graphdef, params = nnx.split(module)
+  apply = lambda p, s, t, x, labels=None, head='average': nnx.merge(graphdef, p)(s, t, x, labels, head=head)
+  interp = interpolants.linear()
+  loss = losses.make('imf', flow_maps.make('displacement', apply, interp), interp,
+                     null_label=NUM_CLASSES, diagonal_fraction=0.5, guidance_conditioning=True,
+                     velocity_head_weight=1.0 if velocity_head else 0.0)
+  batch_size = 8
+  shape = (batch_size, module.image_size, module.image_size, module.in_channels)
+  batch = {'x1': jax.ShapeDtypeStruct(shape, jnp.float32),
+           'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  rule_params = jax.eval_shape(lambda: loss.init(
+      jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params), jax.random.PRNGKey(0)))
+  step = lambda p, b, k: jax.value_and_grad(lambda pp: loss(pp, b, k)[0])(p)
+  xla = _xla_flops(step, rule_params, batch, jax.random.PRNGKey(0))
+  analytic = flops.step_flops('imf', flops.forward(module), batch_size, 0.5,
+                              guidance_conditioning=True, velocity_head=velocity_head)
+  assert LOWER < analytic / xla <= 1.0, analytic / xla
+  with pytest.raises(ValueError, match='iMF options'):
+    flops.rule_row_costs('meanflow', flops.forward(module), guidance_conditioning=True)
+
+
 def test_unet_lsd_step_matches_xla():
   module, apply, params, _ = _net('unet')
   interp = interpolants.linear()

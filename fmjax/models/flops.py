@@ -26,6 +26,9 @@ Rule step costs per row, off-diagonal / diagonal (the diagonal rows are flow mat
   meanflow        3F + T       / 3F        (jvp, gradient through the primal only)
   meanflow+cfg    + 1 or 2 F   / + F       (stopped null pass; conditional one too if kappa != 0)
   imf             3F + T + F   / 3F(+F)    (the model's own velocity as the tangent: one more pass)
+  imf, guidance   3F + T + 2F  / 3F + F    (guidance_conditioning: omega drawn per row, so the
+    conditioning                            stopped v_c and v_u passes run on every row)
+    + velocity head  + 3F      / + 3F      (the head's own forward and backward at the row)
   sct             3F + T       / -
 For an MLP (F_att = 0) these give lsd 7/3 = 2.33, meanflow 4/3, imf 5/3, sct 4/3 times flow
 matching, as XLA:CPU counts in docs/bench/loss_cost_mlp_cpu.md (2.334, 1.340, 1.672, 1.339).
@@ -94,6 +97,9 @@ def dit_forward(module) -> Forward:
   for name in ('time_embed_a', 'time_embed_b'):
     emb = getattr(module, name)
     lin += linear_flops(emb.linear0, 1) + linear_flops(emb.linear1, 1)
+  if getattr(module, 'guidance_embedding', None) is not None:   # iMF's omega and interval
+    emb = module.guidance_embedding
+    lin += linear_flops(emb.linear0, 1) + linear_flops(emb.linear1, 1)
   att = 0.0
   for block in module.blocks:
     lin += linear_flops(block.adaln, 1)   # per example: the conditioning vector
@@ -148,19 +154,32 @@ RULE_COSTS = ('flow_matching', 'lsd', 'meanflow', 'imf', 'sct')
 
 
 def rule_row_costs(rule: str, fwd: Forward, *, guidance: bool = False, kappa: float = 0.0,
-                   labels: bool = True) -> tuple[float, float]:
+                   labels: bool = True, guidance_conditioning: bool = False,
+                   velocity_head: bool = False) -> tuple[float, float]:
   """(off-diagonal row, diagonal row) FLOPs of `rule`'s step per example (module docstring).
 
   guidance: MeanFlow / iMF in-target guidance (omega != 1 or kappa != 0) on labelled data.
+  guidance_conditioning, velocity_head: iMF with the guidance scale as a network input (the
+  rule option of that name) and with the auxiliary velocity head (velocity_head_weight > 0).
   """
   if rule not in RULE_COSTS:
     raise ValueError(f'No FLOP model for rule {rule!r}; choose one of {RULE_COSTS}.')
+  if (guidance_conditioning or velocity_head) and rule != 'imf':
+    raise ValueError(f'guidance_conditioning and velocity_head are iMF options, not {rule!r}.')
+  if velocity_head and not guidance_conditioning:
+    raise ValueError('velocity_head is implemented with guidance_conditioning only (fmjax.losses.imf).')
   f, t = fwd.total, fwd.tangent
   fm = 3.0 * f
   if rule == 'flow_matching':
     return fm, fm
   if rule == 'lsd':
     return 3.0 * (f + t) + f, fm
+  if guidance_conditioning:
+    # fmjax.losses.imf: off-diagonal v_c and v_u (one stopped pass of 2 rows), the jvp and the
+    # primal's backward; diagonal: the prediction with its backward and the stopped v_u. The
+    # head, when on, is one more forward and backward at each row's own inputs.
+    head = fm if velocity_head else 0.0
+    return 3.0 * f + t + 2.0 * f + head, fm + f + head
   guided = guidance and labels
   if rule in ('meanflow', 'imf'):
     improved = rule == 'imf'
