@@ -63,8 +63,9 @@ def build_network(config: ml_collections.ConfigDict, example_shape, num_classes:
   def apply(params, s, t, x, labels=None, **kwargs):
     # kwargs reach the module: the U-Net's dropout key (`key=`) in training.
     module = nnx.merge(graphdef, _to_nnx_keys(params))
-    if flatten:
-      return module(s, t, x.reshape(x.shape[0], -1), labels, **kwargs).reshape(x.shape)
+    if flatten:   # (head='both' returns a pair: each is reshaped)
+      out = module(s, t, x.reshape(x.shape[0], -1), labels, **kwargs)
+      return jax.tree.map(lambda y: y.reshape(x.shape), out)
     return module(s, t, x, labels, **kwargs)
 
   return init, apply

@@ -55,7 +55,10 @@ def init_net(key):
 
 def apply(p, a, b, x, labels=None, head='average'):
   """net(a, b, x | c, omega, start, end): (1 - 1/omega, start, end) @ W enters the hidden layer
-  (through a per-row bias of the gradient tests' MLP); head 'velocity' is the auxiliary output."""
+  (through a per-row bias of the gradient tests' MLP); head 'velocity' is the auxiliary output,
+  'both' the pair (the networks' contract: fmjax.models.guidance.HEADS)."""
+  if head == 'both':
+    return apply(p, a, b, x, labels, 'average'), apply(p, a, b, x, labels, 'velocity')
   labels, g = conditioning.split(labels)
   inputs = jnp.stack(conditioning.scalars(g, x.shape[0], x.dtype), axis=-1)
   q = {**p, 'b1': p['b1'] + inputs @ p['guidance']}
@@ -211,6 +214,37 @@ def test_networks_without_the_options_have_the_old_parameters(name):
       {'guidance_conditioning': True, 'velocity_head': True}))
   assert jax.tree.structure(off) == jax.tree.structure(plain)
   assert set(on) - set(plain) == NEW_PARAMS[name]
+
+
+@pytest.mark.parametrize('name', list(NEW_PARAMS))
+def test_both_heads_come_from_one_pass(name):
+  """head='both' is (head='average', head='velocity') of the same trunk, on every network, and
+  the iMF rule's one-pass evaluation of both heads equals two separate evaluations through
+  each flow-map parameterization (which call the network differently)."""
+  with jax.enable_x64(False):
+    apply, p = models.functional(models.build(name, num_classes=3, guidance_conditioning=True,
+                                              velocity_head=True))
+    leaves, tree = jax.tree.flatten(p)   # off the zero inits, each leaf differently
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    p = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
+                                  for a, k in zip(leaves, keys)])
+    shape = {'mlp-tiny': (3, 2), 'unet-tiny': (3, 8, 8, 3), 'DiT-tiny': (3, 8, 8, 3)}[name]
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    s, t = jnp.array([0.1, 0.2, 0.3]), jnp.array([0.5, 0.9, 0.3])
+    g = conditioning.make(jnp.array([0, 1, 3]), jnp.array([1.0, 3.0, 7.5]), 3, 0.2, 0.7)
+    average, velocity = apply(p, s, t, x, g, head='both')
+    np.testing.assert_array_equal(average, apply(p, s, t, x, g))
+    np.testing.assert_array_equal(velocity, apply(p, s, t, x, g, head='velocity'))
+    assert not np.allclose(average, velocity)
+    for parameterization in ('displacement', 'meanflow', 'x_prediction'):
+      fm = flow_maps.make(parameterization, apply, interpolants.linear())
+      one_pass = imf_lib.both_heads(fm, 'v', p, s, t, x, g)
+      separate = (fm.v(p, s, t, x, g), imf_lib.head_map(fm, "velocity").v(p, s, t, x, g))
+      for a, b in zip(one_pass, separate):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    plain_apply, plain_p = models.functional(models.build(name, num_classes=3))
+    with pytest.raises(ValueError, match='no velocity head'):
+      plain_apply(plain_p, s, t, x, head='both')
 
 
 def test_a_fresh_guidance_conditioned_network_ignores_omega_bit_for_bit():

@@ -146,6 +146,17 @@ MUTATIONS = [
     mutation('iMF guidance scale drawn uniformly instead of log-uniformly', 'fmjax/losses/imf.py',
              'return jnp.exp(u * jnp.log(omega_max))', 'return 1.0 + u * (omega_max - 1.0)',
              tests=('tests/test_reference_imf.py',)),
+    # iMF's two heads from one trunk pass (issue 11): the reference test and the FLOP count.
+    mutation("iMF velocity head's loss reads the average head", 'fmjax/losses/imf.py',
+             'head_raw = base.mean_square(v_head - target)', 'head_raw = base.mean_square(v - target)',
+             tests=('tests/test_reference_imf.py',)),
+    mutation("both_heads returns the average head twice", 'fmjax/losses/imf.py',
+             'return average, getattr(dataclasses.replace(flow_map, apply=reuse), method)(params, *args)',
+             'return average, average', tests=('tests/test_reference_imf.py',)),
+    mutation("iMF diagonal evaluates its two heads in two network passes", 'fmjax/losses/imf.py',
+             "prediction, head = both_heads(fm, 'velocity', net, t, x_t, cond)",
+             'prediction, head = fm.velocity(net, t, x_t, cond), velocity_map.velocity(net, t, x_t, cond)',
+             tests=('tests/test_flops.py',)),
 ]
 
 

@@ -72,6 +72,29 @@ def head_map(flow_map, head: str):
   return dataclasses.replace(flow_map, apply=functools.partial(flow_map.apply, head=head))
 
 
+def both_heads(flow_map, method: str, params, *args):
+  """`flow_map.<method>(params, *args)` of the average head and of the velocity head, from ONE
+  network pass (head='both'), as iMF's reference network returns (u, v) together.
+
+  Each head goes through the same parameterization: the first evaluation runs the network and
+  keeps the velocity head's output; the second is the flow map with an `apply` that returns
+  that output (every flow map calls `apply` once per evaluation, with the same arguments for
+  both heads, so this equals two separate evaluations at the cost of one trunk)."""
+  kept = []
+
+  def apply_average(*a, **k):
+    average, velocity = flow_map.apply(*a, head='both', **k)
+    kept.append(velocity)
+    return average
+
+  average = getattr(dataclasses.replace(flow_map, apply=apply_average), method)(params, *args)
+  if len(kept) != 1:
+    raise RuntimeError(f'{type(flow_map).__name__}.{method} called the network {len(kept)} times; '
+                       'both_heads needs exactly one call.')
+  reuse = lambda *a, **k: kept[0]
+  return average, getattr(dataclasses.replace(flow_map, apply=reuse), method)(params, *args)
+
+
 def imf_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0, improved: bool = True,
              diagonal_time: str = 'pair', guidance_conditioning: bool = False,
              omega_max: float = 8.0, omega_power: float = 1.0, guidance_interval: bool = True,
@@ -138,12 +161,18 @@ def imf_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0, improved
                            rows.labels, options.null_label)
     cond = conditioning.Guidance(rows.labels, w, start, end)
     # The tangent is the model's own (guided) velocity v_c, not dI/ds (iMF's change to MeanFlow).
-    v, dv = eulerian.total_derivative(lambda ss, xx: fm.v(net, ss, t, xx, cond), s, x_s, v_c)
+    # With the head, its output at the row's inputs comes from the jvp's primal pass (its
+    # tangent is unused and compiled away): one trunk for both, as in the reference.
+    if with_head:
+      (v, v_head), (dv, _) = eulerian.total_derivative(
+          lambda ss, xx: both_heads(fm, 'v', net, ss, t, xx, cond), s, x_s, v_c)
+    else:
+      v, dv = eulerian.total_derivative(lambda ss, xx: fm.v(net, ss, t, xx, cond), s, x_s, v_c)
     raw = base.mean_square(base.regress(v, v - expand(t - s, v) * dv - target))
     per_row = weigh(raw, params, s, t, x_s)
     extra = {}
     if with_head:
-      head_raw = base.mean_square(velocity_map.v(net, s, t, x_s, cond) - target)
+      head_raw = base.mean_square(v_head - target)
       per_row = per_row + velocity_head_weight * weigh(head_raw, params, s, t, x_s)
       extra['head'] = head_raw
     return per_row, raw, extra
@@ -158,8 +187,10 @@ def imf_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0, improved
     x_t = interp.sample(t, rows.x0, rows.x1)
     w = draw_omega(key_w, n, omega_max, omega_power)
     cond = conditioning.make(rows.labels, w, n)        # the diagonal's interval is [0, 1]
-    prediction = fm.velocity(net, t, x_t, cond)
-    head = velocity_map.velocity(net, t, x_t, cond) if with_head else prediction
+    if with_head:   # the prediction and the head at the same inputs: one trunk
+      prediction, head = both_heads(fm, 'velocity', net, t, x_t, cond)
+    else:
+      prediction = head = fm.velocity(net, t, x_t, cond)
     null = conditioning.make(jnp.full_like(rows.labels, options.null_label), 1.0, n)
     v_u = sg(velocity_map.velocity(net, t, x_t, null))
     target = guided_target(interp.time_derivative(t, rows.x0, rows.x1), sg(head), v_u, w,

@@ -184,6 +184,8 @@ class DiT(nnx.Module):
     return c
 
   def __call__(self, s, t, x, labels=None, *, head: str = 'average'):
+    """The network's output; head='velocity' the auxiliary velocity head's, head='both' the pair
+    (average, velocity) from one pass of the trunk."""
     guidance_lib.check_head(head, self.velocity_linear is not None, 'DiT')
     if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, self.in_channels):
       raise ValueError(f'DiT expects NHWC inputs [batch, {self.image_size}, {self.image_size}, '
@@ -195,12 +197,16 @@ class DiT(nnx.Module):
     h = h + jnp.asarray(sincos_2d_position_embedding(self.hidden, g), self.dtype)[None]
     for block in self.blocks:
       h = block(h, c)
-    if head == 'velocity':
-      adaln, linear = self.velocity_adaln, self.velocity_linear
-    else:
-      adaln, linear = self.final_adaln, self.final_linear
-    shift, scale = jnp.split(adaln(nnx.silu(c)), 2, axis=-1)
-    h = linear(modulate(self.final_norm(h), shift, scale))
-    # Unpatchify: [b, g*g, p*p*C] -> [b, g*p, g*p, C].
-    h = h.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5)
-    return h.reshape(b, g * p, g * p, self.in_channels).astype(x.dtype)
+    h = self.final_norm(h)
+
+    def output(adaln, linear):
+      shift, scale = jnp.split(adaln(nnx.silu(c)), 2, axis=-1)
+      y = linear(modulate(h, shift, scale))
+      # Unpatchify: [b, g*g, p*p*C] -> [b, g*p, g*p, C].
+      y = y.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5)
+      return y.reshape(b, g * p, g * p, self.in_channels).astype(x.dtype)
+
+    average = lambda: output(self.final_adaln, self.final_linear)
+    velocity = lambda: output(self.velocity_adaln, self.velocity_linear)
+    return {'average': average, 'velocity': velocity,
+            'both': lambda: (average(), velocity())}[head]()

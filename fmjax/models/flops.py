@@ -28,7 +28,8 @@ Rule step costs per row, off-diagonal / diagonal (the diagonal rows are flow mat
   imf             3F + T + F   / 3F(+F)    (the model's own velocity as the tangent: one more pass)
   imf, guidance   3F + T + 2F  / 3F + F    (guidance_conditioning: omega drawn per row, so the
     conditioning                            stopped v_c and v_u passes run on every row)
-    + velocity head  + 3F      / + 3F      (the head's own forward and backward at the row)
+    + velocity head  + 3H      / + 3H      (H: the head's output layers; it shares the trunk
+                                            pass at the row's own inputs, head='both')
   sct             3F + T       / -
 For an MLP (F_att = 0) these give lsd 7/3 = 2.33, meanflow 4/3, imf 5/3, sct 4/3 times flow
 matching, as XLA:CPU counts in docs/bench/loss_cost_mlp_cpu.md (2.334, 1.340, 1.672, 1.339).
@@ -46,6 +47,7 @@ class Forward:
   """Forward FLOPs per example: matmuls and convolutions (linear) and attention matmuls."""
   linear: float
   attention: float
+  head: float = 0.0   # the auxiliary velocity head's own output layers (iMF), when present
 
   @property
   def total(self) -> float:
@@ -106,7 +108,10 @@ def dit_forward(module) -> Forward:
     lin += sum(linear_flops(getattr(block, k), n) for k in ('qkv', 'proj', 'fc1', 'fc2'))
     att += attention_flops(n, block.proj.out_features)
   lin += linear_flops(module.final_adaln, 1) + linear_flops(module.final_linear, n)
-  return Forward(lin, att)
+  head = 0.0
+  if getattr(module, 'velocity_linear', None) is not None:
+    head = linear_flops(module.velocity_adaln, 1) + linear_flops(module.velocity_linear, n)
+  return Forward(lin, att, head)
 
 
 def _resblock(block, size: int) -> tuple[float, float, int]:
@@ -137,7 +142,10 @@ def unet_forward(module) -> Forward:
     block_lin, block_att, size = _resblock(block, size)
     lin, att = lin + block_lin, att + block_att
   lin += conv_flops(module.conv_out, size)[0]
-  return Forward(lin, att)
+  head = 0.0
+  if getattr(module, 'velocity_conv_out', None) is not None:
+    head = conv_flops(module.velocity_conv_out, size)[0]
+  return Forward(lin, att, head)
 
 
 def forward(module) -> Forward:
@@ -177,8 +185,9 @@ def rule_row_costs(rule: str, fwd: Forward, *, guidance: bool = False, kappa: fl
   if guidance_conditioning:
     # fmjax.losses.imf: off-diagonal v_c and v_u (one stopped pass of 2 rows), the jvp and the
     # primal's backward; diagonal: the prediction with its backward and the stopped v_u. The
-    # head, when on, is one more forward and backward at each row's own inputs.
-    head = fm if velocity_head else 0.0
+    # head, when on, shares the trunk pass at each row's own inputs (head='both'): only its
+    # output layers' forward and backward are extra. (v_c, v_u read the head: f includes it.)
+    head = 3.0 * fwd.head if velocity_head else 0.0
     return 3.0 * f + t + 2.0 * f + head, fm + f + head
   guided = guidance and labels
   if rule in ('meanflow', 'imf'):

@@ -47,13 +47,15 @@ def check_inputs(guidance, conditioned: bool, family: str):
                      'it with guidance_conditioning=True).')
 
 
-HEADS = ('average', 'velocity')
+# 'both': (average, velocity) from one pass of the shared trunk, as iMF's reference network
+# returns (u, v) (Lyy-iiis/imeanflow models/imfDiT.py `forward`).
+HEADS = ('average', 'velocity', 'both')
 
 
 def check_head(head: str, has_velocity_head: bool, family: str):
   """One clear error for an unknown output head or a missing auxiliary velocity head."""
   if head not in HEADS:
     raise ValueError(f'Unknown head {head!r}; choose one of {HEADS}.')
-  if head == 'velocity' and not has_velocity_head:
+  if head in ('velocity', 'both') and not has_velocity_head:
     raise ValueError(f'The {family} has no velocity head: set config.model.velocity_head = True (or '
                      'build it with velocity_head=True), or set the rule option velocity_head_weight = 0.')

@@ -74,5 +74,8 @@ class MLP(nnx.Module):
       h = h + self.guidance_embedding(guidance, x.shape[0]).astype(self.dtype)
     for block in self.blocks:
       h = h + block(h)
+    h = nnx.silu(h)
+    if head == 'both':   # (average, velocity) from one pass of the trunk
+      return self.output(h).astype(x.dtype), self.velocity_output(h).astype(x.dtype)
     output = self.velocity_output if head == 'velocity' else self.output
-    return output(nnx.silu(h)).astype(x.dtype)
+    return output(h).astype(x.dtype)

@@ -222,5 +222,8 @@ class UNet(nnx.Module):
       if takes_skip:
         h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = blk(h, emb, nxt())
+    h = nnx.silu(self.norm_out(h))
+    if head == 'both':   # (average, velocity) from one pass of the trunk
+      return self.conv_out(h).astype(x.dtype), self.velocity_conv_out(h).astype(x.dtype)
     conv_out = self.velocity_conv_out if head == 'velocity' else self.conv_out
-    return conv_out(nnx.silu(self.norm_out(h))).astype(x.dtype)
+    return conv_out(h).astype(x.dtype)
