@@ -15,13 +15,18 @@ Run:
   python -m fmjax.main --config=experiments/mnist.py:flow_matching,mlp --workdir=runs/mnist_fm_mlp
 
 ARG = RULE[,MODEL[,SIZE]] with RULE in flow_matching | lsd | meanflow, MODEL in unet | mlp, SIZE
-in default | h100 | tiny.
+in default | h100 | cpu | tiny.
 
 `h100` (U-Net only): the GPU presets of benchmarks/gpu_mnist_fid.sh, sized to train in about 4
 minutes each on one H100 (an *estimate*, not measured: see `H100_STEPS`), evaluated with 5,000
 samples per sampler against all 5,000 mnist5k digits: LSD and MeanFlow as flow maps at 1, 2
 and 4 steps, flow matching (the baseline) by its Euler ODE at 8, 16, 32 and 64 NFE. `tiny`: the
 same evaluation plan at a size that runs in seconds on a CPU (the script's TINY=1 path).
+`cpu` (U-Net only): a 32-channel U-Net (one residual block per level, no attention), 2,000
+updates of batch 64 (~30 min on 2 CPU cores), scored like h100 with 5,000 samples against all
+5,000 digits; a flow-map rule is also scored by the Euler ODE of its own diagonal velocity at 8
+and 16 NFE (no separate flow-matching baseline is trained at this size):
+  SIZE=cpu RULES=lsd OUT=runs/cpu_mnist bash benchmarks/gpu_mnist_fid.sh
 
 CPU recipe (`:lsd,mlp`, docs/results.md): 4,000 updates of a 512-wide MLP with the
 x-prediction map (~15 min on 2 shared cores), then the few-step FID sweep:

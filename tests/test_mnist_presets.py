@@ -44,6 +44,16 @@ def test_flow_matching_baseline_preset_and_tiny():
   assert points(tiny) == [('ode', 8), ('ode', 16)] and tiny.train.num_steps == 3
 
 
+def test_cpu_preset():
+  """The CPU-size U-Net: the same 5,000-sample plan, plus the ODE of the rule's own diagonal."""
+  c = configs.resolve(mnist_config('lsd,unet,cpu'))
+  configs.validate(c)
+  assert points(c) == [('flow_map', 1), ('flow_map', 2), ('flow_map', 4), ('ode', 8), ('ode', 16)]
+  assert (c.eval.fid_num_samples, c.eval.fid_batch_size, c.train.num_steps, c.train.batch_size) == (
+      5000, 100, 2000, 64)
+  assert c.model_defaults.unet.model_channels == 32
+
+
 def test_default_recipes_unchanged_and_bad_size():
   default, mlp = mnist_config('lsd'), mnist_config('lsd,mlp')
   assert default.train.num_steps == 20_000 and default.eval.fid_num_samples == 50_000
