@@ -13,7 +13,7 @@ For a trained 2-D toy flow map (experiments/toy_gmm.py: 8 Gaussians on a ring of
 Methods: plain samples (1 NFE; energy distance to the untilted target as the goal's reference),
 best-of-N and importance resampling of N one-step samples (N = budget), SMC (fmjax.steering.smc)
 with the flow-map, denoiser and naive look-aheads at the largest step count within the budget,
-and look-ahead gradient guidance when fmjax.steering.guidance exists (helper "guide").
+and look-ahead gradient guidance (fmjax.steering.guidance).
 
 Run (trains the toy model first when WORKDIR has no checkpoint):
   python benchmarks/steering_toy.py --workdir=runs/steer_gmm --train_steps=3000 --num=4096
@@ -41,7 +41,7 @@ from fmjax import interpolants  # noqa: E402
 from fmjax.data.toy import GaussianMixtureTarget  # noqa: E402
 from fmjax.evaluation.toy_metrics import energy_distance  # noqa: E402
 from fmjax.steering import lookahead as lookahead_lib  # noqa: E402
-from fmjax.steering import rewards, smc, tilted  # noqa: E402
+from fmjax.steering import guidance, rewards, smc, tilted  # noqa: E402
 
 RING = GaussianMixtureTarget(
     np.array([[4 * np.cos(2 * np.pi * k / 8), 4 * np.sin(2 * np.pi * k / 8)] for k in range(8)]),
@@ -114,10 +114,6 @@ def run(args):
   plain_p = float(energy_distance(plain, RING.sample(jax.random.PRNGKey(1), num)))
   results = {'setup': label, 'num': num, 'budget_nfe': budget, 'particles': particles,
              'plain_energy_to_untilted': plain_p, 'floor_untilted': floor_p, 'cases': {}}
-  try:
-    from fmjax.steering import guidance
-  except ImportError:
-    guidance = None
   for name, reward, lam, q in cases():
     rows = {}
     ref_key = jax.random.PRNGKey(100)
@@ -153,17 +149,16 @@ def run(args):
       rows[f'SMC, {look} look-ahead, {steps} steps'] = {
           **metrics(out.samples, reward, q, ref_key), 'nfe': int(out.nfe),
           'ess': float(out.ess[-1]), 'seconds': time.time() - t0}
-    if guidance is not None:
-      for look in lookahead_lib.LOOKAHEADS:
-        grid = lambda k: tuple(np.linspace(0.0, 1.0, k + 1).tolist())
-        steps = max((k for k in range(1, 65)
-                     if guidance.guided_nfe(grid(k), ip, lookahead=look) <= budget), default=1)
-        sample = jax.jit(lambda x, look=look, steps=steps: guidance.guided_sample(
-            x, flow_map=flow_map, velocity=velocity, interpolant=ip, reward=reward,
-            temperature=lam, times=grid(steps), lookahead=look))
-        res = sample(x0)
-        rows[f'guidance, {look} look-ahead, {steps} steps'] = {
-            **metrics(res.samples, reward, q, ref_key), 'nfe': int(res.nfe)}
+    for look in lookahead_lib.LOOKAHEADS:
+      grid = lambda k: tuple(np.linspace(0.0, 1.0, k + 1).tolist())
+      steps = max((k for k in range(1, 65)
+                   if guidance.guided_nfe(grid(k), ip, lookahead=look) <= budget), default=1)
+      sample = jax.jit(lambda x, look=look, steps=steps: guidance.guided_sample(
+          x, flow_map=flow_map, velocity=velocity, interpolant=ip, reward=reward,
+          temperature=lam, times=grid(steps), lookahead=look))
+      res = sample(x0)
+      rows[f'guidance, {look} look-ahead, {steps} steps'] = {
+          **metrics(res.samples, reward, q, ref_key), 'nfe': int(res.nfe)}
     results['cases'][name] = rows
   return results
 
