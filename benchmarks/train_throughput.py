@@ -180,9 +180,10 @@ def _cost(analysis) -> float:
 
 
 class Row:
-  """One (preset, rule, attention) row in three phases: `prepare` builds the trainer and lowers
-  its step against the abstract state (no device memory), `compile` (thread-safe: XLA compiles
-  outside the GIL, so rows compile in parallel), `time` creates the state and times the step."""
+  """One (preset, rule, attention) row in phases: the constructor builds the trainer, `lower`
+  lowers its step against the abstract state (no device memory for the state), `compile`
+  (thread-safe: XLA compiles outside the GIL, so rows compile in parallel), `time` creates the
+  state and times the step."""
 
   def __init__(self, preset: str, rule: str, *, attention: str = '', tiny=False, batch=0, dtype='',
                workdir='/tmp/fmjax_throughput'):
@@ -196,7 +197,10 @@ class Row:
                 'dtype': config.model.dtype, 'diag': float(config.loss.diagonal_fraction),
                 'attention': config.model.get('attention') or 'naive',
                 'model_flops': analytic_step_flops(config, self.shape, rule)}
-    if config.loss.name in ('meanflow', 'imf'):
+    if config.loss.name == 'imf' and config.loss.get('guidance_conditioning'):
+      self.row['guidance'] = (f'omega per row on [1, {config.loss.omega_max:g}]'
+                              + (', velocity head' if config.loss.get('velocity_head_weight') else ''))
+    elif config.loss.name in ('meanflow', 'imf'):
       self.row['guidance'] = f'omega {config.loss.omega:g}, kappa {config.loss.kappa:g}'
     self.compiled = None
 
