@@ -34,6 +34,17 @@ def _xla_flops(fn, *args) -> float:
   return float(analysis['flops'])
 
 
+def _xla_step_flops(loss, module, params, batch_size: int) -> float:
+  """XLA:CPU's count of one loss-and-gradient step on a labelled batch of `module`'s images."""
+  shape = (batch_size, module.image_size, module.image_size, module.in_channels)
+  batch = {'x1': jax.ShapeDtypeStruct(shape, jnp.float32),
+           'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  rule_params = jax.eval_shape(lambda: loss.init(
+      jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params), jax.random.PRNGKey(0)))
+  step = lambda p, b, k: jax.value_and_grad(lambda pp: loss(pp, b, k)[0])(p)
+  return _xla_flops(step, rule_params, batch, jax.random.PRNGKey(0))
+
+
 def _net(name):
   module = models.abstract(name, num_classes=NUM_CLASSES, **NETS[name])
   graphdef, params = nnx.split(module)
@@ -87,13 +98,7 @@ def test_step_matches_xla(name, rule, options, extra):
   if rule != 'flow_matching':
     options['diagonal_fraction'] = 0.0
   loss = losses.make(rule, flow_maps.make('displacement', apply, interp), interp, **options)
-  shape = (batch_size, module.image_size, module.image_size, module.in_channels)
-  batch = {'x1': jax.ShapeDtypeStruct(shape, jnp.float32),
-           'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  rule_params = jax.eval_shape(lambda: loss.init(
-      jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params), jax.random.PRNGKey(0)))
-  step = lambda p, b, k: jax.value_and_grad(lambda pp: loss(pp, b, k)[0])(p)
-  xla = _xla_flops(step, rule_params, batch, jax.random.PRNGKey(0))
+  xla = _xla_step_flops(loss, module, params, batch_size)
   fraction = 1.0 if rule == 'flow_matching' else 0.0
   analytic = flops.step_flops(rule, flops.forward(module), batch_size, fraction, **extra)
   assert LOWER < analytic / xla <= 1.0, analytic / xla
@@ -113,13 +118,7 @@ def test_imf_guidance_conditioning_step_matches_xla(velocity_head):
                      null_label=NUM_CLASSES, diagonal_fraction=0.5, guidance_conditioning=True,
                      velocity_head_weight=1.0 if velocity_head else 0.0)
   batch_size = 8
-  shape = (batch_size, module.image_size, module.image_size, module.in_channels)
-  batch = {'x1': jax.ShapeDtypeStruct(shape, jnp.float32),
-           'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  rule_params = jax.eval_shape(lambda: loss.init(
-      jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params), jax.random.PRNGKey(0)))
-  step = lambda p, b, k: jax.value_and_grad(lambda pp: loss(pp, b, k)[0])(p)
-  xla = _xla_flops(step, rule_params, batch, jax.random.PRNGKey(0))
+  xla = _xla_step_flops(loss, module, params, batch_size)
   analytic = flops.step_flops('imf', flops.forward(module), batch_size, 0.5,
                               guidance_conditioning=True, velocity_head=velocity_head)
   assert LOWER < analytic / xla <= 1.0, analytic / xla
