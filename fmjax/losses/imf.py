@@ -137,6 +137,14 @@ def imf_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0, improved
   def weigh(per_row, params, s, t, x):
     return base.weigh(per_row, params, s, t, options, base.num_dims(x))
 
+  def with_head_term(raw, head_error, params, s, t, x):
+    """(weighted per-row loss, raw, extra metrics), plus the head's own weighted term if any."""
+    per_row = weigh(raw, params, s, t, x)
+    if head_error is None:
+      return per_row, raw, {}
+    head_raw = base.mean_square(head_error)
+    return per_row + velocity_head_weight * weigh(head_raw, params, s, t, x), raw, {'head': head_raw}
+
   def model_velocities(net, s, x, labels, w):
     """sg[b_s(x | c, w)], sg[b_s(x | null, 1)] in one batched pass, on the interval [0, 1]."""
     n = x.shape[0]
@@ -169,13 +177,7 @@ def imf_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0, improved
     else:
       v, dv = eulerian.total_derivative(lambda ss, xx: fm.v(net, ss, t, xx, cond), s, x_s, v_c)
     raw = base.mean_square(base.regress(v, v - expand(t - s, v) * dv - target))
-    per_row = weigh(raw, params, s, t, x_s)
-    extra = {}
-    if with_head:
-      head_raw = base.mean_square(v_head - target)
-      per_row = per_row + velocity_head_weight * weigh(head_raw, params, s, t, x_s)
-      extra['head'] = head_raw
-    return per_row, raw, extra
+    return with_head_term(raw, v_head - target if with_head else None, params, s, t, x_s)
 
   def pair_start(key, n):
     return times_lib.sample_pairs(key, n, options.times)[0]
@@ -196,13 +198,7 @@ def imf_rule(ctx: base.Context, omega: float = 1.0, kappa: float = 0.0, improved
     target = guided_target(interp.time_derivative(t, rows.x0, rows.x1), sg(head), v_u, w,
                            rows.labels, options.null_label)
     raw = base.mean_square(prediction - target)
-    per_row = weigh(raw, params, t, t, x_t)
-    extra = {}
-    if with_head:
-      head_raw = base.mean_square(head - target)
-      per_row = per_row + velocity_head_weight * weigh(head_raw, params, t, t, x_t)
-      extra['head'] = head_raw
-    return per_row, raw, extra
+    return with_head_term(raw, head - target if with_head else None, params, t, t, x_t)
 
   def loss_fn(params, batch, key):
     rows, key = base.draw_rows(batch, key, options)
