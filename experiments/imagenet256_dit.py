@@ -12,31 +12,44 @@ models/imfDiT.py), each cited beside it. The network is fmjax's DiT (adaLN-Zero,
 conditioning (t, t - s), guidance inputs added to it), not iMF's in-context-conditioned
 transformer (RMSNorm, RoPE, SwiGLU, 8 head blocks per output): see docs/methods.md.
 
-Prepare the latents once (ImageNet from its official source, encoded with the SD VAE)
-into an array_record TFDS folder `imagenet256_latents` with features {'latent': float32
-[32, 32, 4], 'label': int}; see docs/training.md.
-Run (TPU v4-64 / 8x8 GPUs; launch the same command on every host):
-  python -m fmjax.main --config=experiments/imagenet256_dit.py:meanflow,B --workdir=gs://BUCKET/mf_b2 --config.data.data_dir=DATA_DIR
-  python -m fmjax.main --config=experiments/imagenet256_dit.py:imf,XL --workdir=gs://BUCKET/imf_xl2 --config.data.data_dir=DATA_DIR
+The three commands (the VAE folder is `stabilityai/sd-vae-ft-ema` or `sd-vae-ft-mse` as
+published: config.json + diffusion_pytorch_model.safetensors, copied to the machine; the ADM
+reference batch is `VIRTUAL_imagenet256_labeled.npz`; docs/training.md, docs/evaluation.md):
 
-ARG = RULE[,SIZE] with RULE in meanflow | imf and SIZE in B | M | L | XL (patch size 2).
+  # 1. encode ImageNet (ADM center crop 256; moments of each image and its flip) on all local devices
+  python -m fmjax.data.latents build --source=folder:/data/imagenet/train --resolution=256 \
+      --autoencoder=/data/sd-vae-ft-ema --name=imagenet256_latents --data_dir=DATA_DIR
+  # 2. train (TPU v4-64 / 8x8 GPUs: launch the same command on every host)
+  python -m fmjax.main --config=experiments/imagenet256_dit.py:meanflow,B --workdir=gs://BUCKET/mf_b2 \
+      --config.data.data_dir=DATA_DIR --config.autoencoder=/data/sd-vae-ft-ema
+  # 3. 1- and 2-step FID, precision and recall of 50k decoded samples against ADM's batch
+  python -m fmjax.main --config=experiments/imagenet256_dit.py:meanflow,B --workdir=gs://BUCKET/mf_b2 \
+      --mode=eval --config.eval.fid_reference=/data/VIRTUAL_imagenet256_labeled.npz
+
+(`:imf,XL` trains improved MeanFlow at XL/2 the same way.) Latents in the older shard format
+(`python -m fmjax.data.latents --shards=...`: latents already scaled by 0.18215) still train.
+
+ARG = RULE[,SIZE] with RULE in meanflow | imf and SIZE in B | M | L | XL (patch size 2), or
+`tiny` (a 2-block DiT, batch 8, 3 updates, 16 FID samples: the end-to-end test's CPU size).
 """
 
 from fmjax import configs
 
 # (hidden, depth, heads): the reference's DiT_B_2 ... DiT_XL_2 (Gsunshine/meanflow models/models_dit.py:286-295).
-_SIZES = {'B': (768, 12, 12), 'M': (1024, 16, 16), 'L': (1024, 24, 16), 'XL': (1152, 28, 16)}
+_SIZES = {'B': (768, 12, 12), 'M': (1024, 16, 16), 'L': (1024, 24, 16), 'XL': (1152, 28, 16),
+          'tiny': (32, 2, 2)}
 # Citations: "ref" is Gsunshine/meanflow at its stored snapshot (configs/default.py, configs/run_b4.yml,
 # README.md); MeanFlow's own appendix table of per-size configurations (arXiv 2505.13447) was
 # not reachable from this workplace: every "paper" value below is NOT CHECKED.
 # iMF's (hidden, depth, heads): Lyy-iiis/imeanflow models/imfDiT.py imfDiT_{B,M,L,XL}_2.
-_IMF_SIZES = {'B': (768, 12, 12), 'M': (768, 24, 12), 'L': (1024, 32, 16), 'XL': (1024, 48, 16)}
+_IMF_SIZES = {'B': (768, 12, 12), 'M': (768, 24, 12), 'L': (1024, 32, 16), 'XL': (1024, 48, 16),
+              'tiny': (32, 2, 2)}
 # 1-NFE sampling guidance (omega, interval) recommended for the released checkpoints
 # (imeanflow configs/eval_config.yml), the interval mapped from its time (1 = noise) to fmjax's.
 # M and L's 10.5 lies above the training range [1, 8] of the stored B/2 config; the larger
 # models' training s_max is not in the stored configs (not checked).
 _IMF_EVAL = {'B': (8.0, (0.35, 0.6)), 'M': (10.5, (0.4, 0.6)), 'L': (10.5, (0.4, 0.6)),
-             'XL': (8.0, (0.38, 0.58))}
+             'XL': (8.0, (0.38, 0.58)), 'tiny': (8.0, (0.35, 0.6))}
 
 
 def get_config(arg=None):
@@ -103,4 +116,23 @@ def get_config(arg=None):
   c.sharding.fsdp_min_size = 2**16
   c.eval.steps = (1, 2)                   # the paper's 1-NFE and 2-NFE FIDs (ref sampling.num_steps = 1)
   c.eval.grid_size = 4
+  if size == 'tiny':
+    _tiny(c)
   return c
+
+
+def _tiny(c):
+  """The CPU size of the same code path: seconds per update, a finite FID on 16 samples."""
+  c.model.dtype = 'float32'
+  c.train.batch_size = 8
+  c.train.num_steps = 3
+  c.train.log_every = 1
+  c.train.checkpoint_every = 3
+  c.train.keep_every = 0
+  c.optim.warmup_steps = 1
+  c.sharding.fsdp = 1
+  c.eval.ode_nfe = (2,)
+  c.eval.fid_num_samples = 16
+  c.eval.fid_batch_size = 8
+  c.eval.precision_recall_samples = 8
+  c.eval.grid_size = 2

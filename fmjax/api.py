@@ -8,6 +8,10 @@
   b = model.velocity(t, x)                        # b_t(x) = v_{t,t}(x)
   out = model.steer(key, 256, reward, method='smc', temperature=0.5, steps=8)   # q ∝ p exp(r / 0.5)
 
+A latent run (trained on autoencoder latents) samples images by default: the latents are
+decoded by the run's autoencoder (config.autoencoder, or `load(..., autoencoder=FOLDER)` when it
+moved), x = D(z / scaling_factor); `sample(..., decode=False)` returns the scaled latents.
+
 The parameters are restored replicated over the caller's local devices (whatever they are:
 one CPU, eight GPUs, ...); batches that split evenly are sharded over them. The model is
 rebuilt from the config stored in the checkpoint, so no experiment file is needed.
@@ -42,6 +46,9 @@ STEER_OPTIONS = {
 # The network's activations, not x, bound the memory; a few hundred CIFAR-size images or a
 # million 2-D points per chunk keep a U-Net or DiT far from a GPU's limit.
 CHUNK_ELEMENTS = 2**20
+# With decoding, a chunk also holds this many elements of decoded images (2^24 floats = 64 MiB;
+# the decoder's activations at 256 x 256 are ~100 MB per image in float32).
+DECODE_CHUNK_ELEMENTS = 2**24
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
@@ -76,6 +83,7 @@ class Model:
   num_classes: int
   step: int
   mesh: Mesh
+  autoencoder: Any = None     # latent runs: the fmjax.autoencoders.Autoencoder that decodes samples
 
   def __post_init__(self):
     self._sample = jax.jit(self._sample_impl,
@@ -86,6 +94,21 @@ class Model:
     self._flow_map = jax.jit(lambda p, s, t, x, labels: fm.X(p, s, t, x, labels))
     self._velocity = jax.jit(lambda p, t, x, labels: fm.velocity(p, t, x, labels))
     self._steer_cache = {}
+    self._decode = None
+    if self.autoencoder is not None:
+      scale, ae = float(self.autoencoder.scaling_factor), self.autoencoder
+      self._decode = jax.jit(lambda vae_params, z: ae.decode_fn(vae_params, z / scale))
+      self._vae_params = jax.device_put(jax.device_get(ae.params), NamedSharding(self.mesh, P()))
+      self.image_shape = tuple(jax.eval_shape(
+          self._decode, self._vae_params,
+          jax.ShapeDtypeStruct((1,) + self.example_shape, jnp.float32)).shape[1:])
+
+  @property
+  def is_latent(self) -> bool:
+    """Whether the flow map generates autoencoder latents (decoded by `sample` by default)."""
+    from fmjax.data import latents   # pylint: disable=import-outside-toplevel
+    data = self.config.get('data') or {}
+    return latents.is_latent_dataset(data.get('name', ''))
 
   # -------------------------------------------------------------- sampling
 
@@ -107,7 +130,7 @@ class Model:
 
   def sample(self, key, num: int, steps: int = 1, *, times=None, labels=None,
              guidance_scale: float = 1.0, guidance_interval=None, partial: bool = False,
-             chunk_size: int | None = None):
+             chunk_size: int | None = None, decode: bool | None = None):
     """`num` samples by the flow map from noise (t = 0) to data (t = 1).
 
     steps: k, for the uniform grid 0, 1/k, ..., 1 (k network evaluations);
@@ -120,11 +143,16 @@ class Model:
     guidance_interval: (start, end) in fmjax time (0 noise, 1 data), where a guidance-conditioned
       network applies the scale (default (0, 1): everywhere; iMF's reference B/2 setting
       [0.4, 0.65] in its time, 1 = noise, is (0.35, 0.6) here);
-    chunk_size: samples per jitted call (default: CHUNK_ELEMENTS elements of x). A request
-      larger than one chunk runs chunk by chunk (one compilation) and comes back as a host
-      numpy array; the samples are the same as in one call with the same key.
+    chunk_size: samples per jitted call (default: CHUNK_ELEMENTS elements of x, and
+      DECODE_CHUNK_ELEMENTS of decoded images). A request larger than one chunk runs chunk by
+      chunk (one compilation) and comes back as a host numpy array; the samples are the same as
+      in one call with the same key;
+    decode: latent runs: True (default) decodes the latents to images in [-1, 1] (NHWC) with
+      the run's autoencoder; False returns the latents (scaled by its scaling factor), as
+      trained. Pixel and toy runs take no decoding.
     """
     num = _count('num', num)
+    decode = self._check_decode(decode)
     if self._guidance_input and not float(guidance_scale) > 0:
       raise ValueError(f'guidance_scale must be > 0 for a guidance-conditioned network (it reads '
                        f'1 - 1/guidance_scale; trained on [1, omega_max]), got {guidance_scale}.')
@@ -153,6 +181,8 @@ class Model:
         raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no '
                          f'label), got {labels.min()} .. {labels.max()}.')
     default_chunk = max(1, CHUNK_ELEMENTS // int(np.prod(self.example_shape)))
+    if decode:
+      default_chunk = min(default_chunk, max(1, DECODE_CHUNK_ELEMENTS // int(np.prod(self.image_shape))))
     chunk = min(num, _count('chunk_size', chunk_size) if chunk_size is not None else default_chunk)
     chunk += (-chunk) % self.mesh.size if chunk > self.mesh.size else 0   # split evenly over devices
 
@@ -160,16 +190,38 @@ class Model:
       y = None
       if labels is not None:   # a last, short chunk is padded to the chunk size (one compilation)
         y = jnp.asarray(np.resize(labels[first:first + chunk], chunk), jnp.int32)
-      return self._sample(self.params, key, first, times, y, num=chunk,
-                          guidance_scale=float(guidance_scale),
-                          guidance_interval=guidance_interval)[:num - first]
+      x = self._sample(self.params, key, first, times, y, num=chunk,
+                       guidance_scale=float(guidance_scale), guidance_interval=guidance_interval)
+      if decode:
+        x = self._decode(self._vae_params, x)
+      return x[:num - first]
 
     if chunk >= num:
       return run(0)
-    out = np.empty((num,) + self.example_shape, np.float32)
+    out = np.empty((num,) + (self.image_shape if decode else self.example_shape), np.float32)
     for first in range(0, num, chunk):
       out[first:first + chunk] = np.asarray(run(first))
     return out
+
+  def _check_decode(self, decode) -> bool:
+    if decode is None:
+      decode = self.is_latent
+    if not decode:
+      return False
+    if not self.is_latent:
+      raise ValueError(f'decode=True: this run trains on {self.config.data.name!r}, not on '
+                       'autoencoder latents; there is nothing to decode.')
+    if self.autoencoder is None:
+      raise ValueError(
+          f'This run generates latents of {self.config.data.name!r} but has no autoencoder to '
+          'decode them (its config.autoencoder is empty): load it with '
+          'fmjax.load(DIR, autoencoder=FOLDER), or pass decode=False for the latents.')
+    return True
+
+  def decode(self, latents) -> jax.Array:
+    """Images in [-1, 1] from latents as the flow map generates them (scaled), x = D(z / scale)."""
+    self._check_decode(True)
+    return self._decode(self._vae_params, self._check_x(latents))
 
   # -------------------------------------------------------------- steering
 
@@ -300,13 +352,25 @@ class Model:
     return self._velocity(self.params, self._times(t, x), x, labels)
 
 
-def load(workdir: str, step: int | None = None, *, ema: int | None = None) -> Model:
+def load(workdir: str, step: int | None = None, *, ema: int | None = None,
+         autoencoder: str | None = None, decode_dtype: str = 'float32') -> Model:
   """Loads a trained workdir: the checkpoint at `step` (latest if None).
 
   ema: which EMA copy of the parameters (config.optim.ema_decays order); -1 for the raw
   training parameters; None (default) for the first EMA copy, or the raw parameters of a
   run that keeps none.
+  autoencoder: latent runs: the VAE folder that decodes samples (default: the run's
+  config.autoencoder); it must be the one that encoded the training latents (digest checked).
+  decode_dtype: the decoder's compute dtype, 'float32' or 'bfloat16'.
   """
   trained = build.load_trained(workdir, step, ema)
-  return Model(trained.config, trained.params, trained.flow_map, trained.example_shape,
-               trained.num_classes, trained.step, sharding.local_mesh())
+  config = trained.config
+  vae = None
+  folder = autoencoder if autoencoder is not None else config.get('autoencoder', '')
+  if folder:
+    with config.unlocked():
+      config.autoencoder = folder
+    vae = build.load_autoencoder(config, decode_dtype)
+    build.check_autoencoder(vae, trained.latent_info, f'the training latents of {workdir}')
+  return Model(config, trained.params, trained.flow_map, trained.example_shape,
+               trained.num_classes, trained.step, sharding.local_mesh(), vae)

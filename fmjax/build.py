@@ -130,6 +130,41 @@ def check_same_network(net_init: Callable, base: finetune.BaseModel) -> None:
         '(see its config.json).')
 
 
+def load_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = None):
+  """The run's autoencoder (config.autoencoder, `fmjax.autoencoders.load`), or None when unset.
+
+  dtype: the decoder's compute dtype (default config.eval.decode_dtype). A folder that is
+  missing or damaged is a ConfigError naming it, raised before any training.
+  """
+  folder = config.get('autoencoder') or ''
+  if not folder:
+    return None
+  from fmjax import autoencoders   # pylint: disable=import-outside-toplevel
+  try:
+    return autoencoders.load(folder, dtype=dtype or config.eval.get('decode_dtype', 'float32'))
+  except (OSError, ValueError) as e:
+    raise configs.ConfigError(f'config.autoencoder = {folder!r}: {e}') from None
+
+
+def check_autoencoder(autoencoder, latent_info: dict | None, what: str) -> None:
+  """Raises ConfigError unless `autoencoder` is the one that encoded the latents described by
+  `latent_info` (a latent dataset's record, or a trained run's): same digest, same scaling.
+  Nothing is checked against old-format latents, which record no autoencoder."""
+  if autoencoder is None or not latent_info or not latent_info.get('autoencoder_digest'):
+    return
+  if latent_info['autoencoder_digest'] != autoencoder.digest:
+    raise configs.ConfigError(
+        f'config.autoencoder ({autoencoder.digest}) is not the autoencoder that encoded {what} '
+        f"({latent_info['autoencoder_digest']}, from {latent_info.get('autoencoder_folder', '?')}); "
+        'latents of one VAE decode to nonsense with another: set --config.autoencoder to that '
+        'folder, or rebuild the latents with this one (python -m fmjax.data.latents build).')
+  scale = latent_info.get('scaling_factor')
+  if scale is not None and abs(float(scale) - float(autoencoder.scaling_factor)) > 1e-12:
+    raise configs.ConfigError(
+        f'{what} was scaled by {scale}, but config.autoencoder scales by '
+        f'{autoencoder.scaling_factor}; use the same autoencoder config.')
+
+
 @dataclasses.dataclass
 class Trained:
   """A trained run's flow map, rebuilt from its checkpoint (what `fmjax.load` wraps)."""
@@ -139,6 +174,7 @@ class Trained:
   example_shape: tuple[int, ...]
   num_classes: int
   step: int
+  latent_info: dict | None = None   # latent runs: the dataset's autoencoder record (digest, scale, crop)
 
 
 def load_trained(workdir: str, step: int | None = None, ema: int | None = None, *,
@@ -170,7 +206,7 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
   interpolant = build_interpolant(config)
   _, apply = build_network(config, example_shape, num_classes)
   return Trained(config, params, build_flow_map(config, apply, interpolant), example_shape,
-                 num_classes, chosen)
+                 num_classes, chosen, restored.meta.get('latent_info'))
 
 
 def load_teacher(config: ml_collections.ConfigDict):

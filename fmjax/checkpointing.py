@@ -42,6 +42,8 @@ SAFE_FIELDS = (
     'train.max_nonfinite_in_a_row', 'train.loss_log_file', 'train.restore_step',
     'eval', 'sample', 'steer', 'sharding', 'data.worker_count', 'data.data_dir',
     'loss_defaults', 'model_defaults',
+    # The autoencoder's folder may move; its digest is checked against the latent dataset's.
+    'autoencoder',
 )
 
 

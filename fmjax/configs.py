@@ -11,8 +11,11 @@ The field names here are a public interface (users override them on the command 
 Sections:
   seed                  one integer from which every PRNG key is derived (fold_in by step)
   interpolant           'linear' | 'trigonometric'
-  data                  the target: toy ('gaussian', 'gmm', 'checkerboard', 'rings') or an image
-                        set ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
+  data                  the target: toy ('gaussian', 'gmm', 'checkerboard', 'rings'), an image
+                        set ('mnist5k', 'mnist', 'cifar10') or a latent dataset (any name ending
+                        in '_latents', built by `python -m fmjax.data.latents build`)
+  autoencoder           latent runs: the folder of the VAE (diffusers layout) whose latents the
+                        flow map learns; evaluation and `fmjax.load(...).sample` decode with it
   model                 the network: `name` (a family or preset of fmjax.models) and its options
   model_defaults        an experiment's network options per model name (under explicit values)
   flow_map              the parameterization of X_{s,t} (fmjax.flow_maps.make)
@@ -40,6 +43,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from fmjax import flow_maps, interpolants, losses, models, samplers
+from fmjax.data.latents import LATENT_SUFFIX, is_latent_dataset
 from fmjax.models import embeddings
 from fmjax.steering import finetune as _finetune
 
@@ -72,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 0            # > 0: class-conditional training (labels fed to the network)
   c.data.shuffle_seed = 0
   c.data.worker_count = 0           # grain worker processes (0 = in the main process)
+
+  # Latent datasets: the autoencoder folder (diffusers layout: config.json +
+  # diffusion_pytorch_model.safetensors, e.g. stabilityai/sd-vae-ft-ema) that encoded them. Its
+  # digest must match the one the dataset was built with; samples are decoded with it for FID,
+  # pictures and `fmjax.load(...).sample`.
+  c.autoencoder = ''
 
   # The network: a family ('mlp', 'unet', 'dit') or a preset of fmjax.models (e.g.
   # 'unet-cifar10', 'DiT-B/2'). Every option of every family is a field; None = not set, i.e.
@@ -175,6 +185,10 @@ def base_config() -> ml_collections.ConfigDict:
                                     # fid_stats/<data.name>_<data.split>.npz)
   c.eval.fid_reference_samples = 0  # shown in the reference command (0 = the whole split)
   c.eval.inception_weights = ''     # '' = the prepare_inception cache
+  c.eval.decode_dtype = 'float32'   # latent runs: the decoder's compute dtype ('bfloat16' is faster)
+  # Precision and recall (Kynkaanniemi et al. 2019, k = 3) when the reference file holds images
+  # (an ADM reference batch): of the first this many samples per sampler (0 = off).
+  c.eval.precision_recall_samples = 10_000
 
   c.sample = ml_collections.ConfigDict()   # --mode=sample
   c.sample.num = 64
@@ -334,8 +348,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.interpolant in interpolants._REGISTRY,
        f'config.interpolant = {config.interpolant!r}; choose one of {sorted(interpolants._REGISTRY)}.')
   data = config.data
-  need(data.name in TOY_DATASETS + IMAGE_DATASETS,
-       f'config.data.name = {data.name!r}; choose one of {TOY_DATASETS + IMAGE_DATASETS}.')
+  need(data.name in TOY_DATASETS + IMAGE_DATASETS or is_latent_dataset(data.name),
+       f'config.data.name = {data.name!r}; choose one of {TOY_DATASETS + IMAGE_DATASETS} or a '
+       f'latent dataset (a name ending in {LATENT_SUFFIX!r}, built by python -m fmjax.data.latents build).')
+  need(not config.get('autoencoder') or is_latent_dataset(data.name),
+       f'config.autoencoder is set but config.data.name = {data.name!r} is not a latent dataset '
+       f'(a name ending in {LATENT_SUFFIX!r}); clear --config.autoencoder for pixel data.')
   if data.name == 'gmm' and data.means is not None:
     means = np.asarray(data.means, np.float64)
     need(means.ndim == 2, f'config.data.means must be K x D, got shape {means.shape}.')
@@ -381,6 +399,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'config.eval.guidance_interval must be (start, end) with 0 <= start <= end <= 1, got {interval}.')
   need(config.eval.fid_num_samples >= 2, 'config.eval.fid_num_samples must be >= 2.')
   need(config.eval.fid_batch_size >= 1, 'config.eval.fid_batch_size must be positive.')
+  need(config.eval.get('decode_dtype', 'float32') in ('float32', 'bfloat16'),
+       f"config.eval.decode_dtype = {config.eval.get('decode_dtype')!r}; choose 'float32' or 'bfloat16'.")
+  need(config.eval.get('precision_recall_samples', 0) >= 0,
+       'config.eval.precision_recall_samples must be >= 0 (0 = no precision/recall).')
   need(config.model.time_conditioning in embeddings.TIME_CONDITIONINGS,
        f'config.model.time_conditioning = {config.model.time_conditioning!r}; choose one of '
        f'{embeddings.TIME_CONDITIONINGS}.')

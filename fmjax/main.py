@@ -93,7 +93,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   setup = train.Setup(config, workdir)
   config = setup.config
   evaluate = evaluator.Evaluator(config, workdir, setup.mesh, setup.source, setup.interpolant,
-                                 setup.flow_map)
+                                 setup.flow_map, autoencoder=setup.autoencoder)
   evaluate.check_ready()
   with jax.set_mesh(setup.mesh):
     manager = checkpointing.make_manager(workdir, read_only=True)

@@ -111,6 +111,10 @@ class Setup:
     self.config, self.workdir = config, workdir
     self.mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp)
     self.source = (make_source or pipelines.make_source)(config, self.mesh)
+    # Latent runs: the decoder for evaluation, checked now against the dataset's encoder.
+    self.autoencoder = build.load_autoencoder(config)
+    latent_info = getattr(self.source, 'latent_info', None)
+    build.check_autoencoder(self.autoencoder, latent_info, f'dataset {config.data.name!r}')
     self.interpolant = build.build_interpolant(config)
     net_init, self.apply = build.build_network(config, self.source.example_shape,
                                                self.source.num_classes)
@@ -148,6 +152,9 @@ class Setup:
     self.meta = {'example_shape': list(self.source.example_shape),
                  'num_classes': int(self.source.num_classes),
                  'process_count': jax.process_count(), 'device_count': jax.device_count()}
+    if latent_info:
+      self.meta['latent_info'] = {k: latent_info[k] for k in ('autoencoder_digest', 'scaling_factor', 'crop')
+                                  if k in latent_info}
 
   def init_state(self):
     """The fresh state, created already sharded (no host copy of the full parameters)."""
@@ -194,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
   config = setup.config                # resolved: what trains is what config.json and checkpoints record
   train = config.train
   evaluate = evaluator.Evaluator(config, workdir, setup.mesh, setup.source, setup.interpolant,
-                                 setup.flow_map)
+                                 setup.flow_map, autoencoder=setup.autoencoder)
   if config.eval.at_end or train.eval_every:
     evaluate.check_ready()   # missing Inception weights / reference stats: fail now, not later
   with jax.set_mesh(setup.mesh):

@@ -333,6 +333,38 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
   assert 'FID' in report.format_table(results)
 
 
+def test_an_adm_reference_batch_gives_fid_and_precision_recall_of_the_first_samples(mnist_dir, tmp_path):
+  """A reference file holding images (ADM layout, no mu/sigma): FID against its images' features
+  and precision/recall of each sampler's first `precision_recall_samples` samples, by hand."""
+  from fmjax.evaluation import precision_recall
+  config = _image_config(mnist_dir, tmp_path)
+  config.eval.precision_recall_samples = 20     # of 30: the first batch and 4 rows of the second
+  rng = np.random.default_rng(3)
+  reference_images = rng.integers(0, 256, (40, 28, 28, 3), dtype=np.uint8)
+  np.savez(config.eval.fid_reference, arr_0=reference_images)
+  w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (28 * 28 * 3, 8))) / 28
+  extractor = fid.FeatureExtractor({'w': w}, batch_size=16, feature_fn=_fake_features)
+  setup = train.Setup(config, str(tmp_path / 'run'))
+  logger = logging_utils.MetricsLogger(setup.workdir, 0, 0, jsonl=False)
+  with jax.set_mesh(setup.mesh):
+    results = _evaluator(setup, feature_fn=extractor)(setup.init_state(), 0, logger, final=True)
+  logger.close()
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
+  noise = np.concatenate([np.asarray(x0)[:valid] for x0, _, valid in
+                          sweep.noise_batches(key, (28, 28, 1), 30, 16, num_classes=10)])
+  sample_features = np.asarray(_fake_features({'w': w}, sweep.to_rgb_uint8(noise)), np.float64)
+  real_features = np.asarray(_fake_features({'w': w}, reference_images), np.float64)
+  fid_by_hand = fid.fid(fid.statistics(sample_features), fid.statistics(real_features))
+  pr = precision_recall.precision_recall(real_features, sample_features[:20])
+  assert 0 < pr['precision'] < 1 or 0 < pr['recall'] < 1   # a comparison that could tell 20 from 30
+  assert precision_recall.precision_recall(real_features, sample_features) != pr
+  for row in list(results['few_step'].values()) + list(results['ode'].values()):
+    np.testing.assert_allclose(row['fid'], fid_by_hand, rtol=1e-5)
+    assert row['precision_recall_samples'] == 20
+    assert (row['precision'], row['recall']) == pytest.approx((pr['precision'], pr['recall']))
+  assert 'precision' in report.format_table(results)
+
+
 def test_image_sweep_leaves_out_nonfinite_images():
   """FID of the finite images only, by hand; the NaN ones counted; NaN when none is finite."""
   w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8 * 8 * 3, 8))) / 8

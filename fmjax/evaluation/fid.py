@@ -33,6 +33,10 @@ from fmjax.evaluation import inception, resize
 
 NUM_SAMPLES_REPORTED = 50_000
 PROVENANCE_FIELDS = ('dataset', 'split', 'count', 'resize', 'feature_extractor')
+# Fields that, when both sets of statistics record them, must agree for an FID to mean anything:
+# the feature network, its resize, the image crop (e.g. ADM's 256 center crop) and, for samples
+# of a latent model or reconstructions, the autoencoder that decoded them.
+COMPARABLE_FIELDS = ('feature_extractor', 'resize', 'crop', 'autoencoder')
 
 
 def extractor_id() -> str:
@@ -174,9 +178,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid(stats_a: Statistics, stats_b: Statistics, check_provenance: bool = True) -> float:
-  """FID between two `Statistics`, refusing mixes of feature extractors or resize modes."""
+  """FID between two `Statistics`, refusing mixes of feature extractors, resizes, crops or
+  autoencoders (each checked when both statistics record it)."""
   if check_provenance:
-    for field in ('feature_extractor', 'resize'):
+    for field in COMPARABLE_FIELDS:
       a, b = stats_a.provenance.get(field), stats_b.provenance.get(field)
       same = _same_network(a, b) if field == 'feature_extractor' else a == b
       if a is not None and b is not None and not same:
@@ -265,7 +270,7 @@ def gather_features(features) -> np.ndarray:
   return sharding.concat_across_processes(features)
 
 
-def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_samples: int,
+def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_samples: int | None,
                        *, image_key: str = 'image', value_range: tuple[float, float] | None = None,
                        rounding: str = 'round', **provenance) -> Statistics:
   """Statistics of the first `num_samples` images of `batches` (gathered over all processes).
@@ -278,10 +283,12 @@ def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_sampl
       (possibly empty; `reference_stats.source_batches` does this), since each batch is a
       collective gather.
     num_samples: images to use in total (over all processes); 50,000 for reported numbers.
+      None: every image the batches hold (e.g. a folder whose unreadable images were left out).
     **provenance: at least `dataset` and `split` for reference statistics; `count`, `resize` and
       `feature_extractor` are filled in.
   """
   acc = None
+  limit = float('inf') if num_samples is None else num_samples
   for batch in batches:
     images = batch[image_key] if isinstance(batch, dict) else batch
     if value_range is not None:
@@ -290,12 +297,12 @@ def compute_statistics(extractor: FeatureExtractor, batches: Iterable, num_sampl
     for start in range(0, max(len(images), 1), extractor.local_batch):
       features = extractor(images[start:start + extractor.local_batch])
       acc = acc or FeatureStats(features.shape[1])
-      acc.update(features[:num_samples - acc.count])
-      if acc.count >= num_samples:
+      acc.update(features[:limit - acc.count] if num_samples is not None else features)
+      if acc.count >= limit:
         break
-    if acc is not None and acc.count >= num_samples:
+    if acc is not None and acc.count >= limit:
       break
-  if acc is None or acc.count < num_samples:
+  if acc is None or (num_samples is not None and acc.count < num_samples) or acc.count < 2:
     raise ValueError(f'the batches ran out after {0 if acc is None else acc.count} images, '
                      f'{num_samples} requested (use a repeating iterator or fewer samples)')
   provenance.setdefault('resize', resize.RESIZE_MODE)

@@ -114,7 +114,7 @@ def read_reference(path: str) -> Reference:
       stats = fid.Statistics(mu, sigma, {
           'dataset': os.path.basename(path), 'split': 'adm_reference_batch',
           'count': num_images, 'resize': resize.RESIZE_MODE,
-          'feature_extractor': fid.TF_GRAPH_EXTRACTOR_ID})
+          'feature_extractor': fid.TF_GRAPH_EXTRACTOR_ID, **_adm_crop(image_shape)})
   elif 'mu' in keys and 'sigma' in keys:
     layout = 'ttur'
     with np.load(path, allow_pickle=False) as data:
@@ -146,7 +146,16 @@ def reference_statistics(ref: Reference, features: np.ndarray | None = None) -> 
     raise ValueError(f'{ref.path} has no mu/sigma: pass the features of its images '
                      '(reference_features)')
   return fid.statistics(features, dataset=os.path.basename(ref.path), split='adm_reference_batch',
-                        resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id())
+                        resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id(),
+                        **_adm_crop(ref.image_shape))
+
+
+def _adm_crop(image_shape) -> dict:
+  """ADM's reference batches hold ADM center crops (`center_crop_arr`) of square size H."""
+  from fmjax.data import image_folder   # pylint: disable=import-outside-toplevel
+  if len(image_shape) == 4 and image_shape[1] == image_shape[2]:
+    return {'crop': image_folder.crop_name(int(image_shape[1]))}
+  return {}
 
 
 def describe(ref: Reference) -> str:

@@ -14,9 +14,10 @@ import shutil
 
 import numpy as np
 
-METRICS = ('fid', 'energy_distance', 'sliced_wasserstein', 'rmse_vs_exact')
+METRICS = ('fid', 'precision', 'recall', 'energy_distance', 'sliced_wasserstein', 'rmse_vs_exact')
+_LINEAR_AXIS = ('fid', 'precision', 'recall')
 TOY_METRICS = ('energy_distance', 'sliced_wasserstein')
-_SHORT = {'fid': 'FID', 'energy_distance': 'energy', 'sliced_wasserstein': 'SW',
+_SHORT = {'fid': 'FID', 'precision': 'precision', 'recall': 'recall', 'energy_distance': 'energy', 'sliced_wasserstein': 'SW',
           'rmse_vs_exact': 'RMSE*'}
 
 
@@ -128,7 +129,7 @@ def figure(results: dict):
     ax.set_xscale('log', base=2)
     ax.set_xlabel('NFE')
     ax.set_ylabel(name)
-    if name != 'fid' and shown:
+    if name not in _LINEAR_AXIS and shown:
       if min(shown) > 0:
         ax.set_yscale('log')
       else:

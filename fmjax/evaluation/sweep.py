@@ -204,25 +204,33 @@ def noise_batches(key, shape, num_samples: int, batch_size: int, *, num_classes:
 
 def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature_fn: Callable,
                 reference, num_samples: int, *, value_range=(-1.0, 1.0), keep: int = 0,
-                provenance: dict | None = None, log: Callable[[str], None] | None = None
-                ) -> tuple[dict, dict]:
+                provenance: dict | None = None, log: Callable[[str], None] | None = None,
+                reference_features: np.ndarray | None = None,
+                precision_recall_samples: int = 0) -> tuple[dict, dict]:
   """FID of every sampler against `reference` (`fid.Statistics`), streaming over batches.
 
   Args:
-    sample_fns: {SamplerSpec: sample(params, x0, labels)} from `plan.make_sample_fns`.
+    sample_fns: {SamplerSpec: sample(params, x0, labels)} from `plan.make_sample_fns` (for a
+      latent model: followed by the decoder, so they return images).
     noise: a function returning a fresh `noise_batches` iterator (the same noise per sampler).
     feature_fn: host-local uint8 RGB images [n, H, W, 3] -> features of all processes' images
       (a `fid.FeatureExtractor`, whose local batch must hold a process's share of a batch).
     reference: `fid.Statistics` of the training set.
     keep: how many samples of each sampler to return (for sample grids).
     log: called with one line per finished sampler (FID runs can take hours on a CPU).
+    reference_features, precision_recall_samples: with the features of reference images (an
+      ADM reference batch), each row also gets the improved precision and recall (Kynkaanniemi
+      et al. 2019, k = 3, as the ADM evaluator) of its first `precision_recall_samples` finite
+      samples' features.
   Returns (results, {spec: first `keep` samples}). Non-finite images get no features: FID is of
   the finite ones (`num_samples` of them), NaN with fewer than two.
   """
+  from fmjax.evaluation import precision_recall   # pylint: disable=import-outside-toplevel
+  with_pr = reference_features is not None and precision_recall_samples > 0
   results = {'few_step': {}, 'ode': {}}
   kept = {}
   for spec, fn in sample_fns.items():
-    acc, grid, started = None, [], time.time()
+    acc, grid, started, kept_features = None, [], time.time(), []
     for x0, labels, valid in noise():
       x = fn(params, x0, labels)
       local = sharding.host_local_rows(x)
@@ -235,15 +243,25 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       features = np.asarray(feature_fn(to_rgb_uint8(local[finite], value_range)))
       acc = acc or fid.FeatureStats(features.shape[1])
       acc.update(features)
+      if with_pr and sum(len(f) for f in kept_features) < precision_recall_samples:
+        kept_features.append(features)
     score = (fid.fid(fid.statistics(acc, **(provenance or {})), reference)
              if acc.count >= 2 else float('nan'))
     row = _row(spec, fid=score, num_samples=acc.count, nonfinite=int(num_samples) - acc.count)
+    if with_pr:
+      sample_features = np.concatenate(kept_features)[:precision_recall_samples]
+      pr = (precision_recall.precision_recall(reference_features, sample_features)
+            if len(sample_features) > precision_recall.DEFAULT_K else
+            {'precision': float('nan'), 'recall': float('nan')})
+      row.update(precision=float(pr['precision']), recall=float(pr['recall']),
+                 precision_recall_samples=int(len(sample_features)))
     results[_family(spec)][spec.key] = row
     if keep:
       kept[spec] = np.concatenate(grid)[:keep]
     if log is not None:
       log(f'  {spec.label}: FID {row["fid"]:.4g} ({acc.count} samples'
           + (f', {row["nonfinite"]} non-finite left out' if row['nonfinite'] else '')
+          + (f', precision {row["precision"]:.3f}, recall {row["recall"]:.3f}' if with_pr else '')
           + f', {time.time() - started:.0f} s)')
   results['fid_reference'] = dict(reference.provenance)
   results['fid_num_samples'] = int(num_samples)
