@@ -189,6 +189,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Precision and recall (Kynkaanniemi et al. 2019, k = 3) when the reference file holds images
   # (an ADM reference batch): of the first this many samples per sampler (0 = off).
   c.eval.precision_recall_samples = 10_000
+  # Class-conditional image sets: a trained digit classifier (fmjax.steering.classifier) judges
+  # every sampler's samples: the share classified with probability >= classifier_confidence as
+  # the requested label, and the total-variation distance of the predicted-class histogram from
+  # the requested one ('' = off).
+  c.eval.classifier_dir = ''
+  c.eval.classifier_confidence = 0.9
 
   c.sample = ml_collections.ConfigDict()   # --mode=sample
   c.sample.num = 64
@@ -401,6 +407,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.eval.fid_batch_size >= 1, 'config.eval.fid_batch_size must be positive.')
   need(config.eval.get('decode_dtype', 'float32') in ('float32', 'bfloat16'),
        f"config.eval.decode_dtype = {config.eval.get('decode_dtype')!r}; choose 'float32' or 'bfloat16'.")
+  need(0.0 < config.eval.get('classifier_confidence', 0.9) <= 1.0,
+       'config.eval.classifier_confidence must be a probability in (0, 1].')
+  need(not config.eval.get('classifier_dir') or config.data.num_classes > 0,
+       'config.eval.classifier_dir judges class-conditional samples: set config.data.num_classes, '
+       'or clear the classifier.')
   need(config.eval.get('precision_recall_samples', 0) >= 0,
        'config.eval.precision_recall_samples must be >= 0 (0 = no precision/recall).')
   need(config.model.time_conditioning in embeddings.TIME_CONDITIONINGS,

@@ -365,6 +365,43 @@ def test_an_adm_reference_batch_gives_fid_and_precision_recall_of_the_first_samp
   assert 'precision' in report.format_table(results)
 
 
+def test_classifier_share_and_class_histogram_distance_by_a_plain_loop():
+  """confident_share and class_tv of class-conditional samples against a count by hand, with a
+  stand-in classifier, odd batch sizes (a padded last batch) and non-finite rows left out."""
+  num_classes, num, batch = 4, 23, 8
+  w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (6 * 6 * 3, 8))) / 6
+  features = fid.FeatureExtractor({'w': w}, batch_size=batch, feature_fn=_fake_features)
+  reference = fid.statistics(np.asarray(jax.random.normal(jax.random.PRNGKey(1), (64, 8))))
+  proj = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (36, num_classes)))
+
+  def class_probs(images):   # a softmax of a fixed projection of the pixels, sharp enough to vary
+    logits = 3.0 * np.asarray(images, np.float64).reshape(len(images), -1) @ proj
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+  noise = lambda: sweep.noise_batches(jax.random.PRNGKey(2), (6, 6, 1), num, batch,
+                                      num_classes=num_classes)
+  poison = lambda x0: jnp.where(x0[:, :1, :1, :] > 1.2, jnp.nan, x0)
+  spec = plan.plan((1,), 'euler', ())[0]
+  results, _ = sweep.image_sweep({spec: lambda params, x0, labels: poison(x0)}, None, noise,
+                                 features, reference, num, class_probs=class_probs, confidence=0.7)
+  confident, predicted, requested = 0, np.zeros(num_classes), np.zeros(num_classes)
+  for x0, labels, valid in noise():
+    for image, label in zip(np.asarray(x0)[:valid], np.asarray(labels)[:valid]):
+      if image[0, 0, 0] > 1.2:
+        continue
+      p = class_probs(image[None])[0]
+      confident += p[label] >= 0.7
+      predicted[p.argmax()] += 1
+      requested[label] += 1
+  total = requested.sum()
+  assert 0 < total < num and 0 < confident < total
+  row = results['few_step']['1']
+  assert row['confident_share'] == pytest.approx(confident / total)
+  assert row['class_tv'] == pytest.approx(0.5 * np.abs(predicted - requested).sum() / total)
+  assert row['class_tv'] > 0
+
+
 def test_image_sweep_leaves_out_nonfinite_images():
   """FID of the finite images only, by hand; the NaN ones counted; NaN when none is finite."""
   w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8 * 8 * 3, 8))) / 8

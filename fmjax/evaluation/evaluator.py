@@ -60,6 +60,7 @@ class Evaluator:
     self._feature_fn = feature_fn
     self._sample_fns = None
     self._reference = None
+    self._classifier = None
 
   def check_ready(self) -> None:
     """Raises `assets.MissingFIDAssetsError` now (before training) when FID inputs, or the
@@ -70,6 +71,7 @@ class Evaluator:
           'decodes the samples, so set --config.autoencoder=FOLDER (the VAE that built the '
           'dataset, diffusers layout), or skip evaluation with --config.eval.at_end=False.')
     assets.check_fid_ready(self.config)
+    self._class_probs()   # a missing or damaged classifier: classifier.ClassifierError now
 
   @property
   def sample_fns(self) -> dict:
@@ -160,7 +162,21 @@ class Evaluator:
     return sweep.image_sweep(self.sample_fns, params, noise, feature_fn, reference,
                              config.eval.fid_num_samples, keep=grid, provenance=provenance,
                              log=_main_print, reference_features=reference_features,
-                             precision_recall_samples=config.eval.get('precision_recall_samples', 0))
+                             precision_recall_samples=config.eval.get('precision_recall_samples', 0),
+                             class_probs=self._class_probs(),
+                             confidence=config.eval.get('classifier_confidence', 0.9))
+
+  def _class_probs(self):
+    """Host images -> class probabilities of config.eval.classifier_dir's classifier, or None."""
+    folder = self.config.eval.get('classifier_dir', '')
+    if not folder:
+      return None
+    if self._classifier is None:
+      from fmjax.steering import classifier   # pylint: disable=import-outside-toplevel
+      model, _ = classifier.load(folder)
+      logits = jax.jit(classifier.logits_fn(model))
+      self._classifier = lambda images: np.asarray(jax.nn.softmax(logits(images), axis=-1))
+    return self._classifier
 
   def _reference_inputs(self, feature_fn):
     """(reference statistics, features of its images or None), read once per run.

@@ -14,10 +14,12 @@ import shutil
 
 import numpy as np
 
-METRICS = ('fid', 'precision', 'recall', 'energy_distance', 'sliced_wasserstein', 'rmse_vs_exact')
-_LINEAR_AXIS = ('fid', 'precision', 'recall')
+METRICS = ('fid', 'precision', 'recall', 'confident_share', 'class_tv', 'energy_distance',
+           'sliced_wasserstein', 'rmse_vs_exact')
+_LINEAR_AXIS = ('fid', 'precision', 'recall', 'confident_share', 'class_tv')
 TOY_METRICS = ('energy_distance', 'sliced_wasserstein')
-_SHORT = {'fid': 'FID', 'precision': 'precision', 'recall': 'recall', 'energy_distance': 'energy', 'sliced_wasserstein': 'SW',
+_SHORT = {'fid': 'FID', 'precision': 'precision', 'recall': 'recall', 'confident_share': 'p>=conf',
+          'class_tv': 'class TV', 'energy_distance': 'energy', 'sliced_wasserstein': 'SW',
           'rmse_vs_exact': 'RMSE*'}
 
 

@@ -206,7 +206,8 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
                 reference, num_samples: int, *, value_range=(-1.0, 1.0), keep: int = 0,
                 provenance: dict | None = None, log: Callable[[str], None] | None = None,
                 reference_features: np.ndarray | None = None,
-                precision_recall_samples: int = 0) -> tuple[dict, dict]:
+                precision_recall_samples: int = 0, class_probs: Callable | None = None,
+                confidence: float = 0.9) -> tuple[dict, dict]:
   """FID of every sampler against `reference` (`fid.Statistics`), streaming over batches.
 
   Args:
@@ -222,6 +223,11 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       ADM reference batch), each row also gets the improved precision and recall (Kynkaanniemi
       et al. 2019, k = 3, as the ADM evaluator) of its first `precision_recall_samples` finite
       samples' features.
+    class_probs, confidence: for class-conditional samples, a classifier (host-local images ->
+      class probabilities [n, C]); each row then also gets `confident_share`, the share of
+      samples classified with probability >= `confidence` as their requested label, and
+      `class_tv`, the total-variation distance between the histogram of the classifier's
+      predicted classes and that of the requested labels (both over the finite samples).
   Returns (results, {spec: first `keep` samples}). Non-finite images get no features: FID is of
   the finite ones (`num_samples` of them), NaN with fewer than two.
   """
@@ -231,6 +237,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
   kept = {}
   for spec, fn in sample_fns.items():
     acc, grid, started, kept_features = None, [], time.time(), []
+    judged = {'confident': 0, 'predicted': None, 'requested': None}
     for x0, labels, valid in noise():
       x = fn(params, x0, labels)
       local = sharding.host_local_rows(x)
@@ -245,6 +252,9 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       acc.update(features)
       if with_pr and sum(len(f) for f in kept_features) < precision_recall_samples:
         kept_features.append(features)
+      if class_probs is not None and labels is not None:
+        requested = sharding.host_local_rows(labels)[:len(local)][finite]
+        _judge(judged, np.asarray(class_probs(local[finite])), requested, confidence)
     score = (fid.fid(fid.statistics(acc, **(provenance or {})), reference)
              if acc.count >= 2 else float('nan'))
     row = _row(spec, fid=score, num_samples=acc.count, nonfinite=int(num_samples) - acc.count)
@@ -255,6 +265,8 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
             {'precision': float('nan'), 'recall': float('nan')})
       row.update(precision=float(pr['precision']), recall=float(pr['recall']),
                  precision_recall_samples=int(len(sample_features)))
+    if judged['predicted'] is not None:
+      row.update(_class_metrics(judged))
     results[_family(spec)][spec.key] = row
     if keep:
       kept[spec] = np.concatenate(grid)[:keep]
@@ -262,10 +274,34 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       log(f'  {spec.label}: FID {row["fid"]:.4g} ({acc.count} samples'
           + (f', {row["nonfinite"]} non-finite left out' if row['nonfinite'] else '')
           + (f', precision {row["precision"]:.3f}, recall {row["recall"]:.3f}' if with_pr else '')
+          + (f', {100 * row["confident_share"]:.1f} % confidently the requested class, class TV '
+             f'{row["class_tv"]:.3f}' if 'class_tv' in row else '')
           + f', {time.time() - started:.0f} s)')
   results['fid_reference'] = dict(reference.provenance)
   results['fid_num_samples'] = int(num_samples)
   return results, kept
+
+
+def _judge(judged: dict, probs: np.ndarray, requested: np.ndarray, confidence: float) -> None:
+  """Adds one host-local batch's counts: confidently-right samples, predicted and requested
+  class histograms."""
+  num_classes = probs.shape[1]
+  predicted = probs.argmax(axis=1)
+  right = probs[np.arange(len(probs)), np.clip(requested, 0, num_classes - 1)] >= confidence
+  judged['confident'] += int(np.sum(right & (requested < num_classes)))
+  for name, classes in (('predicted', predicted), ('requested', requested)):
+    counts = np.bincount(np.clip(classes, 0, num_classes), minlength=num_classes + 1)[:num_classes]
+    judged[name] = counts if judged[name] is None else judged[name] + counts
+
+
+def _class_metrics(judged: dict) -> dict:
+  """Totals over processes -> confident_share and class_tv (0.5 sum |p_pred - p_requested|)."""
+  confident = int(sharding.concat_across_processes(np.array([judged['confident']])).sum())
+  predicted = sharding.concat_across_processes(judged['predicted'][None]).sum(0)
+  requested = sharding.concat_across_processes(judged['requested'][None]).sum(0)
+  total = max(int(requested.sum()), 1)
+  return {'confident_share': confident / total,
+          'class_tv': float(0.5 * np.abs(predicted / total - requested / total).sum())}
 
 
 def _process_row_offset(x) -> int:
