@@ -94,6 +94,7 @@ class Model:
     self._flow_map = jax.jit(lambda p, s, t, x, labels: fm.X(p, s, t, x, labels))
     self._velocity = jax.jit(lambda p, t, x, labels: fm.velocity(p, t, x, labels))
     self._steer_cache = {}
+    self._image_rewards = {}
     self._decode = None
     if self.autoencoder is not None:
       scale, ae = float(self.autoencoder.scaling_factor), self.autoencoder
@@ -226,7 +227,7 @@ class Model:
   # -------------------------------------------------------------- steering
 
   def steer(self, key, num: int, reward_fn, method: str = 'guidance', temperature: float = 1.0,
-            steps: int = 8, **options):
+            steps: int = 8, decode: bool | None = None, **options):
     """`num` samples steered toward q ∝ p exp(reward_fn(x) / temperature) (fmjax.steering).
 
     reward_fn(x, labels) -> [batch] floats (e.g. fmjax.steering.rewards.quadratic(c, std)).
@@ -235,6 +236,9 @@ class Model:
       keep_jacobian, guidance_scale, guidance_stop, schedule, transport, times) or 'smc'
       (fmjax.steering.smc.smc_sample: num_particles = 8 and the same guidance options,
       ess_threshold, ...; num must be a multiple of num_particles); labels for conditional models.
+    decode: latent runs: True (default) judges and returns decoded images, i.e. the reward sees
+      x = D(z / scaling_factor) (differentiated through the decoder where the method needs the
+      gradient); False steers and returns the latents themselves.
     Returns a SteerResult(samples, log_weights, ess, nfe); one compilation per (num, reward_fn,
     method, options).
     """
@@ -256,9 +260,12 @@ class Model:
         raise ValueError(f'labels must be integer class ids of shape [{num}], got {labels.shape}.')
     if not callable(reward_fn):
       raise ValueError('reward_fn must be a callable r(x, labels) -> [batch] floats.')
+    decode = self._check_decode(decode)
     from fmjax.steering import rewards
-    rewards.check_reward(reward_fn, jax.ShapeDtypeStruct((num,) + self.example_shape, jnp.float32),
-                         labels)
+    rewards.check_reward(reward_fn, jax.ShapeDtypeStruct(
+        (num,) + (self.image_shape if decode else self.example_shape), jnp.float32), labels)
+    if decode:
+      reward_fn = self._on_images(reward_fn)
     if method == 'smc':
       options.setdefault('num_particles', 8)
       _count('num_particles', options['num_particles'])
@@ -275,8 +282,19 @@ class Model:
       self._steer_cache[cache_key] = self._steer_fn(*cache_key)
     fn, nfe = self._steer_cache[cache_key]
     from fmjax.steering.result import SteerResult
-    out = fn(self.params, key, labels)
-    return SteerResult(*out, nfe[0])   # nfe: a Python int, recorded while tracing
+    samples, log_weights, ess = fn(self.params, key, labels)
+    if decode:
+      samples = self._decode(self._vae_params, samples)
+    return SteerResult(samples, log_weights, ess, nfe[0])   # nfe: a Python int, recorded while tracing
+
+  def _on_images(self, reward_fn):
+    """reward_fn of decoded images as a reward of latents, one wrapper per reward_fn (so the
+    steering cache keeps hitting)."""
+    if reward_fn not in self._image_rewards:
+      ae, scale, vae_params = self.autoencoder, float(self.autoencoder.scaling_factor), self._vae_params
+      self._image_rewards[reward_fn] = (
+          lambda z, labels=None: reward_fn(ae.decode_fn(vae_params, z / scale), labels))
+    return self._image_rewards[reward_fn]
 
   def _steer_fn(self, num, reward_fn, method, temperature, steps, options):
     """(a jitted (params, key, labels) -> (samples, log_weights, ess), its NFE per sample)."""

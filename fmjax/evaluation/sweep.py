@@ -254,7 +254,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
         kept_features.append(features)
       if class_probs is not None and labels is not None:
         requested = sharding.host_local_rows(labels)[:len(local)][finite]
-        _judge(judged, np.asarray(class_probs(local[finite])), requested, confidence)
+        count_classes(judged, np.asarray(class_probs(local[finite])), requested, confidence)
     score = (fid.fid(fid.statistics(acc, **(provenance or {})), reference)
              if acc.count >= 2 else float('nan'))
     row = _row(spec, fid=score, num_samples=acc.count, nonfinite=int(num_samples) - acc.count)
@@ -266,7 +266,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       row.update(precision=float(pr['precision']), recall=float(pr['recall']),
                  precision_recall_samples=int(len(sample_features)))
     if judged['predicted'] is not None:
-      row.update(_class_metrics(judged))
+      row.update(class_metrics(judged))
     results[_family(spec)][spec.key] = row
     if keep:
       kept[spec] = np.concatenate(grid)[:keep]
@@ -282,7 +282,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
   return results, kept
 
 
-def _judge(judged: dict, probs: np.ndarray, requested: np.ndarray, confidence: float) -> None:
+def count_classes(judged: dict, probs: np.ndarray, requested: np.ndarray, confidence: float) -> None:
   """Adds one host-local batch's counts: confidently-right samples, predicted and requested
   class histograms."""
   num_classes = probs.shape[1]
@@ -294,7 +294,7 @@ def _judge(judged: dict, probs: np.ndarray, requested: np.ndarray, confidence: f
     judged[name] = counts if judged[name] is None else judged[name] + counts
 
 
-def _class_metrics(judged: dict) -> dict:
+def class_metrics(judged: dict) -> dict:
   """Totals over processes -> confident_share and class_tv (0.5 sum |p_pred - p_requested|)."""
   confident = int(sharding.concat_across_processes(np.array([judged['confident']])).sum())
   predicted = sharding.concat_across_processes(judged['predicted'][None]).sum(0)
