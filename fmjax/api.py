@@ -97,8 +97,7 @@ class Model:
     self._image_rewards = {}
     self._decode = None
     if self.autoencoder is not None:
-      scale, ae = float(self.autoencoder.scaling_factor), self.autoencoder
-      self._decode = jax.jit(lambda vae_params, z: ae.decode_fn(vae_params, z / scale))
+      self._decode = jax.jit(self.autoencoder.decode_scaled_fn)
       self._vae_params = jax.device_put(jax.device_get(ae.params), NamedSharding(self.mesh, P()))
       self.image_shape = tuple(jax.eval_shape(
           self._decode, self._vae_params,
@@ -291,9 +290,9 @@ class Model:
     """reward_fn of decoded images as a reward of latents, one wrapper per reward_fn (so the
     steering cache keeps hitting)."""
     if reward_fn not in self._image_rewards:
-      ae, scale, vae_params = self.autoencoder, float(self.autoencoder.scaling_factor), self._vae_params
+      decode, vae_params = self.autoencoder.decode_scaled_fn, self._vae_params
       self._image_rewards[reward_fn] = (
-          lambda z, labels=None: reward_fn(ae.decode_fn(vae_params, z / scale), labels))
+          lambda z, labels=None: reward_fn(decode(vae_params, z), labels))
     return self._image_rewards[reward_fn]
 
   def _steer_fn(self, num, reward_fn, method, temperature, steps, options):

@@ -109,10 +109,14 @@ def test_train_then_eval_decodes_and_scores_with_inception(built):
   z = model.sample(jax.random.PRNGKey(1), 3, steps=1, labels=np.array([0, 1, 2]), decode=False)
   assert z.shape == (3, 16, 16, 4)
   np.testing.assert_allclose(np.asarray(model.decode(z)), np.asarray(images), atol=1e-5)
-  # The decoder divides by the scaling factor before decoding.
+  # The decoder divides by the scaling factor before decoding, in fmjax.load and in evaluation.
   vae = autoencoders.load(built['vae_dir'])
   np.testing.assert_allclose(vae.decode(np.asarray(z) / vae.scaling_factor), np.asarray(images),
                              atol=1e-4)
+  from fmjax import sharding
+  from fmjax.evaluation import evaluator
+  np.testing.assert_allclose(evaluator.decoder(vae, sharding.local_mesh())(np.asarray(z)),
+                             np.asarray(images), atol=1e-4)
   # Steering a latent run judges decoded images: best-of-4 by brightness picks brighter images
   # than plain 1-step sampling from the same noise stream would on average.
   seen = []

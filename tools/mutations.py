@@ -27,11 +27,12 @@ class Mutation(NamedTuple):
   path: str
   edits: tuple   # (old, new) snippet pairs, applied together
   tests: tuple = ()   # test files run in addition to TESTS
+  alone: bool = False   # run only `tests`, not TESTS (mistakes outside the loss rules)
 
 
-def mutation(name, path, *pairs, tests=()):
+def mutation(name, path, *pairs, tests=(), alone=False):
   """A mutation of one file: the first pair is (old, new), further pairs belong to the same mistake."""
-  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])), tuple(tests))
+  return Mutation(name, path, tuple(zip(pairs[::2], pairs[1::2])), tuple(tests), alone)
 
 
 # The papers' own notation for sCT's TrigFlow form and ECT's time draw (finite differences).
@@ -168,72 +169,78 @@ _KL, _VAE, _LOAD = 'fmjax/autoencoders/kl.py', 'fmjax/autoencoders/vae.py', 'fmj
 
 MUTATIONS += [
     mutation('VAE logvar clamp bounds swapped', _KL, 'jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)',
-             'jnp.clip(logvar, LOGVAR_MAX, LOGVAR_MIN)', tests=VAE_TESTS),
+             'jnp.clip(logvar, LOGVAR_MAX, LOGVAR_MIN)', tests=VAE_TESTS, alone=True),
     mutation('VAE logvar clamp [-20, 30] instead of [-30, 20]', _KL,
-             'LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0', 'LOGVAR_MIN, LOGVAR_MAX = -20.0, 30.0', tests=VAE_TESTS),
+             'LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0', 'LOGVAR_MIN, LOGVAR_MAX = -20.0, 30.0', tests=VAE_TESTS, alone=True),
     mutation('VAE logvar not clamped', _KL, 'logvar = jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)', 'pass',
-             tests=VAE_TESTS),
-    mutation('VAE std = exp(logvar)', _KL, 'jnp.exp(0.5 * logvar)', 'jnp.exp(logvar)', tests=VAE_TESTS),
+             tests=VAE_TESTS, alone=True),
+    mutation('VAE std = exp(logvar)', _KL, 'jnp.exp(0.5 * logvar)', 'jnp.exp(logvar)', tests=VAE_TESTS, alone=True),
     mutation('VAE mean and logvar halves swapped', _KL, 'mean, logvar = jnp.split(', 'logvar, mean = jnp.split(',
-             tests=VAE_TESTS),
+             tests=VAE_TESTS, alone=True),
     mutation('VAE downsample padding symmetric', _KL, 'jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))',
-             'jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))', tests=VAE_TESTS),
+             'jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))', tests=VAE_TESTS, alone=True),
     mutation('VAE downsample padding at top/left', _KL, 'jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))',
-             'jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))', tests=VAE_TESTS),
+             'jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))', tests=VAE_TESTS, alone=True),
     mutation('VAE 32 GroupNorm groups instead of the config', _KL, 'num_groups=self.groups', 'num_groups=32',
-             tests=VAE_TESTS),
-    mutation('VAE GroupNorm eps 1e-5', _KL, 'GROUP_NORM_EPS = 1e-6', 'GROUP_NORM_EPS = 1e-5', tests=VAE_TESTS),
+             tests=VAE_TESTS, alone=True),
+    mutation('VAE GroupNorm eps 1e-5', _KL, 'GROUP_NORM_EPS = 1e-6', 'GROUP_NORM_EPS = 1e-5', tests=VAE_TESTS, alone=True),
     mutation('VAE attention residual skipped', _KL, 'return x + self.to_out(o).reshape(b, h, w, c)',
-             'return self.to_out(o).reshape(b, h, w, c)', tests=VAE_TESTS),
+             'return self.to_out(o).reshape(b, h, w, c)', tests=VAE_TESTS, alone=True),
     mutation('VAE attention scores scaled by 1/C', _KL,
              'preferred_element_type=jnp.float32) / math.sqrt(c)', 'preferred_element_type=jnp.float32) / c',
-             tests=VAE_TESTS),
+             tests=VAE_TESTS, alone=True),
     mutation('VAE scaling_factor hardcoded 0.18215', _VAE, 'return float(self.config.scaling_factor)',
-             'return 0.18215', tests=VAE_TESTS),
+             'return 0.18215', tests=VAE_TESTS, alone=True),
     mutation('VAE mid block: attention after the second resnet', _KL,
              '    x = self.resnets[0](x)\n    if self.attention is not None:\n      x = self.attention(x)\n'
              '    return self.resnets[1](x)',
              '    x = self.resnets[1](self.resnets[0](x))\n'
-             '    return self.attention(x) if self.attention is not None else x', tests=VAE_TESTS),
-    mutation('VAE post_quant_conv skipped', _KL, '      z = self.post_quant_conv(z)', '      pass', tests=VAE_TESTS),
+             '    return self.attention(x) if self.attention is not None else x', tests=VAE_TESTS, alone=True),
+    mutation('VAE post_quant_conv skipped', _KL, '      z = self.post_quant_conv(z)', '      pass', tests=VAE_TESTS, alone=True),
     mutation('VAE conv kernel loaded with I and O swapped', _LOAD,
              'return np.ascontiguousarray(a.transpose(2, 3, 1, 0))',
-             'return np.ascontiguousarray(a.transpose(2, 3, 0, 1))', tests=VAE_TESTS),
+             'return np.ascontiguousarray(a.transpose(2, 3, 0, 1))', tests=VAE_TESTS, alone=True),
     mutation('VAE upsample tiled instead of nearest', _KL, 'jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)',
-             'jnp.tile(x, (1, 2, 2, 1))', tests=VAE_TESTS),
-    mutation('VAE extra tensors silently ignored', _LOAD, "('unused tensors', unused), ", '', tests=VAE_TESTS),
+             'jnp.tile(x, (1, 2, 2, 1))', tests=VAE_TESTS, alone=True),
+    mutation('VAE extra tensors silently ignored', _LOAD, "('unused tensors', unused), ", '', tests=VAE_TESTS, alone=True),
     mutation('latent draw forgets the scaling factor', 'fmjax/data/pipelines.py',
-             '((mean + std * eps) * np.float32(scaling_factor))', '((mean + std * eps))', tests=LATENT_TESTS),
+             '((mean + std * eps) * np.float32(scaling_factor))', '((mean + std * eps))', tests=LATENT_TESTS, alone=True),
     mutation('latent draw always takes the flip', 'fmjax/data/pipelines.py',
-             "suffix = '_flip' if rng.random() < 0.5 else ''", "suffix = '_flip'", tests=LATENT_TESTS),
+             "suffix = '_flip' if rng.random() < 0.5 else ''", "suffix = '_flip'", tests=LATENT_TESTS, alone=True),
     mutation('latent draw uses the variance for the std', 'fmjax/data/pipelines.py',
              'eps = rng.standard_normal(mean.shape, dtype=np.float32)',
-             'eps = rng.standard_normal(mean.shape, dtype=np.float32); std = std * std', tests=LATENT_TESTS),
+             'eps = rng.standard_normal(mean.shape, dtype=np.float32); std = std * std', tests=LATENT_TESTS, alone=True),
     mutation('latent builder flips the image upside down', 'fmjax/data/latents.py',
-             'np.concatenate([x, x[:, :, ::-1]])', 'np.concatenate([x, x[:, ::-1]])', tests=LATENT_TESTS),
+             'np.concatenate([x, x[:, :, ::-1]])', 'np.concatenate([x, x[:, ::-1]])', tests=LATENT_TESTS, alone=True),
     mutation('latent builder scales images to [0, 1]', 'fmjax/data/latents.py',
              'x = images.astype(np.float32) / 127.5 - 1.0', 'x = images.astype(np.float32) / 255.0',
-             tests=LATENT_TESTS),
+             tests=LATENT_TESTS, alone=True),
     mutation('latent builder resume redoes finished chunks', 'fmjax/data/latents.py',
              'todo = [b for b in bounds if not os.path.exists(_chunk_path(work, b[0]))]',
-             'todo = list(bounds)', tests=LATENT_TESTS),
+             'todo = list(bounds)', tests=LATENT_TESTS, alone=True),
     mutation('ADM crop: bicubic resize with floor instead of round', 'fmjax/data/image_folder.py',
              'tuple(round(x * scale) for x in pil_image.size)', 'tuple(int(x * scale) for x in pil_image.size)',
-             tests=LATENT_TESTS),
-    mutation('decoder fed the scaled latents', 'fmjax/evaluation/evaluator.py',
-             'autoencoder.decode_fn(vae_params, z / scale)', 'autoencoder.decode_fn(vae_params, z)',
-             tests=DECODE_TESTS),
+             tests=LATENT_TESTS, alone=True),
+    mutation('decoder fed the scaled latents', _VAE,
+             'return self.decode_fn(params, scaled_latents / self.scaling_factor)',
+             'return self.decode_fn(params, scaled_latents)', tests=DECODE_TESTS, alone=True),
     mutation('precision/recall of all samples, not the first N', 'fmjax/evaluation/sweep.py',
              'sample_features = np.concatenate(kept_features)[:precision_recall_samples]',
              'sample_features = np.concatenate(kept_features)',
              "if with_pr and sum(len(f) for f in kept_features) < precision_recall_samples:",
-             'if with_pr:', tests=DECODE_TESTS),
+             'if with_pr:', tests=DECODE_TESTS, alone=True),
     mutation('FID provenance ignores the crop', 'fmjax/evaluation/fid.py',
              "COMPARABLE_FIELDS = ('feature_extractor', 'resize', 'crop', 'autoencoder')",
-             "COMPARABLE_FIELDS = ('feature_extractor', 'resize', 'autoencoder')", tests=DECODE_TESTS),
+             "COMPARABLE_FIELDS = ('feature_extractor', 'resize', 'autoencoder')", tests=DECODE_TESTS, alone=True),
+    mutation('classifier share: any confident class counts, not the requested one',
+             'fmjax/evaluation/sweep.py',
+             'right = probs[np.arange(len(probs)), np.clip(requested, 0, num_classes - 1)] >= confidence',
+             'right = probs.max(axis=1) >= confidence', tests=DECODE_TESTS, alone=True),
+    mutation('class TV without the factor 1/2', 'fmjax/evaluation/sweep.py',
+             "'class_tv': float(0.5 * np.abs(", "'class_tv': float(np.abs(", tests=DECODE_TESTS, alone=True),
     mutation("a run accepts another VAE's latents", 'fmjax/build.py',
              "  if latent_info['autoencoder_digest'] != autoencoder.digest:",
-             "  if False:", tests=DECODE_TESTS),
+             "  if False:", tests=DECODE_TESTS, alone=True),
 ]
 
 
@@ -252,7 +259,7 @@ def run(mutation: Mutation, scratch: str) -> list[str]:
   with open(path, 'w') as f:
     f.write(source)
   result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-n', '2', '-p', 'no:cacheprovider',
-                           *TESTS, *mutation.tests], cwd=scratch, capture_output=True, text=True,
+                           *(() if mutation.alone else TESTS), *mutation.tests], cwd=scratch, capture_output=True, text=True,
                           env={**os.environ, 'PYTHONPATH': scratch})
   return re.findall(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
 

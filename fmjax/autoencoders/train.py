@@ -52,8 +52,8 @@ EVAL_BATCH = 250
 
 # Network fields of each size (AutoencoderConfig fields; in/out channels are MNIST's 1).
 SIZES: dict[str, dict[str, Any]] = {
-    'default': dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
-                    norm_num_groups=16, mid_block_add_attention=False),
+    'default': dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                    norm_num_groups=8, mid_block_add_attention=False),
     'tiny': dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=2,
                  norm_num_groups=4, mid_block_add_attention=False),
 }
@@ -94,6 +94,8 @@ class Options:
       raise ValueError(f'kl_weight must be >= 0, got {self.kl_weight}.')
     if self.warmup_steps < 0 or self.log_every < 1:
       raise ValueError('warmup_steps must be >= 0 and log_every >= 1.')
+    if self.max_train_images is not None and self.max_train_images < self.batch:
+      raise ValueError(f'max_train_images {self.max_train_images} < batch_size {self.batch}.')
 
   @property
   def num_steps(self) -> int:
@@ -169,12 +171,11 @@ def make_train_step(vae: vae_lib.Autoencoder, tx: optax.GradientTransformation, 
 # Statistics of a trained network.
 
 
-def posterior_samples(vae: vae_lib.Autoencoder, images, seed: int) -> np.ndarray:
-  """z = mean + std * eps (float32 numpy) of every image, eps from NumPy's generator at `seed`
-  drawn at once for the whole array (so the draw does not depend on the batch size)."""
-  mean, std = vae.encode(images)
-  eps = np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
-  return mean + std * eps
+def posterior_sample(mean: np.ndarray, std: np.ndarray, seed: int) -> np.ndarray:
+  """z = mean + std * eps (float64 numpy), eps from NumPy's generator at `seed` drawn at once for
+  the whole array (so the draw does not depend on how the images were batched)."""
+  eps = np.random.default_rng(seed).standard_normal(np.shape(mean))
+  return np.asarray(mean, np.float64) + np.asarray(std, np.float64) * eps
 
 
 def latent_statistics(vae: vae_lib.Autoencoder, images, seed: int = 0) -> dict[str, Any]:
@@ -184,8 +185,8 @@ def latent_statistics(vae: vae_lib.Autoencoder, images, seed: int = 0) -> dict[s
   their common mean, as Stable Diffusion's 0.18215 was measured); per channel, the mean and std
   of z and of scaling_factor * z, and the mean posterior std (how much of z is noise).
   """
-  z = posterior_samples(vae, images, seed).astype(np.float64)
   mean, std = vae.encode(images)
+  z = posterior_sample(mean, std, seed)
   scale = 1.0 / float(z.std())
   channels = z.reshape(-1, z.shape[-1])
   return {'scaling_factor': scale, 'std': float(z.std()), 'mean': float(z.mean()),
@@ -240,7 +241,10 @@ def train(options: Options, *, log=print) -> tuple[vae_lib.Autoencoder, dict[str
   vae = vae_lib.init(config, options.seed)
   tx = optimizer(options)
   step_fn = make_train_step(vae, tx, kl_weight=options.kl_weight, recon_loss=options.recon_loss)
-  params, opt_state = vae.params, tx.init(vae.params)
+  # Host copies: the initial parameters are committed to the Autoencoder's mesh, the step's outputs
+  # are not, and that difference alone would compile the step a second time at step 2.
+  params = jax.device_get(vae.params)
+  opt_state = tx.init(params)
   key = jax.random.key(options.seed)
   data = batches(images, options.batch, options.seed)
   log(f'training {config} on {len(images)} mnist5k digits: {options.num_steps} steps of batch '
@@ -270,17 +274,18 @@ def train(options: Options, *, log=print) -> tuple[vae_lib.Autoencoder, dict[str
   jax.block_until_ready(params)
   train_s = time.time() - start
 
-  trained = vae_lib.Autoencoder(config, params, batch_size=EVAL_BATCH)
-  stats = latent_statistics(trained, images, seed=options.seed)
-  config = dataclasses.replace(config, scaling_factor=stats['scaling_factor'])
-  trained = vae_lib.Autoencoder(config, params, batch_size=EVAL_BATCH)
+  measured = vae_lib.Autoencoder(config, params, batch_size=EVAL_BATCH)
+  stats = latent_statistics(measured, images, seed=options.seed)
   info = {'options': {**dataclasses.asdict(options), 'steps': options.num_steps,
                       'batch_size': options.batch},
-          'config': config.to_dict(), 'train_images': len(images), 'train_seconds': train_s,
-          'compile_seconds': compile_s, 'history': history, 'final': history[-1],
-          'latents': stats, 'test_reconstruction': reconstruction_error(trained, test_images),
-          'train_reconstruction': reconstruction_error(trained, images[:len(test_images)])}
-  return trained, info
+          'train_images': len(images), 'train_seconds': train_s, 'compile_seconds': compile_s,
+          'history': history, 'final': history[-1], 'latents': stats,
+          'test_reconstruction': reconstruction_error(measured, test_images),
+          'train_reconstruction': reconstruction_error(measured, images[:len(test_images)])}
+  # The scale only enters the config (encode and decode do not use it).
+  config = dataclasses.replace(config, scaling_factor=stats['scaling_factor'])
+  info['config'] = config.to_dict()
+  return vae_lib.Autoencoder(config, params, batch_size=EVAL_BATCH), info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ def reconstruction_fid(folder: str, data_dir: str, num_samples: int, *, split: s
                      '(and FID needs at least 2).')
   images = images[:num_samples]
   if sample:
-    latents = posterior_samples(vae, images, seed)
+    latents = posterior_sample(*vae.encode(images), seed)
   else:
     latents = vae.encode(images)[0]
   recon = vae.decode(latents)
@@ -418,6 +423,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--recon_loss', default=Options.recon_loss, choices=RECON_LOSSES)
   parser.add_argument('--seed', type=int, default=Options.seed)
   parser.add_argument('--log_every', type=int, default=Options.log_every)
+  parser.add_argument('--max_train_images', type=int, default=None,
+                      help='train on the first N train digits (and measure on N test digits): '
+                           'quick runs and tests')
   parser.add_argument('--block_out_channels', type=_ints, default=None)
   parser.add_argument('--latent_channels', type=int, default=None)
   parser.add_argument('--layers_per_block', type=int, default=None)
@@ -446,7 +454,7 @@ def main(argv=None):
                       batch_size=args.batch_size, learning_rate=args.lr,
                       warmup_steps=args.warmup_steps, kl_weight=args.kl_weight,
                       recon_loss=args.recon_loss, seed=args.seed, log_every=args.log_every,
-                      network=network)
+                      network=network, max_train_images=args.max_train_images)
     options.config()
     check_out(args.out, args.overwrite)
     if args.fid_samples < 0:

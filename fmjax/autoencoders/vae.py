@@ -186,6 +186,11 @@ class Autoencoder:
     """Images float32 [B, H, W, out_channels] of latents NHWC (not times scaling_factor)."""
     return self.module(params).decode(latents)
 
+  def decode_scaled_fn(self, params, scaled_latents):
+    """Images of latents as a latent diffusion / flow model generates them, z = scaling_factor
+    * (mean + std * eps): decoded as D(z / scaling_factor)."""
+    return self.decode_fn(params, scaled_latents / self.scaling_factor)
+
   # -- host helpers -----------------------------------------------------------------------------
 
   def encode(self, images) -> tuple[np.ndarray, np.ndarray]:

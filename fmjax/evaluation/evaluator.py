@@ -61,6 +61,7 @@ class Evaluator:
     self._sample_fns = None
     self._reference = None
     self._classifier = None
+    self._class_probs()   # loaded now, outside any mesh context; a bad folder fails before training
 
   def check_ready(self) -> None:
     """Raises `assets.MissingFIDAssetsError` now (before training) when FID inputs, or the
@@ -71,7 +72,6 @@ class Evaluator:
           'decodes the samples, so set --config.autoencoder=FOLDER (the VAE that built the '
           'dataset, diffusers layout), or skip evaluation with --config.eval.at_end=False.')
     assets.check_fid_ready(self.config)
-    self._class_probs()   # a missing or damaged classifier: classifier.ClassifierError now
 
   @property
   def sample_fns(self) -> dict:
@@ -231,9 +231,8 @@ def decoder(autoencoder, mesh):
   """z -> images: the autoencoder's decoder of latents scaled by its scaling factor (what latent
   flow maps generate), x = D(z / scaling_factor), jitted once per batch shape; z keeps its batch
   sharding and the decoder's parameters are replicated over the run's mesh."""
-  scale = float(autoencoder.scaling_factor)
   params = jax.device_put(jax.device_get(autoencoder.params), sharding.replicated(mesh))
-  decode = jax.jit(lambda vae_params, z: autoencoder.decode_fn(vae_params, z / scale))
+  decode = jax.jit(autoencoder.decode_scaled_fn)
   return lambda z: decode(params, z)
 
 
