@@ -98,7 +98,7 @@ class Model:
     self._decode = None
     if self.autoencoder is not None:
       self._decode = jax.jit(self.autoencoder.decode_scaled_fn)
-      self._vae_params = jax.device_put(jax.device_get(ae.params), NamedSharding(self.mesh, P()))
+      self._vae_params = jax.device_put(jax.device_get(self.autoencoder.params), NamedSharding(self.mesh, P()))
       self.image_shape = tuple(jax.eval_shape(
           self._decode, self._vae_params,
           jax.ShapeDtypeStruct((1,) + self.example_shape, jnp.float32)).shape[1:])

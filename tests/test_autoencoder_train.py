@@ -52,28 +52,41 @@ def test_kl_closed_form_on_a_hand_example():
                              np.zeros(3), atol=1e-7)
 
 
+class _StubAutoencoder:
+  """encode_fn / decode_fn simple enough to redo in NumPy: mean = 2x2 pools times a, std = b
+  everywhere; decode = the latent repeated back to 2x2 blocks."""
+
+  def encode_fn(self, params, images):
+    n, h, w, _ = images.shape
+    pooled = images.reshape(n, h // 2, 2, w // 2, 2, 1).mean(axis=(2, 4))
+    return params['a'] * pooled, jnp.full(pooled.shape, params['b'])
+
+  def decode_fn(self, params, latents):
+    del params
+    return jnp.repeat(jnp.repeat(latents, 2, axis=1), 2, axis=2)
+
+
 def test_loss_uses_a_reparameterized_posterior_sample():
-  config = train.Options(data_dir='', size='tiny').config()
-  vae = ae.init(config, 0)
-  images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1.0, maxval=1.0)
+  vae, params = _StubAutoencoder(), {'a': 1.5, 'b': 0.3}
+  images = np.asarray(jax.random.uniform(jax.random.key(1), (3, 4, 4, 1), minval=-1.0, maxval=1.0))
   key = jax.random.key(2)
-
-  @jax.jit   # one compilation for both
-  def both(params, images):
-    # By hand: z = mean + std * eps with eps drawn from the same key; and the decoded mean alone.
-    mean, std = vae.encode_fn(params, images)
-    z = mean + std * jax.random.normal(key, mean.shape)
-    l1 = lambda y: jnp.mean(jnp.sum(jnp.abs(vae.decode_fn(params, y) - images), axis=(1, 2, 3)))
-    kl_term = jnp.mean(0.5 * jnp.sum(mean ** 2 + std ** 2 - 1 - jnp.log(std ** 2), axis=(1, 2, 3)))
-    return (train.loss_terms(vae, params, images, key, kl_weight=0.5, recon_loss='l1'),
-            (l1(z), kl_term, l1(mean)))
-
-  (loss, metrics), (recon, kl_term, at_mean) = both(vae.params, images)
+  loss, metrics = train.loss_terms(vae, params, images, key, kl_weight=0.5, recon_loss='l1')
+  # By hand: z = mean + std * eps with eps drawn from the same key.
+  mean = 1.5 * images.reshape(3, 2, 2, 2, 2, 1).mean(axis=(2, 4))
+  eps = np.asarray(jax.random.normal(key, mean.shape))
+  z = mean + 0.3 * eps
+  recon = np.abs(z.repeat(2, axis=1).repeat(2, axis=2) - images).sum(axis=(1, 2, 3)).mean()
+  kl_term = (0.5 * (mean ** 2 + 0.3 ** 2 - 1 - np.log(0.3 ** 2))).sum(axis=(1, 2, 3)).mean()
   np.testing.assert_allclose(metrics['recon'], recon, rtol=1e-5)
   np.testing.assert_allclose(metrics['kl'], kl_term, rtol=1e-5)
   np.testing.assert_allclose(loss, recon + 0.5 * kl_term, rtol=1e-5)
-  # The noise matters at initialization (std ~ 1): decoding the mean alone gives another loss.
-  assert abs(float(at_mean - recon)) > 1e-3 * float(recon)
+  # The L2 variant squares the same differences.
+  _, l2 = train.loss_terms(vae, params, images, key, kl_weight=0.5, recon_loss='l2')
+  recon2 = ((z.repeat(2, axis=1).repeat(2, axis=2) - images) ** 2).sum(axis=(1, 2, 3)).mean()
+  np.testing.assert_allclose(l2['recon'], recon2, rtol=1e-5)
+  # The gradient reaches the std through the sample (no noise: d loss / d b would be the KL's only).
+  grad_b = jax.grad(lambda p: train.loss_terms(vae, p, images, key, kl_weight=0.0)[0])(params)['b']
+  assert abs(float(grad_b)) > 1e-3
 
 
 def test_tiny_training_lowers_the_loss_and_saves(trained):
@@ -131,6 +144,11 @@ def test_refuses_to_overwrite_a_non_empty_folder(tmp_path, data_dir, capsys):
   with pytest.raises(SystemExit, match='norm_num_groups'):
     train.main([f'--data_dir={data_dir}', f'--out={tmp_path / "new"}', '--size=tiny',
                 '--norm_num_groups=3'])
+  with pytest.raises(SystemExit, match='reference statistics .*missing.npz'):
+    train.main([f'--data_dir={data_dir}', f'--out={tmp_path / "new"}', '--size=tiny',
+                '--fid_samples=10', f'--fid_reference={tmp_path / "missing.npz"}'])
+  with pytest.raises(SystemExit, match='--fid_samples=4501: use 0'):
+    train.main([f'--data_dir={data_dir}', f'--out={tmp_path / "new"}', '--fid_samples=4501'])
   assert not (tmp_path / 'new').exists()
 
 
