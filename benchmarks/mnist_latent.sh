@@ -17,7 +17,7 @@
 # 5,000 digits.
 set -euo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-OUT=${OUT:-runs/mnist_latent}; mkdir -p "$OUT/eval"
+OUT=${OUT:-runs/mnist_latent}; mkdir -p "$OUT/eval" "$OUT/fid_stats"
 PY=${PYTHON:-python3}
 SIZE=${SIZE:-cpu}
 DISTILL=${DISTILL:-lmd}
