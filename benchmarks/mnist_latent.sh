@@ -75,7 +75,7 @@ stage "reconstructions" "$OUT/eval/reconstructions.json" $PY benchmarks/mnist_la
 evaluate flow_matching flow_matching_euler --config.eval.steps='()' --config.eval.ode_method=euler
 evaluate flow_matching flow_matching_heun --config.eval.steps='()' --config.eval.ode_method=heun
 evaluate lsd lsd --config.eval.ode_nfe='()'
-evaluate "$DISTILL" "$DISTILL" --config.eval.ode_nfe='()'
+evaluate "$DISTILL" "$DISTILL" --config.eval.ode_nfe='()' --config.teacher.workdir="$OUT/flow_matching"
 $PY benchmarks/mnist_latent_table.py --eval_dir "$OUT/eval" --times "$OUT/stage_times.txt" \
   --distilled "$DISTILL" --out "$OUT/mnist_latent.md"
 cat "$OUT/mnist_latent.md"
