@@ -507,7 +507,11 @@ def main(argv=None):
   if args.fid_samples:
     result = reconstruction_fid(args.out, args.data_dir, args.fid_samples, reference=reference,
                                 real_baseline=args.fid_real_baseline)
-    info['reconstruction_fid'] = {**result, 'seconds': time.time() - start, 'command': _command(argv)}
+    # Keyed by the sample count: FIDs of different counts are different numbers (FID's bias
+    # shrinks with the count), and a later --fid_only run adds to the record.
+    fids = info.get('reconstruction_fid', {})
+    fids[str(args.fid_samples)] = {**result, 'seconds': time.time() - start, 'command': _command(argv)}
+    info['reconstruction_fid'] = fids
   if not args.fid_only:
     info['total_seconds'] = time.time() - start
   save_info(args.out, info)
