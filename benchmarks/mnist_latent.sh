@@ -66,16 +66,18 @@ evaluate() {   # evaluate RULE NAME [overrides...]: --mode=eval, its final_metri
     "${COMMON[@]}" "$@"
 }
 
+# The goal's rows first (flow matching's Euler ODE, LSD, the floor), then the distilled map and
+# Heun: a chain stopped part way has the numbers that matter most.
 train flow_matching
 train lsd
-train "$DISTILL" --config.teacher.workdir="$OUT/flow_matching"
 stage "reconstructions" "$OUT/eval/reconstructions.json" $PY benchmarks/mnist_latent_table.py \
   --reconstructions="$OUT/autoencoder" --data_dir="$DATA" --num_samples=$FID_SAMPLES --reference="$REF" \
   --classifier_dir="$OUT/classifier" --out="$OUT/eval/reconstructions.json"
 evaluate flow_matching flow_matching_euler --config.eval.steps='()' --config.eval.ode_method=euler
-evaluate flow_matching flow_matching_heun --config.eval.steps='()' --config.eval.ode_method=heun
 evaluate lsd lsd --config.eval.ode_nfe='()'
+train "$DISTILL" --config.teacher.workdir="$OUT/flow_matching"
 evaluate "$DISTILL" "$DISTILL" --config.eval.ode_nfe='()' --config.teacher.workdir="$OUT/flow_matching"
+evaluate flow_matching flow_matching_heun --config.eval.steps='()' --config.eval.ode_method=heun
 $PY benchmarks/mnist_latent_table.py --eval_dir "$OUT/eval" --times "$OUT/stage_times.txt" \
   --distilled "$DISTILL" --out "$OUT/mnist_latent.md"
 cat "$OUT/mnist_latent.md"

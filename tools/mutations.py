@@ -243,6 +243,22 @@ MUTATIONS += [
              "  if False:", tests=DECODE_TESTS, alone=True),
 ]
 
+# Mistakes outside the loss rules, each caught by tests at non-degenerate settings (temperature
+# != 1, decay != 0.5, std != 1, class-conditional models with labels, several groups).
+# Steering maths (fmjax/steering/).
+STEERING_MUTATIONS = [
+]
+# The sampling API and the steer mode (fmjax/api.py, fmjax/steer_mode.py).
+API_MUTATIONS = [
+]
+# Evaluation plumbing, time samplers, row drawing, data pipelines, sharding.
+PLUMBING_MUTATIONS = [
+]
+# The run lifecycle: CLI, configs, checkpoints, the training loop and its EMA.
+LIFECYCLE_MUTATIONS = [
+]
+MUTATIONS += STEERING_MUTATIONS + API_MUTATIONS + PLUMBING_MUTATIONS + LIFECYCLE_MUTATIONS
+
 
 def run(mutation: Mutation, scratch: str) -> list[str]:
   """Applies one mutation to a fresh copy and returns the ids of the tests that fail."""
