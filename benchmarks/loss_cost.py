@@ -7,7 +7,15 @@ that the machine's noise hits every rule alike) and the temporary memory XLA rep
 divided by flow matching's. Two settings: every row off the diagonal (the rule's pure cost),
 and the papers' mix of diagonal and off-diagonal rows (each rule's default fraction).
 
-  python benchmarks/loss_cost.py                         # 4x512 MLP, batch 1024 (CPU: ~2 min)
+Beside XLA's count, an analytic FLOP ratio from counting network passes per row (PASSES):
+with F one forward pass, a backward pass costs 2F, a jvp (primal and tangent) 2F and the
+backward pass of a jvp 4F, so flow matching costs 3F per row, LSD 7F (a jvp with backprop
+through its tangent, 6F, and the stopped target v_{t,t}(X), 1F) and a teacher's ODE solve 1F
+per teacher evaluation. The two columns agree to ~2 % (XLA also counts the optimizer and
+elementwise work); a larger gap means a rule does work it should not, or XLA missed some
+(a loop body is counted once: the teacher solves are unrolled here so that it counts them all).
+
+  python benchmarks/loss_cost.py                         # 4x512 MLP, batch 1024 (CPU: minutes)
   python benchmarks/loss_cost.py --model dit --batch 32  # any network of fmjax.models
   python benchmarks/loss_cost.py --out runs/loss_cost.md
 """
@@ -24,17 +32,63 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fmjax import flow_maps, interpolants, losses
+from fmjax import flow_maps, interpolants, losses, samplers
+from fmjax.losses import base as losses_base
 from fmjax.models import functional
 from fmjax.models.mlp import MLP
 
-# Published FLOP ratios to flow matching, measured by the issue's author with the reference
-# implementations on this CPU (see README): off-diagonal and at the papers' diagonal mix.
+# FLOP ratios to flow matching of the published implementations, measured once with their code
+# on this project's CPU (see README): off-diagonal and at the papers' diagonal mix.
 REFERENCE = {
     'lsd': ('2.32', '1.33'), 'esd': ('2.98', ''), 'psd': ('1.65', ''),
     'meanflow': ('', '1.36'), 'meanflow+cfg': ('', '2.03'), 'shortcut': ('', '1.08'),
 }
 TEACHER_RULES = ('lmd', 'emd', 'progressive', 'trajectory_distillation')
+
+# Forward passes F per row of each configuration at its default options: (off-diagonal row,
+# diagonal row). A diagonal row is flow matching (forward + backward, 3F), plus the teacher's
+# velocity (1F) when distilling and the unconditional pass (1F) with guidance.
+PASSES = {
+    'flow_matching': (3, 3),
+    'lsd': (7, 3),                 # jvp with backprop through its tangent 6F, stopped v_{t,t}(X) 1F
+    'lsd (primal grad)': (5, 3),   # jvp 2F, backprop through the primal 2F, stopped target 1F
+    'esd': (8, 3),                 # d/ds X with backprop 6F, stopped grad X w (its primal shared) 1F, w 1F
+    'esd (primal grad)': (5, 3),   # one jvp 2F, backprop through the primal 2F, w 1F
+    'psd': (5, 3), 'psd (midpoint)': (5, 3),   # X_{s,t} 3F, two stopped inner jumps 2F
+    'shortcut': (5, 3),            # the same in v-space
+    'meanflow': (4, 3),            # one jvp 2F, backprop through the primal 2F
+    'imf': (5, 3),                 # MeanFlow's 4F and the model tangent sg[v_{s,s}] 1F
+    'sct': (4, 3),                 # jvp in time 2F, backprop through the primal 2F
+    'ect': (4, 3),                 # X_{s,1} 3F, stopped X_{s',1} 1F
+    'meanflow+cfg': (6, 4),        # MeanFlow's 4F, one batched cond/uncond stopped pass 2F
+    'lmd': (7, 4), 'emd': (7, 4),  # a jvp with backprop through its tangent 6F, teacher b 1F
+}
+
+
+def passes(label: str, name: str, options: dict) -> tuple[float, float]:
+  """(off-diagonal, diagonal) forward passes per row; the teacher solves counted step by step."""
+  if name == 'progressive':      # X_{s,t} 3F, two half jumps of teacher_steps Heun steps (2F each)
+    return 3 + 2 * 2 * options['teacher_steps'], 4
+  if name == 'trajectory_distillation':   # X_{s,t} 3F, the teacher's ODE solve from s to t
+    return 3 + samplers.ode_nfe(options['ode_steps'], options['ode_method']), 4
+  return PASSES[label]
+
+
+def analytic_ratio(label: str, name: str, options: dict, batch: int) -> float:
+  """Analytic FLOP ratio of a step to flow matching's (3F per row), rows split as the rule does."""
+  settings = losses.resolve_options(name, options)
+  n_diagonal = losses_base.num_diagonal(batch, settings['diagonal_fraction'])
+  off, diagonal = passes(label, name, settings)
+  return ((batch - n_diagonal) * off + n_diagonal * diagonal) / (3.0 * batch)
+
+
+def unrolled_heun_map(teacher, num_steps: int):
+  """The progressive rule's default teacher map (num_steps Heun steps of b per inner jump) with
+  its loop unrolled, so that XLA's cost analysis counts every step (a loop body counts once)."""
+  def teacher_map(s, t, x, labels):
+    return samplers.integrate(lambda tt, xx: teacher(tt, xx, labels), x, s, t, num_steps, 'heun',
+                              unroll=True)
+  return teacher_map
 
 
 def build_network(name: str, batch: int, num_classes: int, size: str = 'small', **overrides):
@@ -121,8 +175,13 @@ def main(argv=None):
     if name != 'flow_matching':
       settings.insert(0, ('off', {'diagonal_fraction': 0.0}))
     for setting, extra in settings:
+      rule_options = {**options, **extra}
+      analytic = analytic_ratio(label, name, rule_options, args.batch)
+      if name == 'progressive':   # the same teacher map as the default, counted step by step
+        steps = losses.resolve_options(name, rule_options)['teacher_steps']
+        rule_options['teacher_map'] = unrolled_heun_map(teacher, steps)
       rule = losses.make(name, flow_map, interp, teacher=teacher if name in TEACHER_RULES else None,
-                         **{**options, **extra})
+                         **rule_options)
       # A copy per entry: the step donates its params, which would free the shared arrays.
       params = jax.tree.map(jnp.copy, rule.init(net_params, jax.random.PRNGKey(0)))
       opt_state = optimizer.init(params)
@@ -131,31 +190,39 @@ def main(argv=None):
       flops, temp = compiled_costs(compiled)
       params, opt_state, loss = compiled(params, opt_state, batch, jax.random.PRNGKey(0))
       jax.block_until_ready(loss)
-      entries.append([label, setting, compiled, params, opt_state, flops, temp, []])
+      entries.append([label, setting, compiled, params, opt_state, flops, temp, [], analytic, []])
       print(f'compiled {label:18s} {setting}: {flops / 1e9:8.2f} GFLOP', file=sys.stderr, flush=True)
 
   for repeat in range(args.repeats):   # interleaved, so drifts in machine load hit all alike
     for entry in entries:
       compiled, params, opt_state = entry[2], entry[3], entry[4]
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       params, opt_state, loss = compiled(params, opt_state, batch, jax.random.PRNGKey(repeat + 1))
       jax.block_until_ready(loss)
       entry[7].append(time.perf_counter() - start)
+      entry[9].append(time.process_time() - start_cpu)
       entry[3], entry[4] = params, opt_state
 
   base = next(e for e in entries if e[0] == 'flow_matching')
   base_time, base_flops, base_temp = statistics.median(base[7]), base[5], base[6]
+  base_cpu = statistics.median(base[9])
   device = jax.devices()[0]
+  # On a CPU backend the process's CPU time (all threads) is the work done, which other jobs
+  # sharing the cores inflate less than the wall time; on an accelerator it is host time only.
+  cpu_column = device.platform == 'cpu'
   lines = [f'Model `{args.model}` ({args.size if args.model != "mlp" else "4x512"}), batch {args.batch}, {device.platform} ({device.device_kind}), '
            f'jax {jax.__version__}; flow matching: {base_flops / 1e9:.2f} GFLOP, '
-           f'{base_time * 1e3:.1f} ms per step.', '',
-           '| rule | rows | FLOP ratio | time ratio | temp memory ratio | reference FLOP ratio |',
-           '|---|---|---|---|---|---|']
-  for label, setting, _, _, _, flops, temp, times in entries:
+           f'{base_time * 1e3:.1f} ms per step' + (f' ({base_cpu * 1e3:.0f} ms of CPU time)' if cpu_column else '')
+           + f'; median of {args.repeats} interleaved repeats.', '',
+           '| rule | rows | FLOP ratio (XLA) | analytic FLOP ratio | time ratio '
+           + ('| CPU time ratio ' if cpu_column else '') + '| temp memory ratio | reference FLOP ratio |',
+           '|---|---|---|---|---|' + ('---|' if cpu_column else '') + '---|---|']
+  for label, setting, _, _, _, flops, temp, times, analytic, cpu_times in entries:
     reference = REFERENCE.get(label, ('', ''))[0 if setting == 'off' else 1]
     rows = 'all off-diagonal' if setting == 'off' else ('all diagonal' if label == 'flow_matching' else 'paper mix')
-    lines.append(f'| {label} | {rows} | {flops / base_flops:.3f} | {statistics.median(times) / base_time:.2f} '
-                 f'| {temp / base_temp:.2f} | {reference} |')
+    cpu = f'| {statistics.median(cpu_times) / base_cpu:.2f} ' if cpu_column else ''
+    lines.append(f'| {label} | {rows} | {flops / base_flops:.3f} | {analytic:.3f} '
+                 f'| {statistics.median(times) / base_time:.2f} {cpu}| {temp / base_temp:.2f} | {reference} |')
   table = '\n'.join(lines)
   print(table)
   if args.out:

@@ -33,9 +33,13 @@ from fmjax import configs
 
 RULES = ('flow_matching', 'lsd', 'meanflow', 'lmd', 'progressive')
 SIZES = ('cpu', 'h100', 'tiny')
-# Updates per size. cpu: measured ~0.2-0.35 s per update of batch 128 on 2 shared CPU cores for
-# this DiT (flow matching fastest, LSD and LMD ~1.5x), so 6,000 updates fit in 45 minutes.
-STEPS = {'cpu': 6000, 'h100': 20000, 'tiny': 3}
+# Updates per size. cpu: sized so that each model trains in <= 45 min on 2 CPU cores (the
+# measured seconds per update are in docs/results.md; a DiT of width 192 and depth 6 took 1.5 s
+# per update of batch 128 there, too slow for this budget).
+STEPS = {'cpu': 4000, 'h100': 20000, 'tiny': 3}
+NETWORK = {'cpu': {'patch_size': 1, 'hidden': 128, 'depth': 4, 'num_heads': 4},
+           'h100': {'patch_size': 1, 'hidden': 192, 'depth': 6, 'num_heads': 6},
+           'tiny': {'patch_size': 1, 'hidden': 32, 'depth': 1, 'num_heads': 2}}
 
 
 def get_config(arg=None):
@@ -50,8 +54,7 @@ def get_config(arg=None):
   c.data.name = 'mnist5k_latents'
   c.data.num_classes = 10
   c.model.name = 'dit'
-  c.model_defaults.dit = ({'patch_size': 1, 'hidden': 32, 'depth': 1, 'num_heads': 2} if tiny else
-                          {'patch_size': 1, 'hidden': 192, 'depth': 6, 'num_heads': 6})
+  c.model_defaults.dit = dict(NETWORK[size])
   c.loss.name = rule
   for name in RULES:
     c.loss_defaults[name] = {'label_dropout': 0.1}

@@ -3,10 +3,15 @@
   model = fmjax.load('runs/gmm')                  # latest checkpoint, first EMA copy
   x = model.sample(key, 1000, steps=2)            # 2-step flow-map samples
   x = model.sample(key, 64, times=[0, .5, .8, 1], labels=y, guidance_scale=2.0)
-  x = model.sample(key, 10**6)                    # chunk by chunk (chunk_size=), a host array
-  y = model.flow_map(s, t, x)                     # X_{s,t}(x); s, t scalars or [batch]
+  x = model.sample(key, 10**6)                    # chunk by chunk (chunk_size=)
+  y = model.flow_map(s, t, x)                     # X_{s,t}(x); s, t in [0, 1], scalars or [batch]
   b = model.velocity(t, x)                        # b_t(x) = v_{t,t}(x)
   out = model.steer(key, 256, reward, method='smc', temperature=0.5, steps=8)   # q ∝ p exp(r / 0.5)
+
+`sample` and `steer` return host numpy arrays (float32) at every size, and cut large requests
+into chunks: sample (or output row, or SMC group) i depends on (key, i) alone, never on the chunk
+size, so a chunked call returns exactly the rows of one big call. Calls of more than one chunk
+print one progress line per chunk (progress=False silences them).
 
 A latent run (trained on autoencoder latents) samples images by default: the latents are
 decoded by the run's autoencoder (config.autoencoder, or `load(..., autoencoder=FOLDER)` when it
@@ -34,8 +39,9 @@ from fmjax import sharding
 
 
 # Options of Model.steer per method (beyond key, num, reward_fn, method, temperature, steps).
+# best_of_n's N is `num_particles`, as in config.steer; `n`, its old name here, still works.
 STEER_OPTIONS = {
-    'best_of_n': ('n', 'select', 'labels'),
+    'best_of_n': ('num_particles', 'select', 'labels'),
     'guidance': ('lookahead', 'keep_jacobian', 'guidance_scale', 'guidance_stop', 'schedule',
                  'transport', 'times', 'labels'),
     'smc': ('num_particles', 'lookahead', 'keep_jacobian', 'guidance_scale', 'guidance_stop',
@@ -49,6 +55,11 @@ CHUNK_ELEMENTS = 2**20
 # With decoding, a chunk also holds this many elements of decoded images (2^24 floats = 64 MiB;
 # the decoder's activations at 256 x 256 are ~100 MB per image in float32).
 DECODE_CHUNK_ELEMENTS = 2**24
+# Default steering chunk: this many elements of x (of the N candidates per output row for
+# best-of-N). Steering keeps the network's activations (and, for guidance, their backward pass)
+# for every row of a chunk: about 20 kB per row of a 2-D toy with a 256-wide MLP, so 2^16
+# elements (32768 2-D rows) stay near 1 GB where one call of 3e5 rows took 6.7 GB.
+STEER_CHUNK_ELEMENTS = 2**16
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
@@ -72,6 +83,48 @@ def _check_grid(times, partial: bool) -> np.ndarray:
   return grid
 
 
+def _check_labels(labels, num: int, num_classes: int, what: str) -> np.ndarray | None:
+  """labels as an int32 numpy array [num] in [0, num_classes] (num_classes: the null label),
+  or one clear error."""
+  if labels is None:
+    return None
+  if not num_classes:
+    raise ValueError(f'This model is unconditional (trained without labels); call {what} without labels.')
+  labels = np.asarray(labels)
+  if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'labels must be integer class ids of shape [{num}], got {labels.dtype} '
+                     f'{labels.shape}.')
+  if labels.min() < 0 or labels.max() > num_classes:
+    raise ValueError(f'labels must lie in [0, {num_classes}] ({num_classes} = no label), got '
+                     f'{labels.min()} .. {labels.max()}.')
+  return labels.astype(np.int32)
+
+
+def _chunk_label(labels, first: int, chunk: int):
+  """Rows first .. first + chunk - 1 of labels, a last short chunk padded (one compilation)."""
+  if labels is None:
+    return None
+  return jnp.asarray(np.resize(labels[first:first + chunk], chunk), jnp.int32)
+
+
+class _Progress:
+  """One line per chunk on stdout for calls of more than one chunk (progress=None), so a long
+  sample or steer call shows that it is alive and how far it got."""
+
+  def __init__(self, what: str, num: int, chunk: int, progress):
+    import time   # pylint: disable=import-outside-toplevel
+    self._time = time.perf_counter
+    self.count = -(-num // chunk)
+    self.on = self.count > 1 if progress is None else bool(progress)
+    self.what, self.num, self.start = what, num, self._time()
+
+  def __call__(self, index: int, first: int, stop: int):
+    if self.on:
+      elapsed = self._time() - self.start
+      print(f'{self.what}: chunk {index + 1}/{self.count} (rows {first}..{stop - 1} of {self.num}) '
+            f'done, {elapsed:.1f} s', flush=True)
+
+
 @dataclasses.dataclass
 class Model:
   """A trained flow map: jitted `sample`, `flow_map` and `velocity` on the loaded parameters."""
@@ -84,6 +137,7 @@ class Model:
   step: int
   mesh: Mesh
   autoencoder: Any = None     # latent runs: the fmjax.autoencoders.Autoencoder that decodes samples
+  weights: str = ''           # which parameters these are (an EMA copy and its decay, or raw), for logs
 
   def __post_init__(self):
     self._sample = jax.jit(self._sample_impl,
@@ -130,29 +184,42 @@ class Model:
 
   def sample(self, key, num: int, steps: int = 1, *, times=None, labels=None,
              guidance_scale: float = 1.0, guidance_interval=None, partial: bool = False,
-             chunk_size: int | None = None, decode: bool | None = None):
-    """`num` samples by the flow map from noise (t = 0) to data (t = 1).
+             chunk_size: int | None = None, decode: bool | None = None,
+             progress: bool | None = None) -> np.ndarray:
+    """`num` samples by the flow map from noise (t = 0) to data (t = 1), as a host numpy
+    float32 array [num, ...] (at every size: large requests cannot live on one device).
 
     steps: k, for the uniform grid 0, 1/k, ..., 1 (k network evaluations);
     times: an explicit, strictly increasing grid from 0 to 1 instead (its length - 1
       evaluations); partial=True allows a grid inside [0, 1] that starts later or ends earlier;
-    labels: int [num] class ids for class-conditional models (None = unconditional);
-    guidance_scale: classifier-free guidance weight (1 = none); a network trained with the
-      scale as an input (config.model.guidance_conditioning, iMF) receives it as an input (one
-      evaluation per step), any other runs the conditional and the null pass;
+    labels: int [num] class ids for class-conditional models (None = unconditional, i.e. the
+      null label num_classes; a label equal to num_classes means the same);
+    guidance_scale: classifier-free guidance weight w (1 = none): the velocity
+      v_null + w (v(labels) - v_null) (Ho & Salimans 2207.12598, Eq. 6 with their w = this w - 1),
+      v_null with the null label num_classes. It needs labels (an error otherwise: on an
+      unconditional model, or without labels, there is nothing to guide). A network trained with
+      the scale as an input (config.model.guidance_conditioning, iMF) receives it as an input
+      (one evaluation per step), any other runs the conditional and the null pass;
     guidance_interval: (start, end) in fmjax time (0 noise, 1 data), where a guidance-conditioned
       network applies the scale (default (0, 1): everywhere; iMF's reference B/2 setting
       [0.4, 0.65] in its time, 1 = noise, is (0.35, 0.6) here);
     chunk_size: samples per jitted call (default: CHUNK_ELEMENTS elements of x, and
       DECODE_CHUNK_ELEMENTS of decoded images). A request larger than one chunk runs chunk by
-      chunk (one compilation) and comes back as a host numpy array; the samples are the same as
-      in one call with the same key;
+      chunk (one compilation); sample i's noise is normal(fold_in(key, i)) (`noise`), so the
+      samples are the same as in one call with the same key;
     decode: latent runs: True (default) decodes the latents to images in [-1, 1] (NHWC) with
       the run's autoencoder; False returns the latents (scaled by its scaling factor), as
-      trained. Pixel and toy runs take no decoding.
+      trained. Pixel and toy runs take no decoding;
+    progress: one line per chunk (None: when there is more than one chunk).
     """
     num = _count('num', num)
     decode = self._check_decode(decode)
+    if float(guidance_scale) != 1.0 and (not self.num_classes or labels is None):
+      raise ValueError(
+          f'guidance_scale = {guidance_scale} is classifier-free guidance toward labels: '
+          + ('this model is unconditional (trained without labels), so it has no guidance; '
+             'use guidance_scale=1.0.' if not self.num_classes else
+             'pass labels (int class ids [num]) or use guidance_scale=1.0.'))
     if self._guidance_input and not float(guidance_scale) > 0:
       raise ValueError(f'guidance_scale must be > 0 for a guidance-conditioned network (it reads '
                        f'1 - 1/guidance_scale; trained on [1, omega_max]), got {guidance_scale}.')
@@ -170,37 +237,26 @@ class Model:
     if times is None:
       times = samplers.uniform_grid(_count('steps', steps))
     times = jnp.asarray(_check_grid(times, partial), jnp.float32)
-    if labels is not None:
-      if not self.num_classes:
-        raise ValueError('This model is unconditional; call sample without labels.')
-      labels = np.asarray(labels)
-      if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f'labels must be integer class ids of shape [{num}], got {labels.dtype} '
-                         f'{labels.shape}.')
-      if labels.min() < 0 or labels.max() > self.num_classes:
-        raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = no '
-                         f'label), got {labels.min()} .. {labels.max()}.')
+    labels = _check_labels(labels, num, self.num_classes, 'sample')
     default_chunk = max(1, CHUNK_ELEMENTS // int(np.prod(self.example_shape)))
     if decode:
       default_chunk = min(default_chunk, max(1, DECODE_CHUNK_ELEMENTS // int(np.prod(self.image_shape))))
     chunk = min(num, _count('chunk_size', chunk_size) if chunk_size is not None else default_chunk)
     chunk += (-chunk) % self.mesh.size if chunk > self.mesh.size else 0   # split evenly over devices
 
-    def run(first):
-      y = None
-      if labels is not None:   # a last, short chunk is padded to the chunk size (one compilation)
-        y = jnp.asarray(np.resize(labels[first:first + chunk], chunk), jnp.int32)
-      x = self._sample(self.params, key, first, times, y, num=chunk,
-                       guidance_scale=float(guidance_scale), guidance_interval=guidance_interval)
+    out = np.empty((num,) + (self.image_shape if decode else self.example_shape), np.float32)
+    report = _Progress('sample', num, chunk, progress)
+    for index, first in enumerate(range(0, num, chunk)):
+      # A last, short chunk is padded to the chunk size (one compilation); noise and labels
+      # are taken by row: rows first .. first + chunk - 1.
+      x = self._sample(self.params, key, first, times, _chunk_label(labels, first, chunk),
+                       num=chunk, guidance_scale=float(guidance_scale),
+                       guidance_interval=guidance_interval)
       if decode:
         x = self._decode(self._vae_params, x)
-      return x[:num - first]
-
-    if chunk >= num:
-      return run(0)
-    out = np.empty((num,) + (self.image_shape if decode else self.example_shape), np.float32)
-    for first in range(0, num, chunk):
-      out[first:first + chunk] = np.asarray(run(first))
+      stop = min(first + chunk, num)
+      out[first:stop] = np.asarray(x[:stop - first])
+      report(index, first, stop)
     return out
 
   def _check_decode(self, decode) -> bool:
@@ -226,64 +282,97 @@ class Model:
   # -------------------------------------------------------------- steering
 
   def steer(self, key, num: int, reward_fn, method: str = 'guidance', temperature: float = 1.0,
-            steps: int = 8, decode: bool | None = None, **options):
+            steps: int = 8, decode: bool | None = None, *, chunk_size: int | None = None,
+            progress: bool | None = None, **options):
     """`num` samples steered toward q ∝ p exp(reward_fn(x) / temperature) (fmjax.steering).
 
     reward_fn(x, labels) -> [batch] floats (e.g. fmjax.steering.rewards.quadratic(c, std)).
-    method: 'best_of_n' (options n = 8, select = 'importance' | 'argmax'; steps: the base
-      sampler's flow-map steps), 'guidance' (fmjax.steering.guidance.guided_sample: lookahead,
+    method: 'best_of_n' (options num_particles = N = 8 candidates per output row, select =
+      'importance' | 'argmax'; steps: the base sampler's flow-map steps; `n` is accepted as the
+      old name of num_particles), 'guidance' (fmjax.steering.guidance.guided_sample: lookahead,
       keep_jacobian, guidance_scale, guidance_stop, schedule, transport, times) or 'smc'
       (fmjax.steering.smc.smc_sample: num_particles = 8 and the same guidance options,
-      ess_threshold, ...; num must be a multiple of num_particles); labels for conditional models.
+      ess_threshold, ...; num must be a multiple of num_particles); labels: int [num] class ids
+      for conditional models (None: the null label).
     decode: latent runs: True (default) judges and returns decoded images, i.e. the reward sees
       x = D(z / scaling_factor) (differentiated through the decoder where the method needs the
       gradient); False steers and returns the latents themselves.
-    Returns a SteerResult(samples, log_weights, ess, nfe); one compilation per (num, reward_fn,
+    chunk_size: output rows per jitted call (default: STEER_CHUNK_ELEMENTS elements of x, of
+      the N candidates for best-of-N; rounded to whole SMC groups). The randomness is by row:
+      guidance starts row i from `noise(split(key)[0], ...)` row i; best-of-N's candidate j of
+      row i is noise row i N + j and row i's pick uses fold_in(split(key)[1], i); SMC group g
+      (rows g P .. g P + P - 1) runs with fold_in(split(key)[1], g). So a chunked call returns
+      the rows of one big call, and each group's resampling is the same in both.
+    progress: one line per chunk (None: when there is more than one chunk).
+    Returns a SteerResult(samples, log_weights, ess, nfe) of host numpy arrays: samples [num, ...],
+    log_weights [num] (smc) or None, ess averaged over output rows (best_of_n, [1]) or over
+    groups (smc, [steps + 1]) or None, nfe per sample. One compilation per (chunk, reward_fn,
     method, options).
     """
     num, steps = _count('num', num), _count('steps', steps)
     if method not in STEER_OPTIONS:
       raise ValueError(f'unknown steering method {method!r}; choose one of {tuple(STEER_OPTIONS)}.')
+    if method == 'best_of_n' and 'n' in options:   # the old name of best-of-N's N
+      if 'num_particles' in options:
+        raise ValueError("best_of_n: pass N once, as num_particles (n is its old name).")
+      options['num_particles'] = options.pop('n')
     unknown = sorted(set(options) - set(STEER_OPTIONS[method]))
     if unknown:
       raise ValueError(f'method={method!r} takes no option(s) {unknown}; it takes '
                        f'{STEER_OPTIONS[method]}.')
     if isinstance(temperature, bool) or not float(temperature) > 0:
       raise ValueError(f'temperature must be a positive number, got {temperature!r}.')
-    labels = options.pop('labels', None)
-    if labels is not None:
-      if not self.num_classes:
-        raise ValueError('This model is unconditional; call steer without labels.')
-      labels = jnp.asarray(labels, jnp.int32)
-      if labels.shape != (num,):
-        raise ValueError(f'labels must be integer class ids of shape [{num}], got {labels.shape}.')
+    labels = _check_labels(options.pop('labels', None), num, self.num_classes, 'steer')
     if not callable(reward_fn):
       raise ValueError('reward_fn must be a callable r(x, labels) -> [batch] floats.')
     decode = self._check_decode(decode)
     from fmjax.steering import rewards
     rewards.check_reward(reward_fn, jax.ShapeDtypeStruct(
-        (num,) + (self.image_shape if decode else self.example_shape), jnp.float32), labels)
+        (num,) + (self.image_shape if decode else self.example_shape), jnp.float32),
+        None if labels is None else jnp.asarray(labels))
     if decode:
       reward_fn = self._on_images(reward_fn)
-    if method == 'smc':
+    group = 1
+    if method in ('smc', 'best_of_n'):
       options.setdefault('num_particles', 8)
       _count('num_particles', options['num_particles'])
-      if num % options['num_particles']:
-        raise ValueError(f'num = {num} must be a multiple of num_particles = '
-                         f'{options["num_particles"]} (smc resamples within groups).')
-    if method == 'best_of_n':
-      options.setdefault('n', 8)
-      _count('n', options['n'])
+    if method == 'smc':
+      group = options['num_particles']
+      if num % group:
+        raise ValueError(f'num = {num} must be a multiple of num_particles = {group} (smc '
+                         'resamples within groups).')
     if options.get('times') is not None:
       options['times'] = tuple(float(t) for t in _check_grid(options['times'], False))
-    cache_key = (num, reward_fn, method, float(temperature), steps, tuple(sorted(options.items())))
+    per_row = int(np.prod(self.example_shape)) * (options['num_particles'] if method == 'best_of_n' else 1)
+    chunk = (_count('chunk_size', chunk_size) if chunk_size is not None
+             else max(1, STEER_CHUNK_ELEMENTS // per_row))
+    chunk = max(group, min(chunk, num) // group * group)   # whole SMC groups
+    cache_key = (chunk, reward_fn, method, float(temperature), steps, tuple(sorted(options.items())))
     if cache_key not in self._steer_cache:
       self._steer_cache[cache_key] = self._steer_fn(*cache_key)
     fn, nfe = self._steer_cache[cache_key]
+    key_noise, key_run = jax.random.split(key)
+    shape = self.image_shape if decode else self.example_shape
+    samples = np.empty((num,) + shape, np.float32)
+    log_weights = np.empty((num,), np.float32) if method == 'smc' else None
+    ess = []   # per output row (best_of_n) or per group (smc), padding dropped
+    report = _Progress(f'steer ({method})', num, chunk, progress)
+    for index, first in enumerate(range(0, num, chunk)):
+      x, log_w, ess_chunk = fn(self.params, key_noise, key_run, first,
+                               _chunk_label(labels, first, chunk))
+      if decode:
+        x = self._decode(self._vae_params, x)
+      stop = min(first + chunk, num)
+      samples[first:stop] = np.asarray(x[:stop - first])
+      if log_weights is not None:
+        log_weights[first:stop] = np.asarray(log_w[:stop - first])
+      if ess_chunk is not None:
+        ess.append(np.asarray(ess_chunk)[:(stop - first) // group])
+      report(index, first, stop)
+    ess = np.concatenate(ess).mean(axis=0, dtype=np.float64).astype(np.float32) if ess else None
+    if ess is not None and ess.ndim == 0:
+      ess = ess[None]
     from fmjax.steering.result import SteerResult
-    samples, log_weights, ess = fn(self.params, key, labels)
-    if decode:
-      samples = self._decode(self._vae_params, samples)
     return SteerResult(samples, log_weights, ess, nfe[0])   # nfe: a Python int, recorded while tracing
 
   def _on_images(self, reward_fn):
@@ -295,8 +384,9 @@ class Model:
           lambda z, labels=None: reward_fn(decode(vae_params, z), labels))
     return self._image_rewards[reward_fn]
 
-  def _steer_fn(self, num, reward_fn, method, temperature, steps, options):
-    """(a jitted (params, key, labels) -> (samples, log_weights, ess), its NFE per sample)."""
+  def _steer_fn(self, chunk, reward_fn, method, temperature, steps, options):
+    """(a jitted (params, key_noise, key_run, first, labels) -> (samples, log_weights, ess per
+    output row or group) of rows first .. first + chunk - 1, its NFE per sample)."""
     from fmjax import interpolants
     from fmjax.steering import guidance
     options = dict(options)
@@ -304,34 +394,57 @@ class Model:
     interpolant = interpolants.get(self.config.interpolant)
     nfe = []
 
-    def run(params, key, labels):
+    def per_unit(fn, first_unit, units, labels, width):
+      """fn(unit index, labels of the unit or None) vmapped over `units` consecutive units
+      (output rows or SMC groups) of `width` rows: each unit's randomness is its own."""
+      index = first_unit + jnp.arange(units)
+      if labels is None:
+        return jax.vmap(lambda i: fn(i, None))(index)
+      return jax.vmap(fn)(index, labels.reshape(units, width))
+
+    def run(params, key_noise, key_run, first, labels):
       options_ = dict(options)
       flow_map = lambda s, t, x, y=None: fm.X(params, s, t, x, y)
       velocity = lambda t, x, y=None: fm.velocity(params, t, x, y)
-      key_noise, key_run = jax.random.split(key)
       if method == 'best_of_n':
-        grid = samplers.uniform_grid(steps)
-        sample_fn = lambda k, count, y: samplers.flow_map_sample(fm, params, self.noise(k, count),
-                                                                 grid, y)
-        out = guidance.best_of_n(key_run, sample_fn, reward_fn, num, options_['n'],
-                                 temperature=temperature, select=options_.get('select', 'importance'),
-                                 labels=labels, base_nfe=steps)
-      elif method == 'guidance':
+        n, grid = options_['num_particles'], samplers.uniform_grid(steps)
+
+        def one_row(i, y):   # output row i: candidates i n .. i n + n - 1 of the noise stream
+          sample_fn = lambda k, count, yy: samplers.flow_map_sample(
+              fm, params, self.noise(key_noise, count, i * n), grid, yy)
+          out = guidance.best_of_n(jax.random.fold_in(key_run, i), sample_fn, reward_fn, 1, n,
+                                   temperature=temperature,
+                                   select=options_.get('select', 'importance'),
+                                   labels=y, base_nfe=steps)   # y: row i's label, shape [1]
+          nfe.append(int(out.nfe))
+          return out.samples[0], out.ess[0]
+
+        x, ess = per_unit(one_row, first, chunk, labels, 1)
+        return x, None, ess
+      if method == 'guidance':
         times = options_.pop('times', None) or tuple(np.linspace(0.0, 1.0, steps + 1).tolist())
-        out = guidance.guided_sample(self.noise(key_noise, num), flow_map=flow_map,
+        out = guidance.guided_sample(self.noise(key_noise, chunk, first), flow_map=flow_map,
                                      velocity=velocity, interpolant=interpolant, reward=reward_fn,
                                      temperature=temperature, times=times, labels=labels, **options_)
-      else:
-        from fmjax.steering import smc   # helper module of issue 10, imported when used
-        out = smc.smc_sample(key_run, self.noise(key_noise, num), flow_map=flow_map,
+        nfe.append(int(out.nfe))
+        return out.samples, None, None
+      from fmjax.steering import smc   # helper module of issue 10, imported when used
+      particles = options_.pop('num_particles')
+      groups = chunk // particles
+
+      def one_group(g, y):   # group g: rows g P .. g P + P - 1, its own resampling key
+        out = smc.smc_sample(jax.random.fold_in(key_run, g),
+                             self.noise(key_noise, particles, g * particles), flow_map=flow_map,
                              velocity=velocity, interpolant=interpolant, reward=reward_fn,
-                             temperature=temperature, num_steps=steps, labels=labels, **options_)
-      nfe.append(int(out.nfe))
-      return out.samples, out.log_weights, out.ess
+                             temperature=temperature, num_steps=steps, num_particles=particles,
+                             labels=y, **options_)
+        nfe.append(int(out.nfe))
+        return out.samples, out.log_weights, out.ess
 
-    jitted = jax.jit(run)
-    return jitted, nfe
+      x, log_w, ess = per_unit(one_group, first // particles, groups, labels, particles)
+      return (x.reshape((chunk,) + x.shape[2:]), log_w.reshape(chunk), ess)
 
+    return jax.jit(run), nfe
 
   # -------------------------------------------------------------- maps
 
@@ -340,7 +453,12 @@ class Model:
     params, fm = self.params, self.parameterization
     return lambda t, x, labels=None: fm.velocity(params, t, x, labels)
 
-  def _times(self, t, x):
+  def _times(self, t, x, name='t'):
+    if not isinstance(t, jax.core.Tracer):   # concrete times: checked (traced ones pass as given)
+      values = np.asarray(t, np.float64)
+      if not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f'{name} must lie in [0, 1] (0 noise, 1 data), got '
+                         f'{values.min() if values.size else values} .. {values.max() if values.size else values}.')
     t = jnp.asarray(t, jnp.float32)
     if t.ndim == 0:
       return jnp.full((x.shape[0],), t)
@@ -358,21 +476,34 @@ class Model:
   def _batch_sharding(self, num):
     return NamedSharding(self.mesh, P('batch') if num % self.mesh.size == 0 else P())
 
+  def _map_labels(self, labels, x):
+    labels = _check_labels(labels, x.shape[0], self.num_classes, 'flow_map / velocity')
+    return None if labels is None else jnp.asarray(labels)
+
   def flow_map(self, s, t, x, labels=None) -> jax.Array:
-    """X_{s,t}(x): the point at time t on the path through x at time s."""
+    """X_{s,t}(x): the point at time t on the path through x at time s (s, t in [0, 1], scalars
+    or [batch]; t < s maps back toward the noise). labels: int [batch] or None (null label)."""
     x = self._check_x(x)
-    return self._flow_map(self.params, self._times(s, x), self._times(t, x), x, labels)
+    return self._flow_map(self.params, self._times(s, x, 's'), self._times(t, x, 't'), x,
+                          self._map_labels(labels, x))
 
   def velocity(self, t, x, labels=None) -> jax.Array:
-    """b_t(x) = v_{t,t}(x), the instantaneous velocity of the probability-flow ODE."""
+    """b_t(x) = v_{t,t}(x), the instantaneous velocity of the probability-flow ODE (t in [0, 1])."""
     x = self._check_x(x)
-    return self._velocity(self.params, self._times(t, x), x, labels)
+    return self._velocity(self.params, self._times(t, x), x, self._map_labels(labels, x))
 
 
 def load(workdir: str, step: int | None = None, *, ema: int | None = None,
          autoencoder: str | None = None, decode_dtype: str = 'float32') -> Model:
   """Loads a trained workdir: the checkpoint at `step` (latest if None).
 
+  Which weights: by default (ema=None) the first EMA copy, the exponential moving average of
+  the training parameters with decay config.optim.ema_decays[0] (e.g. 0.999; the raw parameters
+  of a run that keeps no EMA). An EMA of decay d averages over about 1 / (1 - d) updates, so
+  after a short run or fine-tune (a few hundred steps at 0.999) it still sits near where
+  training started: pass ema=-1 for the raw training parameters, or ema=i for the i-th decay of
+  config.optim.ema_decays. --mode=sample, --mode=steer and --mode=eval load the same default;
+  the returned model's `weights` names the choice.
   ema: which EMA copy of the parameters (config.optim.ema_decays order); -1 for the raw
   training parameters; None (default) for the first EMA copy, or the raw parameters of a
   run that keeps none.
@@ -390,4 +521,5 @@ def load(workdir: str, step: int | None = None, *, ema: int | None = None,
     vae = build.load_autoencoder(config, decode_dtype)
     build.check_autoencoder(vae, trained.latent_info, f'the training latents of {workdir}')
   return Model(config, trained.params, trained.flow_map, trained.example_shape,
-               trained.num_classes, trained.step, sharding.local_mesh(), vae)
+               trained.num_classes, trained.step, sharding.local_mesh(), vae,
+               getattr(trained, 'weights', ''))

@@ -108,10 +108,7 @@ def build_rule(config: ml_collections.ConfigDict, flow_map, interpolant, num_cla
 def finetune_options(config: ml_collections.ConfigDict) -> finetune.FinetuneOptions:
   """config.finetune as the fine-tuning rules' FinetuneOptions (reward built from its name)."""
   f = config.finetune
-  if f.reward == 'quadratic':
-    reward = rewards.quadratic(np.asarray(f.center, np.float32), f.std)
-  else:
-    reward = rewards.one_sided_quadratic()
+  reward = rewards.from_config(f)   # the same factory and names as --mode=steer
   return finetune.FinetuneOptions(reward, temperature=float(f.temperature), steps=int(f.steps),
                                   regularization=float(f.regularization),
                                   candidates=int(f.candidates), inner=f.inner)
@@ -175,6 +172,9 @@ class Trained:
   num_classes: int
   step: int
   latent_info: dict | None = None   # latent runs: the dataset's autoencoder record (digest, scale, crop)
+  # Which parameters `params` are, for the user: e.g. 'EMA copy 0 (decay 0.999, no warm-up) of
+  # step 300' (fmjax.train_state.describe_weights).
+  weights: str = ''
 
 
 def load_trained(workdir: str, step: int | None = None, ema: int | None = None, *,
@@ -183,7 +183,8 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
   the config stored with it (no experiment file needed).
 
   ema: which EMA copy (config.optim.ema_decays order); -1 for the raw training parameters;
-  None for the first EMA copy, or the raw parameters of a run that keeps none.
+  None for the first EMA copy, or the raw parameters of a run that keeps none. The result's
+  `weights` names the choice (copy, decay, warm-up, step) for logs.
   Raises checkpointing.CheckpointError for a missing step or a damaged checkpoint; its
   message names `step_option` as the way to pick an older step.
   """
@@ -201,12 +202,14 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
   if ema is None:
     ema = 0 if restored.state.get('ema') else -1
   params = train_state.select_params(restored.state, ema)
+  weights = train_state.describe_weights(tuple(config.optim.ema_decays), ema, chosen,
+                                         bool(config.optim.get('ema_warmup')))
   example_shape = tuple(restored.meta['example_shape'])
   num_classes = int(restored.meta['num_classes'])
   interpolant = build_interpolant(config)
   _, apply = build_network(config, example_shape, num_classes)
   return Trained(config, params, build_flow_map(config, apply, interpolant), example_shape,
-                 num_classes, chosen, restored.meta.get('latent_info'))
+                 num_classes, chosen, restored.meta.get('latent_info'), weights)
 
 
 def load_teacher(config: ml_collections.ConfigDict):

@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -176,22 +178,44 @@ def _replicated_abstract(manager: ocp.CheckpointManager, step: int) -> Any:
                       metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
 
 
+def damage_detail(error: Exception, folder: str) -> str:
+  """What is wrong with a checkpoint folder, in words, from the storage layer's error.
+
+  Orbax and TensorStore errors carry status codes, zarr keys and pybind reprs; a user needs
+  only which file (if the error names one inside `folder`) and whether it is missing or damaged.
+  """
+  text = str(error)
+  if isinstance(error, (KeyError, FileNotFoundError)) or 'not found' in text or 'Unknown key' in text:
+    return 'files are missing'
+  if isinstance(error, json.JSONDecodeError) or 'Invalid JSON' in text:
+    kind = 'not valid JSON'
+  else:
+    kind = 'truncated or corrupt'
+  root = os.path.abspath(folder)
+  named = [p for p in re.findall(r'"(/[^"]+)"', text) if p.startswith(root + os.sep)]
+  named = [p for p in named if os.path.isfile(p)] or named
+  if named:
+    return f'{os.path.relpath(max(named, key=len), root)} is {kind}'
+  return f'a file is {kind}'
+
+
 def _unreadable(manager, workdir: str, step: int, what: str, error: Exception,
                 step_option: str) -> CheckpointError:
-  reason = (str(error).strip().splitlines() or [''])[0][:300]
-  older = [s for s in sorted(manager.all_steps()) if s < step]
   folder = os.path.join(checkpoint_dir(workdir), str(step))
+  # The storage layer's own words stay available (--verbosity=1), out of the message.
+  logging.info('Checkpoint %s: %s cannot be read: %r', folder, what, error)
+  older = [s for s in sorted(manager.all_steps()) if s < step]
   advice = (f'resume from an older step with {step_option}={older[-1]} '
             f'(saved: {older})' if older else 'no older checkpoint is saved')
   return CheckpointError(
-      f'Checkpoint step {step} in {checkpoint_dir(workdir)} is damaged or incomplete: {what} '
-      f'cannot be read ({type(error).__name__}: {reason}). Delete {folder} to continue from the '
-      f'step before it, or {advice}; with no usable checkpoint, use a fresh --workdir.')
+      f'Checkpoint step {step} ({folder}) is damaged or incomplete: {what} cannot be read '
+      f'({damage_detail(error, folder)}). Delete {folder} to continue from the step before it, '
+      f'or {advice}; with no usable checkpoint, use a fresh --workdir.')
 
 
 def restore(manager: ocp.CheckpointManager, workdir: str, step: int,
             abstract_state: Any = None, config: ml_collections.ConfigDict | None = None, *,
-            step_option: str = '--config.train.restore_step') -> Restored:
+            step_option: str = '--config.train.restore_step', also_safe=()) -> Restored:
   """Restores step `step` of the run in `workdir`: the one way training, evaluation,
   `fmjax.load` and distillation teachers read a checkpoint.
 
@@ -199,7 +223,8 @@ def restore(manager: ocp.CheckpointManager, workdir: str, step: int,
   evaluation, whose config rebuilds the state); None restores every array replicated over
   this process's devices, with the shapes the checkpoint records (sampling, teachers).
   config: the config about to use the state; checked against the saved one
-  (`check_compatible`) before any array is read.
+  (`check_compatible`, with `also_safe` fields allowed to differ besides SAFE_FIELDS) before any
+  array is read.
   A step whose files are damaged or missing raises CheckpointError naming it and the option
   (`step_option`) that picks an older step.
   """
@@ -209,7 +234,7 @@ def restore(manager: ocp.CheckpointManager, workdir: str, step: int,
     raise _unreadable(manager, workdir, step, 'its config, data or meta record', e,
                       step_option) from None
   if config is not None:
-    check_compatible(saved_config, config, workdir)
+    check_compatible(saved_config, config, workdir, also_safe)
   try:
     if abstract_state is None:
       abstract_state = _replicated_abstract(manager, step)
@@ -229,8 +254,8 @@ def _flatten(tree, prefix: str = '') -> dict:
   return {prefix[:-1]: tree}
 
 
-def _is_safe(key: str) -> bool:
-  return any(key == f or key.startswith(f + '.') for f in SAFE_FIELDS)
+def _is_safe(key: str, also_safe=()) -> bool:
+  return any(key == f or key.startswith(f + '.') for f in (*SAFE_FIELDS, *also_safe))
 
 
 def _resolved_dict(config) -> dict:
@@ -245,17 +270,21 @@ def _resolved_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def changed_fields(saved_config: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
-  """{dotted key: (saved value, current value)} for every field outside SAFE_FIELDS that differs."""
+def changed_fields(saved_config: dict, config: ml_collections.ConfigDict,
+                   also_safe=()) -> dict[str, tuple]:
+  """{dotted key: (saved value, current value)} for every field outside SAFE_FIELDS (and
+  `also_safe`) that differs."""
   saved, current = _flatten(_resolved_dict(saved_config)), _flatten(_resolved_dict(config))
   return {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-          if not _is_safe(k) and saved.get(k) != current.get(k)}
+          if not _is_safe(k, also_safe) and saved.get(k) != current.get(k)}
 
 
-def check_compatible(saved_config: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises IncompatibleCheckpointError naming every field outside SAFE_FIELDS that differs
-  from the checkpoint's config: resuming must train what the checkpoint was training."""
-  diffs = changed_fields(saved_config, config)
+def check_compatible(saved_config: dict, config: ml_collections.ConfigDict, workdir: str,
+                     also_safe=()) -> None:
+  """Raises IncompatibleCheckpointError naming every field outside SAFE_FIELDS (and `also_safe`)
+  that differs from the checkpoint's config: resuming must train what the checkpoint was
+  training."""
+  diffs = changed_fields(saved_config, config, also_safe)
   if diffs:
     lines = [f'  {k}: checkpoint has {json.dumps(a)}, this config has {json.dumps(b)}'
              for k, (a, b) in diffs.items()]

@@ -46,6 +46,7 @@ from fmjax import flow_maps, interpolants, losses, models, samplers
 from fmjax.data.latents import LATENT_SUFFIX, is_latent_dataset
 from fmjax.models import embeddings
 from fmjax.steering import finetune as _finetune
+from fmjax.steering import rewards as _rewards
 
 TOY_DATASETS = ('gaussian', 'gmm', 'checkerboard', 'rings')
 IMAGE_DATASETS = ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
@@ -120,7 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Reward fine-tuning toward q ∝ p exp(r / temperature), p the base model of teacher.workdir
   # (fmjax.steering.finetune); read only when loss.name is 'reward_distill' or 'reward_backprop'.
   c.finetune = ml_collections.ConfigDict()
-  c.finetune.reward = 'quadratic'   # 'quadratic': -|x - center|^2 / (2 std^2); 'one_sided': -x_0^2 1[x_0 < 0]
+  # The reward, by name (fmjax.steering.rewards.NAMES, built by rewards.from_config, as for
+  # config.steer): 'quadratic': -|x - center|^2 / (2 std^2); 'one_sided': -x_0^2 1[x_0 < 0];
+  # 'classifier': log p(target_class | x) of the classifier in classifier_dir.
+  c.finetune.reward = 'quadratic'
   c.finetune.center = ml_collections.FieldReference(0.0, field_type=object)   # scalar or one example's shape
   c.finetune.std = 1.0
   c.finetune.temperature = 1.0      # lambda
@@ -128,6 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune.regularization = 1.0   # reward_backprop: rho of (lambda rho / 2)|x - x_base|^2
   c.finetune.candidates = 4         # reward_distill: base samples per training row
   c.finetune.inner = 'lsd'          # reward_distill: 'lsd' | 'esd' | 'psd' | 'flow_matching'
+  c.finetune.classifier_dir = ''    # reward = 'classifier': a trained classifier's folder
+  c.finetune.target_class = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adam'             # 'adam' | 'adamw' | 'radam'
@@ -141,6 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 1.0           # global-norm clipping; 0 disables it
   c.optim.ema_decays = (0.999,)     # one EMA copy of the network parameters per decay
+  # EMA warm-up: update t uses min(decay, (1 + t) / (10 + t)) (fmjax.train_state.ema_decay_at), so
+  # a short run's EMA follows the run instead of staying near its start. None = the rule's
+  # default: on for the reward fine-tuning rules (runs of a few hundred steps), off for every other.
+  c.optim.ema_warmup = config_dict.placeholder(bool)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 2000
@@ -186,6 +196,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fid_reference_samples = 0  # shown in the reference command (0 = the whole split)
   c.eval.inception_weights = ''     # '' = the prepare_inception cache
   c.eval.decode_dtype = 'float32'   # latent runs: the decoder's compute dtype ('bfloat16' is faster)
+  c.eval.progress_every = 30.0      # seconds between FID progress lines (samples done, images/s)
   # Precision and recall (Kynkaanniemi et al. 2019, k = 3) when the reference file holds images
   # (an ADM reference batch): of the first this many samples per sampler (0 = off).
   c.eval.precision_recall_samples = 10_000
@@ -197,17 +208,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.classifier_confidence = 0.9
 
   c.sample = ml_collections.ConfigDict()   # --mode=sample
-  c.sample.num = 64
+  c.sample.num_samples = ml_collections.FieldReference(64)   # as config.steer.num_samples
+  # The old name of num_samples, kept as an alias: one shared value, so setting either sets both
+  # (saved config.json files and commands that name config.sample.num keep working).
+  c.sample.num = c.sample.get_ref('num_samples')
   c.sample.steps = 1
 
   # --mode=steer: sample the tilted law q ∝ p exp(r / temperature) (fmjax.steering; docs/steering.md).
   c.steer = ml_collections.ConfigDict()
+  # Each run writes WORKDIR/steer/NAME/ (NAME: config.steer.name, or one made of the method and
+  # the options in force, so runs with other options never overwrite each other).
+  c.steer.name = ''
   c.steer.method = 'guidance'       # 'best_of_n' | 'guidance' | 'smc'
-  c.steer.reward = 'quadratic'      # 'quadratic' (-|x - center|^2 / (2 std^2)) | 'classifier'
+  # fmjax.steering.rewards.NAMES (as config.finetune.reward): 'quadratic' (-|x - center|^2 /
+  # (2 std^2)) | 'one_sided' (-x_0^2 1[x_0 < 0]) | 'classifier' (log p(target_class | x))
+  c.steer.reward = 'quadratic'
   c.steer.temperature = 1.0         # lambda > 0
   c.steer.num_samples = 1000
   c.steer.steps = 8                 # flow-map steps (guidance, smc) / base sampler steps (best_of_n)
-  c.steer.num_particles = 8         # smc: particles per group; best_of_n: the N
+  c.steer.num_particles = 8         # smc: particles per group; best_of_n: the N (Model.steer's num_particles)
   c.steer.lookahead = 'flow_map'    # 'flow_map' | 'denoiser' | 'naive'
   c.steer.keep_jacobian = True      # differentiate through the look-ahead (False: cheaper, biased)
   c.steer.guidance_scale = 1.0
@@ -219,13 +238,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.steer.std = 1.0                 # quadratic reward's sigma
   c.steer.classifier_dir = ''       # reward = 'classifier': a trained classifier's folder
   c.steer.target_class = 0
+  # Class-conditional runs: the class every steered sample is drawn from (-1: the null label,
+  # i.e. unconditional samples); unconditional runs take -1 only.
+  c.steer.label = -1
   c.steer.seed = 0
   return c
 
 
 _MODES = ('train', 'eval', 'sample', 'steer')
 STEER_METHODS = ('best_of_n', 'guidance', 'smc')
-STEER_REWARDS = ('quadratic', 'classifier')
+STEER_REWARDS = _rewards.NAMES       # one list for --mode=steer and fine-tuning
+# Old field names kept as aliases {old: new}: both fields share one value in a fresh config
+# (base_config links them); code that merges configs field by field must treat them as one.
+ALIASES = {'sample.num': 'sample.num_samples'}
 
 
 class ConfigError(ValueError):
@@ -247,6 +272,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _resolve_data(out.data)
     _resolve_loss(out)
     _resolve_model(out)
+    _resolve_optim(out)
+    _upgrade_steering_sections(out)
   validate(out)
   out.lock()
   return out
@@ -329,6 +356,15 @@ def _resolve_loss(config) -> None:
     _write(config.loss, key, settings.get(key))
 
 
+def _resolve_optim(config) -> None:
+  optim = config.optim
+  if 'ema_warmup' not in optim:
+    # A config saved before the option existed trained without warm-up; resume it that way.
+    optim.ema_warmup = False
+  elif optim.ema_warmup is None:
+    optim.ema_warmup = config.loss.name in losses.FINETUNE_RULES
+
+
 def _resolve_model(config) -> None:
   name = config.model.name
   overrides = {**_defaults_for(config, 'model_defaults', name),
@@ -384,6 +420,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(train.max_nonfinite_in_a_row > 0, 'config.train.max_nonfinite_in_a_row must be positive.')
   need(config.optim.name in ('adam', 'adamw', 'radam'),
        f"config.optim.name = {config.optim.name!r}; choose 'adam', 'adamw' or 'radam'.")
+  lr = config.optim.learning_rate
+  # A learning rate <= 0 or non-finite makes every update fail or climb the loss; say so now,
+  # not after max_nonfinite_in_a_row failed updates.
+  need(isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0,
+       f'config.optim.learning_rate = {lr} must be a finite number > 0 (the peak rate, e.g. 1e-3).')
+  need(0.0 <= config.optim.final_lr_fraction <= 1.0,
+       f'config.optim.final_lr_fraction = {config.optim.final_lr_fraction} must be in [0, 1] '
+       '(the end of the decay, as a share of the peak learning rate).')
+  need(config.optim.warmup_steps >= 0,
+       f'config.optim.warmup_steps = {config.optim.warmup_steps} must be >= 0.')
   need(config.optim.schedule in ('constant', 'cosine', 'linear'),
        f"config.optim.schedule = {config.optim.schedule!r}; choose 'constant', 'cosine' or 'linear'.")
   for d in config.optim.ema_decays:
@@ -482,19 +528,38 @@ def validate_steer(config: ml_collections.ConfigDict) -> None:
       dim = config.data.dim if config.data.dim is not None else 2
       need(center.shape == (dim,), f'center has shape {center.shape}; the data are {dim}-D: give '
            f'{dim} numbers or one scalar.')
-  else:
+  elif st.reward == 'classifier':
     need(bool(st.classifier_dir), "classifier_dir is empty; reward = 'classifier' needs a trained "
          'classifier\'s folder (see fmjax.steering.classifier).')
     need(st.target_class >= 0, f'target_class = {st.target_class} must be a class id >= 0.')
+  need(st.get('label', -1) >= -1, f'label = {st.get("label")} must be a class id, or -1 for none.')
+  name = st.get('name', '')
+  need(not name or (name not in ('.', '..') and all(ch.isalnum() or ch in '._-=,+' for ch in name)),
+       f'name = {name!r} must be a plain folder name (letters, digits, . _ - = , +).')
 
 
-FINETUNE_REWARDS = ('quadratic', 'one_sided')
+FINETUNE_REWARDS = _rewards.NAMES    # the same list as config.steer.reward
+
+
+def _upgrade_steering_sections(config) -> None:
+  """Configs saved before config.finetune named a classifier, or before config.sample's
+  num_samples: the fields they lack, at the values those versions used (so a saved run still
+  resumes and evaluates as it trained)."""
+  if 'finetune' in config:
+    for key, value in (('classifier_dir', ''), ('target_class', 0)):
+      if key not in config.finetune:
+        config.finetune[key] = value
+  if 'sample' in config and 'num' in config.sample and 'num_samples' not in config.sample:
+    config.sample.num_samples = config.sample.num
 
 
 def _validate_finetune(config, need) -> None:
   f = config.finetune
   need(f.reward in FINETUNE_REWARDS,
        f'config.finetune.reward = {f.reward!r}; choose one of {FINETUNE_REWARDS}.')
+  need(f.reward != 'classifier' or bool(f.get('classifier_dir')),
+       "config.finetune.classifier_dir is empty; reward = 'classifier' needs a trained "
+       "classifier's folder (see fmjax.steering.classifier).")
   need(f.std > 0, f'config.finetune.std must be > 0, got {f.std}.')
   need(f.temperature > 0, f'config.finetune.temperature (lambda) must be > 0, got {f.temperature}.')
   need(f.regularization >= 0, f'config.finetune.regularization must be >= 0, got {f.regularization}.')

@@ -55,6 +55,10 @@ class MetricsLogger:
       from tensorboardX import SummaryWriter
       self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
 
+  def restart_clock(self, step: int) -> None:
+    """Measures steps/s and the ETA from here (after the first update: without its compile time)."""
+    self._last_time, self._last_step = time.time(), step
+
   def log_train(self, step: int, metrics: dict) -> None:
     """step = number of updates done; metrics are host floats of the last update."""
     if not self.active:

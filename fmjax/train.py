@@ -15,6 +15,7 @@ import functools
 import os
 import signal
 import threading
+import time
 
 import jax
 import ml_collections
@@ -34,6 +35,9 @@ from fmjax.steering import finetune
 # (sysexits' EX_TEMPFAIL: "try again later"), so a scheduler can tell a preempted run, to be
 # requeued with the same command, from a finished one (0) or a failed one (1).
 PREEMPTED_EXIT_CODE = 75
+# ... and on SIGINT (ctrl-C) after saving: 128 + SIGINT, the shell's status for an interrupt.
+INTERRUPTED_EXIT_CODE = 130
+EXIT_CODES = {'SIGTERM': PREEMPTED_EXIT_CODE, 'SIGINT': INTERRUPTED_EXIT_CODE}
 
 
 class NonFiniteError(FloatingPointError):
@@ -41,24 +45,43 @@ class NonFiniteError(FloatingPointError):
 
 
 class _Preemption:
-  """Turns SIGTERM (a preemption notice) into this process's flag for the next update."""
+  """Turns SIGTERM (a preemption notice) and SIGINT (ctrl-C) into this process's flag for the
+  next update: the loop saves that update and stops (`signal_name` says which came first).
+
+  A second SIGINT raises KeyboardInterrupt at once (no save: the user asked twice); a second
+  SIGTERM changes nothing (the save is already on its way).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self.signal_name == 'SIGINT':
+      raise KeyboardInterrupt
+    if not self.requested:
+      self.signal_name = signal.Signals(signum).name
     self.requested = True
+    if signum == signal.SIGINT:
+      # os.write, not print: a handler may interrupt a print to the same stream.
+      os.write(2, b'\nfmjax: ctrl-C: saving at the next update, then exiting '
+                  b'(ctrl-C again exits at once, without saving).\n')
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if previous is not None:   # None: a handler installed outside Python, not restorable
+        signal.signal(signum, previous)
+    self._previous = {}
 
 
 class _StopSignals:
@@ -144,7 +167,8 @@ class Setup:
                                                         config.sharding.fsdp_min_size)
     self.abstract_state = checkpointing.abstract_like(abstract, self.state_shardings)
     self.train_step = jax.jit(
-        train_state.make_train_step(self.rule, self.tx, config.optim.ema_decays, dropout_rule),
+        train_state.make_train_step(self.rule, self.tx, config.optim.ema_decays, dropout_rule,
+                                    ema_warmup=bool(config.optim.ema_warmup)),
         in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh),
                       sharding_lib.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),
@@ -196,7 +220,8 @@ def _start(setup: Setup, manager) -> tuple[dict, bool]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict:
   """Trains config.train.num_steps updates (resuming from WORKDIR/checkpoints if present),
   then runs the few-step evaluation. Returns the final evaluation metrics, or
-  {'preempted_at': step} when SIGTERM stopped the run (after saving that step)."""
+  {'preempted_at': step, 'signal': 'SIGTERM' | 'SIGINT'} when a signal stopped the run (after
+  saving that step; `EXIT_CODES` maps the signal to main's exit status)."""
   setup = Setup(config, workdir)
   config = setup.config                # resolved: what trains is what config.json and checkpoints record
   train = config.train
@@ -225,17 +250,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
 
     signals = _StopSignals(train.max_nonfinite_in_a_row)
     preempted = False
+    preemption = _Preemption()
+    first_step, started = step, time.time()
+    if step < train.num_steps:
+      # The first console line of the loop would otherwise come only at step log_every.
+      logger.info(f'step {step}/{train.num_steps}: compiling the update step ...')
     try:
-      with _Preemption() as preemption:
+      with preemption:
         while step < train.num_steps and not preempted:
           batch = setup.source.batch(step)
           stop_requests = sharding_lib.per_device_flags(preemption.requested, setup.mesh)
           state, metrics = setup.train_step(state, batch, stop_requests)
           step += 1
+          if step == first_step + 1:
+            jax.block_until_ready(metrics['loss'])   # once: the compile time a user waits for
+            logger.info(f'step {step}/{train.num_steps}: first update done in '
+                        f'{time.time() - started:.1f} s (compiling included); training, a line '
+                        f'every {train.log_every} steps.')
           preempted = signals.push(step, metrics)
           if step % train.log_every == 0 or step == train.num_steps:
             values = jax.device_get({k: v for k, v in metrics.items() if k not in _SIGNALS})
             logger.log_train(step, {k: float(v) for k, v in values.items()})
+          if step == first_step + 1:
+            logger.restart_clock(step)   # steps/s and ETA without the compile time
           if train.checkpoint_every and step % train.checkpoint_every == 0:
             save()
           # A preempted job has seconds left: save, do not start an evaluation.
@@ -249,10 +286,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, strea
       manager.wait_until_finished()
       manager.close()
     if preempted:
-      logger.info(f'SIGTERM: saved checkpoint at step {step}; exiting with status '
-                  f'{PREEMPTED_EXIT_CODE} (resume with the same command).')
+      # Another process's SIGTERM stops this one too (stop_requested is global): call it SIGTERM.
+      name = preemption.signal_name or 'SIGTERM'
+      logger.info(f'{name}: saved checkpoint at step {step}; exiting with status '
+                  f'{EXIT_CODES[name]} (resume with the same command).')
       logger.close()
-      return {'preempted_at': step}
+      return {'preempted_at': step, 'signal': name}
+    if config.eval.at_end:
+      logger.info('fmjax: evaluating the ' + train_state.describe_weights(
+          tuple(config.optim.ema_decays), config.eval.ema_index, step,
+          bool(config.optim.ema_warmup)) + '.')
     results = evaluate(state, step, logger, final=True) if config.eval.at_end else {'step': step}
     logger.close()
     return results

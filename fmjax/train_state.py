@@ -7,6 +7,8 @@ The state is a plain dict pytree (Orbax saves and restores it as is):
   params                the rule's parameters {'net': ..., maybe 'log_variance': ...}
   opt_state             optax state
   ema                   a list of EMA copies of params['net'], one per config.optim.ema_decays
+                        (`ema_update`: with config.optim.ema_warmup the decay of update t is
+                        min(decay, (1 + t) / (10 + t)), so it follows `step`, checkpointed)
   nonfinite_run         length of the current run of skipped (non-finite) steps
   nonfinite_max_run     the longest such run so far (a record; the loop stops on nonfinite_run)
   nonfinite_total       skipped steps in all
@@ -70,6 +72,44 @@ def init_state(rule, net_init: Callable[[jax.Array], Any], tx: optax.GradientTra
   }
 
 
+def ema_decay_at(decay: float, step, warmup: bool):
+  """The decay of the EMA update that follows `step` earlier updates (step = 0 for the first).
+
+  warmup=False: `decay` itself. warmup=True: min(decay, (1 + step) / (10 + step)), the warm-up
+  of TensorFlow's ExponentialMovingAverage(num_updates=step): the first update keeps a tenth
+  of the initial weights, step 90 about 0.92, and `decay` governs only once
+  (1 + step) / (10 + step) exceeds it (step 8,990 for 0.999). A short run (a 300-step reward
+  fine-tune) then averages over its last few dozen updates instead of staying near its start.
+  """
+  if not warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: list, params: Any, ema_decays, step, warmup: bool = False) -> list:
+  """One EMA update of each copy: e <- d e + (1 - d) p, d = ema_decay_at(decay, step, warmup)."""
+  out = []
+  for e, decay in zip(ema, ema_decays):
+    d = ema_decay_at(float(decay), step, warmup)
+    out.append(jax.tree.map(lambda e_, p_, d=d: d * e_ + (1.0 - d) * p_, e, params))
+  return out
+
+
+def describe_weights(ema_decays, ema_index: int, step: int, warmup: bool = False) -> str:
+  """One line naming the parameters a checkpoint is scored or sampled with, e.g.
+  'EMA copy 0 (decay 0.999, no warm-up) of step 300'."""
+  if ema_index == -1 or not len(ema_decays):
+    return f'raw training parameters (no EMA) of step {step}'
+  decay = float(ema_decays[ema_index])
+  if warmup:
+    last = float(ema_decay_at(decay, max(step - 1, 0), True))
+    how = f'decay {decay:g} with warm-up: {last:.4g} at the last update'
+  else:
+    how = f'decay {decay:g}, no warm-up'
+  return f'EMA copy {ema_index} ({how}) of step {step}'
+
+
 def select_params(state: dict, ema_index: int) -> Any:
   """The network parameters to sample or evaluate with: EMA copy `ema_index` (in
   config.optim.ema_decays order), or the raw training parameters for -1.
@@ -91,12 +131,13 @@ def select_params(state: dict, ema_index: int) -> Any:
 
 
 def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
-                    dropout_rule: Callable | None = None) -> Callable:
+                    dropout_rule: Callable | None = None, ema_warmup: bool = False) -> Callable:
   """train_step(state, batch, stop_requests) -> (state, metrics): one update, skipped if not finite.
 
   dropout_rule(key) -> rule, if given, is the rule around a network that drops units with
   that key; it gets a key folded from the step's key (the evaluation uses `rule`'s network,
   which does not drop).
+  ema_warmup: the EMA decays warm up with the step count (`ema_decay_at`).
 
   An update whose loss or global gradient norm is not finite (a NaN anywhere, or gradients so
   large that their norm overflows) leaves params, optimizer state and EMAs untouched (selected
@@ -124,8 +165,7 @@ def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    ema = [jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, e, params['net'])
-           for e, d in zip(state['ema'], ema_decays)]
+    ema = ema_update(state['ema'], params['net'], ema_decays, step, ema_warmup)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     run = jnp.where(ok, 0, state['nonfinite_run'] + 1)

@@ -81,7 +81,7 @@ def test_sigterm_stops_after_the_next_update_and_saves_it(tmp_path, monkeypatch)
   workdir = str(tmp_path / 'run')
   result = train.train_and_evaluate(
       _config(num_steps=1000, log_every=500, checkpoint_every=0, eval_every=7), workdir)
-  assert result == {'preempted_at': 7}
+  assert result == {'preempted_at': 7, 'signal': 'SIGTERM'}
   assert os.listdir(checkpointing.checkpoint_dir(workdir)) == ['7']
   assert evaluated == []
 

@@ -253,9 +253,11 @@ def test_steer_mode_end_to_end(trained):
        '--config.steer.std=1.0'], cwd=ROOT, env=env_with_devices(1), capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-5000:]
-  x = np.load(trained / 'steer' / 'samples.npy')
-  assert x.shape == (200, 2) and os.path.exists(trained / 'steer' / 'samples.png')
-  metrics = json.loads((trained / 'steer' / 'metrics.json').read_text())
+  folders = sorted((trained / 'steer').iterdir())   # one folder per run, named by its options
+  assert len(folders) == 1, folders
+  x = np.load(folders[0] / 'samples.npy')
+  assert x.shape == (200, 2) and os.path.exists(folders[0] / 'samples.png')
+  metrics = json.loads((folders[0] / 'metrics.json').read_text())
   assert metrics['method'] == 'best_of_n' and metrics['nfe'] == 8
   np.testing.assert_allclose(metrics['mean_reward'],
                              np.mean(-0.5 * np.sum((x - [4.0, 0.0]) ** 2, -1)), rtol=1e-4)

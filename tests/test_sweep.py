@@ -296,7 +296,7 @@ def _image_config(data_dir, tmp_path):
   return c
 
 
-def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
+def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path, capsys):
   config = _image_config(mnist_dir, tmp_path)
   w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (28 * 28 * 3, 8))) / 28
   extractor = fid.FeatureExtractor({'w': w}, batch_size=16, feature_fn=_fake_features)
@@ -331,6 +331,10 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path):
     np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
   assert by_hand > 1.0
   assert 'FID' in report.format_table(results)
+  # The progress line of a long FID run: each sampler's last batch at least, with its rate.
+  out = capsys.readouterr().out
+  for label in ('flow map, 1 step', 'flow map, 2 steps', 'ODE heun, 2 NFE', 'ODE heun, 4 NFE'):
+    assert f'  {label}: 30/30 samples (100 %), ' in out, out
 
 
 def test_an_adm_reference_batch_gives_fid_and_precision_recall_of_the_first_samples(mnist_dir, tmp_path):

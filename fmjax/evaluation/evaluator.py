@@ -16,14 +16,22 @@ Latent runs (config.data.name a latent dataset): every sampler is followed by th
 autoencoder's decoder, x = D(z / scaling_factor), inside the same jitted, batch-sharded call,
 so FID, precision/recall and the pictures see images; the statistics' provenance records the
 autoencoder's digest and the dataset's crop, and `fid.fid` refuses references of another.
+
+Reward fine-tuning runs (loss.name 'reward_distill' or 'reward_backprop', `fmjax.steering.finetune`)
+on toy targets are scored against the tilted law q ∝ p exp(r / lambda) they are trained toward,
+not against the data p (`evaluation_target`): in closed form for the quadratic reward on a
+Gaussian or Gaussian mixture (`fmjax.steering.tilted`, with the exact map of q for the RMSE
+columns), by exact rejection sampling otherwise; the results say which (`results['target']`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fmjax import configs
@@ -55,6 +63,9 @@ class Evaluator:
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.source, self.interpolant, self.flow_map = source, interpolant, flow_map
     self.toy = config.data.name in configs.TOY_DATASETS
+    # What the toy sweep scores against: the data, or the tilted law of a reward fine-tuning run.
+    self.target, self.target_note = (evaluation_target(config, source.target) if self.toy
+                                     else (None, None))
     self.latent = configs.is_latent_dataset(config.data.name)
     self.autoencoder = autoencoder
     self._feature_fn = feature_fn
@@ -102,6 +113,8 @@ class Evaluator:
       results, samples = self._images(params, key)
       reference = None
     results = {'step': step, **results}
+    if self.toy and self.target_note:
+      results['target'] = self.target_note
     # Gathers are collectives: every process joins them before process 0 alone writes.
     samples = {spec: np.asarray(sharding.gather_to_host(x)) for spec, x in samples.items()}
     if reference is not None:
@@ -120,13 +133,22 @@ class Evaluator:
     n = config.eval.num_samples - config.eval.num_samples % jax.device_count()
     x0 = jax.jit(lambda k: jax.random.normal(k, (n,) + tuple(self.source.example_shape)),
                  out_shardings=sharding.batch_sharding(self.mesh))(key)
-    reference = self.source.reference_samples(jax.random.PRNGKey(0xBEEF), n)
-    other = self.source.reference_samples(jax.random.PRNGKey(0xF00D), n)
+    reference = self._reference_samples(jax.random.PRNGKey(0xBEEF), n)
+    other = self._reference_samples(jax.random.PRNGKey(0xF00D), n)
     results, samples = sweep.toy_sweep(
         self.sample_fns, params, x0, None, reference, reference_other=other,
-        target=self.source.target, interpolant=self.interpolant, flow_map=self.flow_map,
+        target=self.target, interpolant=self.interpolant, flow_map=self.flow_map,
         key=jax.random.fold_in(key, 1), exact_pairs=tuple(tuple(p) for p in config.eval.exact_pairs))
     return results, samples, reference
+
+  def _reference_samples(self, key, n: int):
+    """n samples of what the sweep scores against, split over the batch axes like x0."""
+    if self.target is self.source.target:
+      return self.source.reference_samples(key, n)
+    # The same key on every process gives the same host array, placed on the global sharding.
+    host = np.asarray(self.target.sample(key, n))
+    return jax.make_array_from_callback(host.shape, sharding.batch_sharding(self.mesh),
+                                        lambda index: host[index])
 
   # ------------------------------------------------------------------------- images
 
@@ -161,7 +183,9 @@ class Evaluator:
     reference, reference_features = self._reference_inputs(feature_fn)
     return sweep.image_sweep(self.sample_fns, params, noise, feature_fn, reference,
                              config.eval.fid_num_samples, keep=grid, provenance=provenance,
-                             log=_main_print, reference_features=reference_features,
+                             log=_main_print, progress=_main_print,
+                             progress_every=float(config.eval.get('progress_every', 30.0)),
+                             reference_features=reference_features,
                              precision_recall_samples=config.eval.get('precision_recall_samples', 0),
                              class_probs=self._class_probs(),
                              confidence=config.eval.get('classifier_confidence', 0.9))
@@ -225,6 +249,75 @@ class Evaluator:
               else f'ode_{spec.method}_{spec.nfe}nfe')
       logging_utils.save_png(os.path.join(self.workdir, 'samples', f'step_{step}_{name}.png'), g)
       logger.image(step, f'samples/{name}', g if g.ndim == 3 else g[..., None])
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionTilted:
+  """Exact samples of q(x) ∝ p(x) exp(r(x) / lambda) for a reward r <= 0 (von Neumann's
+  rejection sampling): x ~ p is kept with probability exp(r(x) / lambda) <= 1, so kept samples
+  have density p exp(r / lambda) / Z = q. No exact flow map (the RMSE columns are left out).
+
+  base: a toy target (sample(key, n), dim); reward(x, labels) -> [n]; temperature: lambda > 0.
+  """
+
+  base: Any
+  reward: Callable
+  temperature: float
+  max_candidates: int = 20_000_000
+
+  @property
+  def dim(self) -> int:
+    return self.base.dim
+
+  def sample(self, key, n: int) -> jax.Array:
+    kept, have, drawn, i = [], 0, 0, 0
+    while have < n:
+      key_x, key_u = jax.random.split(jax.random.fold_in(key, i))
+      m = 4 * max(n - have, 256) if not drawn else min(64 * max(n - have, 256), self.max_candidates)
+      x = self.base.sample(key_x, m)
+      r = np.asarray(self.reward(x, None), np.float64)
+      if np.any(r > 0):
+        raise ValueError(f'rejection sampling of the tilted target needs a reward <= 0; got up to '
+                         f'{r.max():.3g} (subtract an upper bound from the reward).')
+      accept = np.asarray(jax.random.uniform(key_u, (m,)), np.float64) < np.exp(r / self.temperature)
+      kept.append(np.asarray(x)[accept])
+      have, drawn, i = have + int(accept.sum()), drawn + m, i + 1
+      if have < n and drawn >= self.max_candidates:
+        raise ValueError(f'the tilted target keeps {have} of {drawn} base samples: too few to '
+                         f'evaluate against {n} samples (raise the temperature or the reward width).')
+    return jnp.asarray(np.concatenate(kept)[:n])
+
+
+def evaluation_target(config, base_target) -> tuple[Any, str | None]:
+  """(target, note): what a toy run's sweep scores against.
+
+  A reward fine-tuning run (loss.name in `finetune.RULE_NAMES`) trains toward the tilted law
+  q ∝ p exp(r / lambda) (config.finetune: reward, center, std, temperature lambda), so it is
+  scored against q: the closed form of `fmjax.steering.tilted` for the quadratic reward on a
+  Gaussian or Gaussian mixture (with its exact flow map), `RejectionTilted` samples for the other
+  built-in rewards (r <= 0), the data with a note saying so for any other reward.
+  Every other run: (base_target, None).
+  """
+  from fmjax.data import toy   # pylint: disable=import-outside-toplevel
+  from fmjax.steering import finetune, rewards, tilted   # pylint: disable=import-outside-toplevel
+  if config.loss.name not in finetune.RULE_NAMES or 'finetune' not in config:
+    return base_target, None
+  f = config.finetune
+  lam = float(f.temperature)
+  what = f'q ∝ p exp(r / {lam:g}), reward {f.reward}'
+  if f.reward == 'quadratic':
+    center = np.broadcast_to(np.asarray(f.center, np.float64), (base_target.dim,))
+    if isinstance(base_target, toy.GaussianTarget):
+      return tilted.tilt_gaussian(base_target, center, float(f.std), lam), f'tilted {what}, closed form'
+    if isinstance(base_target, toy.GaussianMixtureTarget):
+      return (tilted.tilt_gaussian_mixture(base_target, center, float(f.std), lam),
+              f'tilted {what}, closed form')
+    reward = rewards.quadratic(np.asarray(center, np.float32), float(f.std))
+  elif f.reward == 'one_sided':
+    reward = rewards.one_sided_quadratic()
+  else:   # never fail at the end of a run: score against the data and say so
+    return base_target, f'untilted data p (no tilted target for reward {f.reward!r})'
+  return RejectionTilted(base_target, reward, lam), f'tilted {what}, exact samples by rejection'
 
 
 def decoder(autoencoder, mesh):

@@ -74,6 +74,8 @@ def format_table(results: dict) -> str:
   if not names:
     return title + ': samples written to the workdir.'
   lines = [title + (f" (FID on {results.get('fid_num_samples')} samples)" if 'fid' in names else '')]
+  if results.get('target'):
+    lines.append(f"  scored against the {results['target']}")
   head = '  '.join(f'{_SHORT[n]:>9}' for n in names)
   lines.append(f"  {'NFE':>4}  {'flow map':<10}  {head}   |  {'ODE ' + _ode_method(results):<12}  {head}")
   blank = '  '.join(f'{"-":>9}' for _ in names)
@@ -100,6 +102,34 @@ def format_table(results: dict) -> str:
   if bad:
     lines += ['  WARNING: non-finite samples (not scored, not plotted):'] + bad
   return '\n'.join(lines)
+
+
+def symlog_ticks(values, max_ticks: int = 7) -> tuple[float, list[float]]:
+  """(linthresh, major ticks) of a symlog axis showing `values` (some <= 0).
+
+  linthresh is the power of ten at or below the smallest nonzero magnitude, so the linear part
+  [-linthresh, linthresh] holds only the tick 0 and each half of it takes one decade of height
+  (linscale 1). The other ticks are decades +-10^k, k from log10(linthresh) up to the decade at
+  or above the largest magnitude of that sign, thinned to every n-th decade (counted from the
+  largest) so that at most about `max_ticks` remain. Adjacent ticks are then at least one decade
+  of axis height apart, where matplotlib's default symlog ticks put +-10^k inside the linear
+  part next to 0 and their labels overlap.
+  """
+  nonzero = [abs(v) for v in values if v != 0 and math.isfinite(v)]
+  if not nonzero:
+    return 1.0, [-1.0, 0.0, 1.0]
+  low = math.floor(math.log10(min(nonzero)))
+  tops = {}
+  for sign in (1, -1):
+    magnitudes = [abs(v) for v in values if v * sign > 0 and math.isfinite(v)]
+    if magnitudes:
+      tops[sign] = max(low, math.ceil(math.log10(max(magnitudes))))
+  count = 1 + sum(top - low + 1 for top in tops.values())
+  stride = max(1, math.ceil(count / max_ticks))
+  ticks = [0.0]
+  for sign, top in tops.items():
+    ticks += [sign * 10.0**k for k in range(low, top + 1) if (top - k) % stride == 0]
+  return 10.0**low, sorted(ticks)
 
 
 def figure(results: dict):
@@ -135,9 +165,13 @@ def figure(results: dict):
       if min(shown) > 0:
         ax.set_yscale('log')
       else:
-        # Linear within the smallest nonzero magnitude shown, logarithmic beyond it.
-        nonzero = [abs(y) for y in shown if y != 0]
-        ax.set_yscale('symlog', linthresh=min(nonzero) if nonzero else 1.0)
+        # Linear within the smallest decade shown, logarithmic beyond it; the ticks are chosen
+        # here so that their labels cannot overlap (`symlog_ticks`).
+        from matplotlib import ticker
+        linthresh, ticks = symlog_ticks(shown)
+        ax.set_yscale('symlog', linthresh=linthresh, linscale=1.0)
+        ax.yaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
     ax.grid(alpha=0.3)
     if shown:
       ax.legend(fontsize=7)

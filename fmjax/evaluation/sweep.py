@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax import logging_utils
 from fmjax import sharding
 from fmjax.evaluation import fid
 from fmjax.evaluation import resize
@@ -207,7 +208,8 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
                 provenance: dict | None = None, log: Callable[[str], None] | None = None,
                 reference_features: np.ndarray | None = None,
                 precision_recall_samples: int = 0, class_probs: Callable | None = None,
-                confidence: float = 0.9) -> tuple[dict, dict]:
+                confidence: float = 0.9, progress: Callable[[str], None] | None = None,
+                progress_every: float = 30.0) -> tuple[dict, dict]:
   """FID of every sampler against `reference` (`fid.Statistics`), streaming over batches.
 
   Args:
@@ -228,6 +230,9 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       samples classified with probability >= `confidence` as their requested label, and
       `class_tv`, the total-variation distance between the histogram of the classifier's
       predicted classes and that of the requested labels (both over the finite samples).
+    progress, progress_every: called on the main process only, at most every `progress_every`
+      seconds and after a sampler's last batch, with a line saying how many samples of the
+      sampler are done and at how many images per second (a long FID run shows it is alive).
   Returns (results, {spec: first `keep` samples}). Non-finite images get no features: FID is of
   the finite ones (`num_samples` of them), NaN with fewer than two.
   """
@@ -238,6 +243,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
   for spec, fn in sample_fns.items():
     acc, grid, started, kept_features = None, [], time.time(), []
     judged = {'confident': 0, 'predicted': None, 'requested': None}
+    done, last_line = 0, started
     for x0, labels, valid in noise():
       x = fn(params, x0, labels)
       local = sharding.host_local_rows(x)
@@ -255,6 +261,12 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       if class_probs is not None and labels is not None:
         requested = sharding.host_local_rows(labels)[:len(local)][finite]
         count_classes(judged, np.asarray(class_probs(local[finite])), requested, confidence)
+      done += valid
+      now = time.time()
+      if (progress is not None and logging_utils.is_main_process()
+          and (now - last_line >= progress_every or done >= num_samples)):
+        last_line = now
+        progress(progress_line(spec.label, done, int(num_samples), now - started))
     score = (fid.fid(fid.statistics(acc, **(provenance or {})), reference)
              if acc.count >= 2 else float('nan'))
     row = _row(spec, fid=score, num_samples=acc.count, nonfinite=int(num_samples) - acc.count)
@@ -280,6 +292,12 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
   results['fid_reference'] = dict(reference.provenance)
   results['fid_num_samples'] = int(num_samples)
   return results, kept
+
+
+def progress_line(label: str, done: int, total: int, seconds: float) -> str:
+  """'  <sampler>: <done>/<total> samples (<pct> %), <rate> images/s'."""
+  rate = done / seconds if seconds > 0 else float('inf')
+  return f'  {label}: {done}/{total} samples ({100.0 * done / max(total, 1):.0f} %), {rate:.1f} images/s'
 
 
 def count_classes(judged: dict, probs: np.ndarray, requested: np.ndarray, confidence: float) -> None:

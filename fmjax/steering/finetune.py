@@ -7,8 +7,9 @@ model's k-step sampler (`base_sample`), lambda the temperature.
 1. Reward-weighted self-distillation ('reward_distill', the method with the right fixed point).
    Each step draws M = candidates x B samples x_i = S_base(z_i) of the frozen base sampler,
    gives them self-normalized weights w_i = exp(r(x_i)/lambda) / sum_j exp(r(x_j)/lambda),
-   resamples B rows with those weights (systematic resampling, `systematic_resample`) and
-   trains on them with a self-distillation rule of fmjax ('lsd' by default; 'esd', 'psd' or
+   resamples B rows with those weights (systematic resampling, `systematic_resample`), shuffles
+   them (with their labels; systematic resampling returns them in candidate order, and the inner
+   rule splits rows by position into its diagonal and off-diagonal parts) and trains on them with a self-distillation rule of fmjax ('lsd' by default; 'esd', 'psd' or
    'flow_matching'): the data of the inner rule are the resampled base samples.
    The weighting of flow matching by a reward is the reward-weighted conditional flow matching
    of Fan et al., "Online reward-weighted fine-tuning of flow matching with Wasserstein
@@ -191,7 +192,11 @@ def reward_distill_rule(ctx: base.Context, finetune: FinetuneOptions | None = No
     x_c = sg(k_step_sample(base_model.flow_map, z, finetune.steps, labels_c))
     r = sg(finetune.reward(x_c, labels_c))
     log_w = tilt_log_weights(r, finetune.temperature)
-    pick = systematic_resample(key_pick, log_w, n)
+    key_pick, key_shuffle = jax.random.split(key_pick)
+    # Systematic resampling returns the picks in candidate order (copies of a heavy candidate
+    # side by side), and the inner rule trains its last rows on the diagonal and the others
+    # off it: shuffled, the two parts are exchangeable draws of the resampled rows.
+    pick = jax.random.permutation(key_shuffle, systematic_resample(key_pick, log_w, n))
     rows = {'x1': x_c[pick]}
     if labels_c is not None:
       rows['labels'] = labels_c[pick]

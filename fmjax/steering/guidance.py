@@ -46,7 +46,7 @@ import numpy as np
 
 from fmjax.interpolants import Interpolant
 from fmjax.steering import lookahead as lookahead_lib
-from fmjax.steering.result import SteerResult
+from fmjax.steering.result import SteerResult, merge_checks, raise_on_bad_rewards, reward_check
 
 SCHEDULES = ('constant', 'linear')
 TRANSPORTS = ('flow_map', 'euler')
@@ -92,6 +92,9 @@ def best_of_n(key, sample_fn, reward, num: int, n: int, *, temperature: float,
     (sampling-importance-resampling: tends to q as n grows). ess: the mean over outputs of the
     n candidates' effective sample size as a fraction of n.
   nfe = n * base_nfe (base_nfe: the base sampler's evaluations per sample).
+  A reward of -inf is a hard constraint: such a candidate is never picked (weight zero; argmax
+  too), and an output whose n candidates are all -inf is an error, as is a NaN or +inf reward
+  (raised here when called outside jit; under jit call `.check('best_of_n')` on the result).
   """
   if select not in SELECTIONS:
     raise ValueError(f'unknown best-of-N selection {select!r}; choose one of {SELECTIONS}.')
@@ -102,6 +105,7 @@ def best_of_n(key, sample_fn, reward, num: int, n: int, *, temperature: float,
   many_labels = None if labels is None else jnp.repeat(jnp.asarray(labels), n, axis=0)
   x = sample_fn(key_sample, num * n, many_labels)
   r = reward(x, many_labels).reshape(num, n)
+  checked = reward_check(r.reshape(-1), r)
   x = x.reshape((num, n) + x.shape[1:])
   logits = r / temperature
   if select == 'argmax':
@@ -110,7 +114,9 @@ def best_of_n(key, sample_fn, reward, num: int, n: int, *, temperature: float,
     pick = jax.random.categorical(key_pick, logits, axis=1)
   w = jax.nn.softmax(logits, axis=1)
   ess = jnp.mean(1.0 / jnp.sum(w**2, axis=1)) / n
-  return SteerResult(x[jnp.arange(num), pick], None, ess[None], int(n) * int(base_nfe))
+  raise_on_bad_rewards('best_of_n', checked)
+  return SteerResult(x[jnp.arange(num), pick], None, ess[None], int(n) * int(base_nfe),
+                     reward_check=checked)
 
 
 # ------------------------------------------------------------------ guided ODE
@@ -156,7 +162,9 @@ def guided_sample(x0, *, flow_map, velocity, interpolant: Interpolant, reward, t
     as a static tuple); transport: 'flow_map' (jumps X_{t_k, t_{k+1}}) or 'euler' (steps on b);
   lookahead / keep_jacobian: see fmjax.steering.lookahead.value_and_grad; guidance_stop: no
   guidance at times >= guidance_stop (1.0: guided all the way); schedule: `strength`.
-  Returns SteerResult(samples, None, None, nfe) with the exact per-sample NFE.
+  Returns SteerResult(samples, None, None, nfe) with the exact per-sample NFE. Guidance has no
+  weights, so a hard constraint (reward -inf) is not enforced: a look-ahead outside it adds no
+  control. A NaN or +inf reward or gradient is an error (as in best_of_n).
   """
   _check_positive('temperature', temperature)
   if transport not in TRANSPORTS:
@@ -174,6 +182,7 @@ def guided_sample(x0, *, flow_map, velocity, interpolant: Interpolant, reward, t
                                       interpolant=interpolant)
   batch = (x0.shape[0],)
   x = x0
+  checked = None
   for s, t, weight, _ in plan:
     s_b, t_b = jnp.full(batch, s, jnp.float32), jnp.full(batch, t, jnp.float32)
     if transport == 'flow_map':
@@ -181,7 +190,13 @@ def guided_sample(x0, *, flow_map, velocity, interpolant: Interpolant, reward, t
     else:
       x = x + (t - s) * velocity(s_b, x, labels)
     if weight != 0.0:
-      _, grad = lookahead_lib.value_and_grad(look, reward, t_b, x, labels,
-                                             keep_jacobian=keep_jacobian)
+      values, grad = lookahead_lib.value_and_grad(look, reward, t_b, x, labels,
+                                                  keep_jacobian=keep_jacobian)
+      feasible = (values > -jnp.inf).reshape((-1,) + (1,) * (x.ndim - 1))
+      grad = jnp.where(feasible, grad, 0.0)
+      grad_bad = jnp.where(jnp.all(jnp.isfinite(grad.reshape(batch[0], -1)), -1), 0.0, jnp.nan)
+      step_check = reward_check(values + grad_bad)
+      checked = step_check if checked is None else merge_checks(checked, step_check)
       x = x + (weight / temperature) * grad
-  return SteerResult(x, None, None, sum(row[-1] for row in plan))
+  raise_on_bad_rewards('guidance', checked)
+  return SteerResult(x, None, None, sum(row[-1] for row in plan), reward_check=checked)

@@ -13,13 +13,18 @@ def systematic_resample(key, log_weights: jax.Array, num: int | None = None) -> 
   One uniform u ~ U[0, 1/num); index i is taken once for every point (j + u) / num falling in
   its cumulative-weight interval, so its count is floor(num w_i) or ceil(num w_i) and
   E[count] = num w_i (Kitagawa 1996; Douc, Cappe & Moulines 2005).
+  Zero weights (log-weight -inf, a hard constraint) are never drawn: their cumulative-weight
+  interval is empty, and a point past the end of the float cdf (round-off) goes to the last
+  index of positive weight, not to index n - 1.
   """
   n = log_weights.shape[0]
   num = n if num is None else num
-  cdf = jnp.cumsum(jax.nn.softmax(log_weights))
-  cdf = cdf.at[-1].set(1.0)                                 # guard the float round-off at the end
+  w = jax.nn.softmax(log_weights)
+  cdf = jnp.cumsum(w)
+  cdf = cdf / cdf[-1]                                       # guard the float round-off at the end
+  last = n - 1 - jnp.argmax(w[::-1] > 0)                    # the last index of positive weight
   points = (jax.random.uniform(key) + jnp.arange(num)) / num
-  return jnp.minimum(jnp.searchsorted(cdf, points, side='right', method='compare_all'), n - 1)
+  return jnp.minimum(jnp.searchsorted(cdf, points, side='right', method='compare_all'), last)
 
 
 def ess_fraction(log_weights: jax.Array) -> jax.Array:

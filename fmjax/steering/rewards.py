@@ -4,7 +4,9 @@ A reward is any callable `r(x, labels)` returning one float per row of x (labels
 may be ignored). Built in here: the quadratic reward (the Gaussian log-density up to a constant),
 whose tilt of a Gaussian mixture is again a Gaussian mixture (`fmjax.steering.tilted`), and the
 one-sided quadratic of arXiv 2511.22688's 8-Gaussian ring experiment. A classifier's log p(y | x)
-lives in `fmjax.steering.classifier`. Any user function works, e.g.
+lives in `fmjax.steering.classifier`. A config names its reward from NAMES ('quadratic',
+'one_sided', 'classifier'); `from_config(config.steer)` and `from_config(config.finetune)` build it,
+the one factory of --mode=steer and reward fine-tuning. Any user function works, e.g.
 
   def brightness(x, labels=None):          # reward bright images
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -17,6 +19,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Reward = Callable[[jax.Array, Optional[jax.Array]], jax.Array]
 
@@ -71,3 +74,39 @@ def check_reward(reward: Reward, x, labels=None) -> None:
                      f'returns {out.shape} for x of shape {x.shape}. Sum or average over the other axes.')
   if not jnp.issubdtype(out.dtype, jnp.floating):
     raise ValueError(f'a reward must return floats, got {out.dtype}.')
+
+
+# The rewards a config names (config.steer.reward for --mode=steer, config.finetune.reward for
+# reward fine-tuning): one list and one factory, `from_config`, for both.
+NAMES = ('quadratic', 'one_sided', 'classifier')
+# The fields of a config block each reward reads (besides `reward`, its name).
+FIELDS = {'quadratic': ('center', 'std'), 'one_sided': (), 'classifier': ('classifier_dir', 'target_class')}
+
+
+def from_config(block) -> Reward:
+  """The reward a config block names: block.reward in NAMES with its fields (FIELDS):
+  'quadratic' -> quadratic(block.center, block.std); 'one_sided' -> one_sided_quadratic() (axis
+  0); 'classifier' -> log p(block.target_class | x) of the classifier trained into
+  block.classifier_dir (fmjax.steering.classifier; its folder is read here, so a missing one
+  fails before any model is loaded). `block` is config.steer or config.finetune."""
+  name = block.reward
+  if name == 'quadratic':
+    return quadratic(np.asarray(block.center, np.float32), float(block.std))
+  if name == 'one_sided':
+    return one_sided_quadratic()
+  if name == 'classifier':
+    if not block.get('classifier_dir'):
+      raise ValueError("reward = 'classifier' needs classifier_dir, a trained classifier's folder "
+                       '(python -m fmjax.steering.train_classifier --workdir=DIR).')
+    from fmjax.steering import classifier   # pylint: disable=import-outside-toplevel
+    return classifier.load_reward(block.classifier_dir, int(block.target_class))
+  raise ValueError(f'unknown reward {name!r}; choose one of {NAMES}.')
+
+
+def describe(block) -> dict:
+  """{'reward': name, field: value, ...}: the reward's options in force (for metrics files)."""
+  out = {'reward': block.reward}
+  for field in FIELDS.get(block.reward, ()):
+    value = block.get(field)
+    out[field] = np.asarray(value).tolist() if field == 'center' else value
+  return out

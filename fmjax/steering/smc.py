@@ -41,6 +41,19 @@ Two discretizations of the base SDE (`transport`):
   'euler': Euler-Maruyama on b + eps s (one velocity per step).
 Resampling is systematic, within groups of num_particles rows, when a group's effective sample
 size falls below ess_threshold * num_particles; resampled groups restart from equal weights.
+Labels travel with their particles (SMCOutput.labels: each returned row's label).
+
+What it targets: the x_N-marginal of the *discrete* unguided chain, tilted. With an exact flow map
+the jumps are exact, but a Langevin step of size eps h leaves p_t's variance sigma^2 as
+sigma^2 (1 + a^2), a = h eps / sigma^2 (for a Gaussian; O((eps h)^2) per step in general), so the
+chain's law at t = 1 is not p and no number of particles removes that bias; more steps or less
+noise shrink it (docs/steering.md measures it; benchmarks/smc_chain_bias.py).
+
+Non-finite rewards: -inf is a hard constraint (weight zero at the end, never resampled into; a
+look-ahead outside it gets a finite stand-in twist, `_finite_twist`); a group whose final rewards
+are all -inf, and any NaN / +inf reward or NaN gradient, is an error: counted inside jit
+(SMCOutput.reward_check) and raised at once when `smc` runs outside jit (under jit: call
+fmjax.steering.result.raise_on_bad_rewards('smc', out.reward_check) on the result).
 """
 
 from __future__ import annotations
@@ -56,7 +69,7 @@ from fmjax.interpolants import Interpolant
 from fmjax.steering import lookahead as lookahead_lib
 from fmjax.steering.guidance import strength   # one schedule convention for guidance and SMC
 from fmjax.steering.resampling import ess_fraction, systematic_resample
-from fmjax.steering.result import SteerResult
+from fmjax.steering.result import SteerResult, merge_checks, raise_on_bad_rewards, reward_check
 
 TRANSPORTS = ('flow_map', 'euler')
 
@@ -66,7 +79,10 @@ class SMCOutput(NamedTuple):
   within each group); ess [num_steps + 1] (mean over groups of the ESS fraction of the weights
   before each resampling decision; the last entry is the final weights'); log_normalizer [groups]
   (the SMC estimate of log E_chain[exp(r(x_1) / lambda)], unbiased in exp); resampled [num_steps]
-  (share of groups resampled at each step); nfe (network evaluations per particle)."""
+  (share of groups resampled at each step); nfe (network evaluations per particle); labels [num]
+  (each returned row's label: its ancestor's, None when unconditional); reward_check
+  (fmjax.steering.result.reward_check over every reward evaluation: NaN / +inf rows at the worst
+  step, groups whose final rewards are all -inf)."""
 
   samples: jax.Array
   log_weights: jax.Array
@@ -74,6 +90,8 @@ class SMCOutput(NamedTuple):
   log_normalizer: jax.Array
   resampled: jax.Array
   nfe: int
+  labels: Optional[jax.Array] = None
+  reward_check: Optional[jax.Array] = None
 
 
 def _look_value_grad(look, reward, t, x, labels, *, need_grad: bool, keep_jacobian: bool):
@@ -158,18 +176,23 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
 
   def step(carry, inputs, *, guide: bool, move_noise: bool, reuse: bool):
     """One grid step; the flags are static per segment of steps, the times and levels traced."""
-    key, x, lab, log_w, log_z, v_prev, correction = carry
+    key, x, lab, log_w, log_z, v_prev, correction, checked = carry
     t, t_next, eps, scale = inputs
     h = t_next - t
     # 1. The twist at the current state, and the weight increment of the move that led here.
     x1_hat, values, grad = _look_value_grad(look, reward, t, x, lab, need_grad=guide,
                                             keep_jacobian=keep_jacobian)
-    v_now = values / lam
+    feasible = values > -jnp.inf
+    # No control from a look-ahead outside a hard constraint (its gradient means nothing there).
+    grad = jnp.where(feasible.reshape((-1,) + (1,) * (x.ndim - 1)), grad, 0.0)
+    grad_bad = jnp.where(feasible & ~jnp.all(jnp.isfinite(grad.reshape(num, -1)), -1), jnp.nan, 0.0)
+    checked = merge_checks(checked, reward_check(values + grad_bad))
+    v_now = _finite_twist(values / lam, grouped)
     increment = v_now - v_prev + correction
-    log_w = log_w + increment
+    prev, log_w = log_w, log_w + increment
     # The standard SMC estimate of the normalizer: the weighted mean increment, per group.
     log_z = log_z + (jax.scipy.special.logsumexp(grouped(log_w), -1)
-                     - jax.scipy.special.logsumexp(grouped(log_w - increment), -1))
+                     - jax.scipy.special.logsumexp(grouped(prev), -1))
     # 2. Resample the groups whose ESS fell below the threshold (they restart from equal weights).
     ess = ess_fraction(grouped(log_w))
     key, key_r, key_n = jax.random.split(key, 3)
@@ -206,7 +229,7 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
       correction = -(h**2) * jnp.sum(u**2, axes) / (2 * sigma**2) - h * jnp.sum(u * z, axes) / sigma
     else:
       x, correction = m, jnp.zeros((num,))
-    carry = (key, x, lab, log_w, log_z, v_now, correction)
+    carry = (key, x, lab, log_w, log_z, v_now, correction, checked)
     return carry, (jnp.mean(ess), jnp.mean(do.astype(jnp.float32)))
 
   # Per-step static flags; consecutive steps with equal flags run as one lax.scan (one compiled
@@ -214,7 +237,7 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
   plan = _plan(grid, interpolant, noise, guidance_scale, guidance_stop, schedule, lookahead,
                keep_jacobian, transport)
   carry = (key, x0, labels, jnp.zeros((num,)), jnp.zeros((groups,)), jnp.zeros((num,)),
-           jnp.zeros((num,)))
+           jnp.zeros((num,)), jnp.zeros((4,), jnp.int32))
   ess_trace, resampled_trace = [], []
   nfe = 0
   for flags, steps in _segments(plan):
@@ -224,21 +247,46 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
     ess_trace.append(ess)
     resampled_trace.append(resampled)
     nfe += sum(row[4] for row in steps)
-  key, x, lab, log_w, log_z, v_prev, correction = carry
-  # Final weights: the true reward at t = 1 replaces the last look-ahead value.
-  increment = reward(x, lab) / lam - v_prev + correction
-  log_w = log_w + increment
+  key, x, lab, log_w, log_z, v_prev, correction, checked = carry
+  # Final weights: the true reward at t = 1 replaces the last look-ahead value; a reward of -inf
+  # (outside a hard constraint) gives the particle weight zero here, whatever its twist was.
+  final = reward(x, lab)
+  checked = merge_checks(checked, reward_check(final, grouped(final)))
+  increment = final / lam - v_prev + correction
+  prev, log_w = log_w, log_w + increment
   log_z = log_z + (jax.scipy.special.logsumexp(grouped(log_w), -1)
-                   - jax.scipy.special.logsumexp(grouped(log_w - increment), -1))
+                   - jax.scipy.special.logsumexp(grouped(prev), -1))
   ess_trace.append(jnp.mean(ess_fraction(grouped(log_w)))[None])
   log_w = (grouped(log_w) - jax.scipy.special.logsumexp(grouped(log_w), -1, keepdims=True)).reshape(-1)
   if final_resample:
     key, key_r = jax.random.split(key)
     idx = jax.vmap(systematic_resample)(jax.random.split(key_r, groups), grouped(log_w))
     idx = (idx + num_particles * jnp.arange(groups)[:, None]).reshape(-1)
-    x = x[idx]
+    x, lab = _take((x, lab), idx)
     log_w = jnp.full((num,), -np.log(num_particles), jnp.float32)
-  return SMCOutput(x, log_w, jnp.concatenate(ess_trace), log_z, jnp.concatenate(resampled_trace), nfe)
+  out = SMCOutput(x, log_w, jnp.concatenate(ess_trace), log_z, jnp.concatenate(resampled_trace),
+                  nfe, lab, checked)
+  raise_on_bad_rewards('smc', checked)        # called outside jit: one clear error at once
+  return out
+
+
+def _finite_twist(v, grouped):
+  """The twist V_t = r(L_t(x)) / lambda with -inf (a look-ahead outside a hard constraint)
+  replaced by the mean finite twist of the particle's group (0 if none is finite).
+
+  Twisted SMC targets the same law for any finite twist (the final weight uses r itself, and
+  the twist telescopes away), so the stand-in changes the variance, not the target. -inf
+  would kill particles that the look-ahead merely guesses to end outside (it is approximate,
+  and the noise still moves them), and -inf - (-inf) on the next step would be NaN. The group
+  mean, not its minimum: measured on a Gaussian with the constraint x_0 >= 0 (lambda 0.37,
+  4 steps, 128 groups of 256), the minimum biased the weighted mean of x_0 by +0.06 (12
+  standard errors: particles near the boundary were resampled away although many end inside),
+  the mean by +0.003 (0.5 standard errors)."""
+  g = grouped(v)
+  finite = jnp.isfinite(g)
+  floor = (jnp.sum(jnp.where(finite, g, 0.0), -1, keepdims=True)
+           / jnp.maximum(jnp.sum(finite, -1, keepdims=True), 1))
+  return jnp.where(g == -jnp.inf, floor, g).reshape(v.shape)
 
 
 def _plan(grid, interpolant, noise, guidance_scale, guidance_stop, schedule, lookahead,
@@ -300,4 +348,4 @@ def smc_sample(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward,
             guidance_stop=guidance_stop, schedule=schedule, ess_threshold=ess_threshold,
             labels=labels, noise=noise, transport=transport, final_resample=final_resample,
             times=times, control_clip=control_clip)
-  return SteerResult(out.samples, out.log_weights, out.ess, out.nfe)
+  return SteerResult(out.samples, out.log_weights, out.ess, out.nfe, out.labels, out.reward_check)

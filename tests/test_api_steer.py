@@ -1,0 +1,125 @@
+"""Model.steer where users call it, on a trained class-conditional model with labels per row,
+temperature != 1 and odd sizes: a chunked call returns the rows of one big call (guidance,
+best-of-N, SMC chunked by whole groups, each group's resampling unchanged), best-of-N's picks are
+its own N candidates (written out from the noise rule by hand) chosen by the reward, and the
+option names (num_particles, its old name n)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_api_fixtures import NUM_CLASSES, train_conditional
+
+LAMBDA = 0.7     # a temperature != 1
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+  import fmjax
+  return fmjax.load(str(train_conditional(tmp_path_factory.mktemp('api_steer'))))
+
+
+def reward(x, labels=None):
+  """A quadratic reward centred off the modes, std 1.5 (labels ignored)."""
+  del labels
+  return -0.5 * jnp.sum((x - jnp.array([4.0, 1.0])) ** 2, axis=-1) / 1.5**2
+
+
+def _labels(num):
+  return np.random.default_rng(num).integers(0, NUM_CLASSES + 1, num).astype(np.int32)
+
+
+def _same(a, b):
+  np.testing.assert_allclose(a.samples, b.samples, atol=1e-5)
+  assert (a.log_weights is None) == (b.log_weights is None) and a.nfe == b.nfe
+  if a.log_weights is not None:
+    np.testing.assert_allclose(a.log_weights, b.log_weights, atol=1e-5)
+  assert (a.ess is None) == (b.ess is None)
+  if a.ess is not None:
+    assert a.ess.shape == b.ess.shape
+    np.testing.assert_allclose(a.ess, b.ess, atol=1e-5)
+
+
+def test_guidance_chunked_equals_one_batch(model, capsys):
+  key, labels = jax.random.PRNGKey(1), _labels(9)
+  options = dict(temperature=LAMBDA, steps=3, labels=labels, lookahead='denoiser')
+  whole = model.steer(key, 9, reward, method='guidance', **options)
+  capsys.readouterr()
+  chunked = model.steer(key, 9, reward, method='guidance', chunk_size=4, **options)
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('steer (guidance): chunk')]
+  assert len(lines) == 3
+  assert isinstance(whole.samples, np.ndarray) and whole.samples.shape == (9, 2)
+  _same(whole, chunked)
+  # Without steering, guidance is the plain flow-map sampler on the same noise rows and labels.
+  plain = model.steer(key, 9, reward, method='guidance', guidance_scale=0.0, chunk_size=4,
+                      **{k: v for k, v in options.items() if k != 'lookahead'})
+  np.testing.assert_allclose(plain.samples, model.sample(jax.random.split(key)[0], 9, steps=3,
+                                                         labels=labels), atol=1e-5)
+  assert float(np.mean(reward(whole.samples))) > float(np.mean(reward(plain.samples)))
+
+
+@pytest.mark.parametrize('select', ['argmax', 'importance'])
+def test_best_of_n_picks_its_own_candidates_chunked_or_not(model, select):
+  key, labels, n, num = jax.random.PRNGKey(2), _labels(7), 3, 7
+  whole = model.steer(key, num, reward, method='best_of_n', temperature=LAMBDA, steps=2,
+                      num_particles=n, select=select, labels=labels)
+  chunked = model.steer(key, num, reward, method='best_of_n', temperature=LAMBDA, steps=2,
+                        num_particles=n, select=select, labels=labels, chunk_size=3)
+  _same(whole, chunked)
+  assert whole.nfe == n * 2
+  # Row i's candidates: noise rows i n .. i n + n - 1 of split(key)[0], with row i's label.
+  candidates = model.sample(jax.random.split(key)[0], num * n, steps=2,
+                            labels=np.repeat(labels, n)).reshape(num, n, 2)
+  r = np.asarray(reward(candidates.reshape(-1, 2))).reshape(num, n)
+  distance = np.abs(candidates - whole.samples[:, None]).max(-1)
+  assert np.all(distance.min(1) < 1e-5)            # every output is one of its own candidates
+  if select == 'argmax':
+    np.testing.assert_array_equal(distance.argmin(1), r.argmax(1))
+  # ess: the mean over rows of the candidates' ESS fraction, 1 / (n sum_j w_j^2).
+  w = np.exp(r / LAMBDA - r.max(1, keepdims=True) / LAMBDA)
+  w /= w.sum(1, keepdims=True)
+  np.testing.assert_allclose(whole.ess, [np.mean(1 / (w**2).sum(1)) / n], rtol=1e-4)
+
+
+def test_smc_chunks_by_whole_groups_with_each_groups_resampling_unchanged(model, capsys):
+  key, labels, particles, num = jax.random.PRNGKey(3), _labels(15), 3, 15   # 5 groups
+  options = dict(temperature=LAMBDA, steps=2, num_particles=particles, labels=labels,
+                 ess_threshold=0.9)
+  whole = model.steer(key, num, reward, method='smc', **options)
+  capsys.readouterr()
+  # chunk_size 7 rounds down to 2 whole groups (6 rows): chunks of 2, 2, 1 groups.
+  chunked = model.steer(key, num, reward, method='smc', chunk_size=7, **options)
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('steer (smc): chunk')]
+  assert len(lines) == 3 and '(rows 12..14 of 15)' in lines[-1]
+  _same(whole, chunked)
+  assert whole.ess.shape == (3,)
+  # The final resampling stays within each group: every sample is one of its group's particles
+  # before resampling (final_resample=False gives them, with their weights).
+  unresampled = model.steer(key, num, reward, method='smc', final_resample=False, **options)
+  for g in range(num // particles):
+    rows = slice(g * particles, (g + 1) * particles)
+    d = np.abs(whole.samples[rows][:, None] - unresampled.samples[rows][None]).max(-1)
+    assert np.all(d.min(1) < 1e-5)
+    np.testing.assert_allclose(np.exp(unresampled.log_weights[rows]).sum(), 1.0, rtol=1e-5)
+  # A group's result depends on its index, not on the chunk it ran in: the first 2 groups alone.
+  head = model.steer(key, 6, reward, method='smc', temperature=LAMBDA, steps=2,
+                     num_particles=particles, labels=labels[:6], ess_threshold=0.9)
+  np.testing.assert_allclose(head.samples, whole.samples[:6], atol=1e-5)
+
+
+def test_option_names(model):
+  key, labels = jax.random.PRNGKey(4), _labels(5)
+  new = model.steer(key, 5, reward, method='best_of_n', steps=1, num_particles=2, labels=labels)
+  old = model.steer(key, 5, reward, method='best_of_n', steps=1, n=2, labels=labels)   # the old name
+  _same(new, old)
+  with pytest.raises(ValueError, match='once'):
+    model.steer(key, 5, reward, method='best_of_n', n=2, num_particles=2)
+  with pytest.raises(ValueError, match='takes no option'):
+    model.steer(key, 5, reward, method='guidance', num_particles=4)
+  with pytest.raises(ValueError, match='multiple of num_particles'):
+    model.steer(key, 10, reward, method='smc', num_particles=4)
+  with pytest.raises(ValueError, match='shape'):
+    model.steer(key, 5, reward, method='guidance', labels=labels[:4])
+  with pytest.raises(ValueError, match=r'\[0, 3\]'):
+    model.steer(key, 5, reward, method='guidance', labels=labels + 4)
