@@ -62,6 +62,12 @@ DECODE_CHUNK_ELEMENTS = 2**24
 STEER_CHUNK_ELEMENTS = 2**16
 
 
+def _check_of(out) -> jax.Array:
+  """A steering result's reward counts (fmjax.steering.result.reward_check), zeros if it has none."""
+  return (jnp.zeros(4, jnp.int32) if out.reward_check is None
+          else jnp.asarray(out.reward_check, jnp.int32))
+
+
 def _count(name: str, value, minimum: int = 1) -> int:
   """A positive integer argument, or one clear error (bools and floats are not counts)."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -306,8 +312,11 @@ class Model:
     progress: one line per chunk (None: when there is more than one chunk).
     Returns a SteerResult(samples, log_weights, ess, nfe) of host numpy arrays: samples [num, ...],
     log_weights [num] (smc) or None, ess averaged over output rows (best_of_n, [1]) or over
-    groups (smc, [steps + 1]) or None, nfe per sample. One compilation per (chunk, reward_fn,
-    method, options).
+    groups (smc, [steps + 1]) or None, nfe per sample, and for smc with labels each returned
+    row's label (its ancestor's: resampling moves rows within a group). A reward that is NaN or
+    +inf for any row, or -inf for every particle/candidate of a group (a hard constraint nothing
+    satisfies), raises one ValueError naming the method and the counts. One compilation per
+    (chunk, reward_fn, method, options).
     """
     num, steps = _count('num', num), _count('steps', steps)
     if method not in STEER_OPTIONS:
@@ -356,10 +365,13 @@ class Model:
     samples = np.empty((num,) + shape, np.float32)
     log_weights = np.empty((num,), np.float32) if method == 'smc' else None
     ess = []   # per output row (best_of_n) or per group (smc), padding dropped
+    # smc moves rows between particles of a group: each returned row's label is its ancestor's
+    out_labels = np.empty((num,), np.int32) if method == 'smc' and labels is not None else None
+    check = np.zeros(4, np.int64)   # reward counts of the real rows: NaN/+inf rows, rows, empty groups, groups
     report = _Progress(f'steer ({method})', num, chunk, progress)
     for index, first in enumerate(range(0, num, chunk)):
-      x, log_w, ess_chunk = fn(self.params, key_noise, key_run, first,
-                               _chunk_label(labels, first, chunk))
+      x, log_w, ess_chunk, labels_chunk, check_chunk = fn(self.params, key_noise, key_run, first,
+                                                          _chunk_label(labels, first, chunk))
       if decode:
         x = self._decode(self._vae_params, x)
       stop = min(first + chunk, num)
@@ -368,12 +380,18 @@ class Model:
         log_weights[first:stop] = np.asarray(log_w[:stop - first])
       if ess_chunk is not None:
         ess.append(np.asarray(ess_chunk)[:(stop - first) // group])
+      if out_labels is not None:
+        out_labels[first:stop] = np.asarray(labels_chunk[:stop - first])
+      # per output row (best_of_n, guidance) or group (smc); the last chunk's padding left out
+      check += np.asarray(check_chunk, np.int64)[:-(-(stop - first) // group)].sum(axis=0)
       report(index, first, stop)
     ess = np.concatenate(ess).mean(axis=0, dtype=np.float64).astype(np.float32) if ess else None
     if ess is not None and ess.ndim == 0:
       ess = ess[None]
-    from fmjax.steering.result import SteerResult
-    return SteerResult(samples, log_weights, ess, nfe[0])   # nfe: a Python int, recorded while tracing
+    from fmjax.steering.result import SteerResult, raise_on_bad_rewards
+    raise_on_bad_rewards(method, check)   # NaN / +inf rewards, or groups with no finite reward
+    # nfe: a Python int, recorded while tracing
+    return SteerResult(samples, log_weights, ess, nfe[0], out_labels)
 
   def _on_images(self, reward_fn):
     """reward_fn of decoded images as a reward of latents, one wrapper per reward_fn (so the
@@ -386,7 +404,8 @@ class Model:
 
   def _steer_fn(self, chunk, reward_fn, method, temperature, steps, options):
     """(a jitted (params, key_noise, key_run, first, labels) -> (samples, log_weights, ess per
-    output row or group) of rows first .. first + chunk - 1, its NFE per sample)."""
+    output row or group, smc's moved labels, reward counts per output row or group) of rows
+    first .. first + chunk - 1, its NFE per sample)."""
     from fmjax import interpolants
     from fmjax.steering import guidance
     options = dict(options)
@@ -417,17 +436,19 @@ class Model:
                                    select=options_.get('select', 'importance'),
                                    labels=y, base_nfe=steps)   # y: row i's label, shape [1]
           nfe.append(int(out.nfe))
-          return out.samples[0], out.ess[0]
+          return out.samples[0], out.ess[0], _check_of(out)
 
-        x, ess = per_unit(one_row, first, chunk, labels, 1)
-        return x, None, ess
+        x, ess, check = per_unit(one_row, first, chunk, labels, 1)
+        return x, None, ess, None, check
       if method == 'guidance':
         times = options_.pop('times', None) or tuple(np.linspace(0.0, 1.0, steps + 1).tolist())
         out = guidance.guided_sample(self.noise(key_noise, chunk, first), flow_map=flow_map,
                                      velocity=velocity, interpolant=interpolant, reward=reward_fn,
                                      temperature=temperature, times=times, labels=labels, **options_)
         nfe.append(int(out.nfe))
-        return out.samples, None, None
+        # guided_sample counts the whole chunk at once: its counts sit on the chunk's first row
+        check = jnp.zeros((chunk, 4), jnp.int32).at[0].set(_check_of(out))
+        return out.samples, None, None, None, check
       from fmjax.steering import smc   # helper module of issue 10, imported when used
       particles = options_.pop('num_particles')
       groups = chunk // particles
@@ -439,10 +460,12 @@ class Model:
                              temperature=temperature, num_steps=steps, num_particles=particles,
                              labels=y, **options_)
         nfe.append(int(out.nfe))
-        return out.samples, out.log_weights, out.ess
+        moved = jnp.zeros((particles,), jnp.int32) if out.labels is None else out.labels
+        return out.samples, out.log_weights, out.ess, moved, _check_of(out)
 
-      x, log_w, ess = per_unit(one_group, first // particles, groups, labels, particles)
-      return (x.reshape((chunk,) + x.shape[2:]), log_w.reshape(chunk), ess)
+      x, log_w, ess, moved, check = per_unit(one_group, first // particles, groups, labels, particles)
+      return (x.reshape((chunk,) + x.shape[2:]), log_w.reshape(chunk), ess,
+              None if labels is None else moved.reshape(chunk), check)
 
     return jax.jit(run), nfe
 

@@ -123,3 +123,48 @@ def test_option_names(model):
     model.steer(key, 5, reward, method='guidance', labels=labels[:4])
   with pytest.raises(ValueError, match=r'\[0, 3\]'):
     model.steer(key, 5, reward, method='guidance', labels=labels + 4)
+
+
+# What the steering maths counts inside jit reaches the caller of Model.steer: NaN / +inf rewards
+# are one clear error, -inf is a hard constraint, SMC returns the labels of the rows it moved.
+
+def _nan_for_positive_x0(x, labels=None):
+  return jnp.where(x[:, 0] > 0, jnp.nan, -jnp.sum(x ** 2, axis=-1))
+
+
+def _forbid_negative_x0(x, labels=None):
+  return jnp.where(x[:, 0] < 0, -jnp.inf, -0.5 * jnp.sum((x - 1.0) ** 2, axis=-1))
+
+
+@pytest.mark.parametrize('method,options', [('guidance', {}), ('best_of_n', {'num_particles': 4}),
+                                            ('smc', {'num_particles': 4})])
+def test_nan_rewards_are_one_clear_error(model, method, options):
+  with pytest.raises(ValueError, match=rf'{method}: the reward .* NaN or \+inf for \d+ of \d+ rows'):
+    model.steer(jax.random.PRNGKey(3), 12, _nan_for_positive_x0, method=method, temperature=0.37,
+                steps=2, chunk_size=8, labels=_labels(12), **options)
+
+
+@pytest.mark.parametrize('method', ['best_of_n', 'smc'])
+def test_minus_inf_is_a_hard_constraint_across_chunks(model, method):
+  out = model.steer(jax.random.PRNGKey(4), 24, _forbid_negative_x0, method=method,
+                    temperature=2.5, steps=2, num_particles=8, chunk_size=8, labels=_labels(24))
+  assert np.all(np.asarray(out.samples)[:, 0] >= 0)
+
+
+def test_a_group_with_nothing_allowed_is_an_error(model):
+  never = lambda x, labels=None: jnp.full((x.shape[0],), -jnp.inf)
+  with pytest.raises(ValueError, match=r'smc: 3 of 3 groups have no sample with a finite reward'):
+    model.steer(jax.random.PRNGKey(5), 12, never, method='smc', temperature=0.37, steps=2,
+                num_particles=4, chunk_size=4, labels=_labels(12))
+
+
+def test_smc_returns_each_rows_ancestor_label(model):
+  """Mixed labels inside each group and a reward that all but forbids labels other than 2
+  (weight exp(-50 / 0.37)): resampling moves rows, and every returned label is 2 (each row
+  carries its ancestor's label)."""
+  labels = np.tile(np.array([0, 1, 2, 2], np.int32), 3)
+  favour = lambda x, y: jnp.where(y == 2, 0.0, -50.0) - 0.01 * jnp.sum(x ** 2, axis=-1)
+  out = model.steer(jax.random.PRNGKey(6), 12, favour, method='smc', temperature=0.37, steps=2,
+                    num_particles=4, chunk_size=8, labels=labels)
+  assert out.labels is not None and out.labels.shape == (12,)
+  np.testing.assert_array_equal(out.labels, 2)

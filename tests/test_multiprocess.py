@@ -60,5 +60,5 @@ def test_sigterm_on_one_process_stops_both_after_the_same_update(tmp_path):
                                  'train.checkpoint_every': 0})
   outputs = _launch(tmp_path, '--sigterm_at', 5, overrides=overrides)
   results = [json.loads(out.split('RESULTS ')[-1]) for _, out, _ in outputs]
-  assert results == [{'preempted_at': 7}, {'preempted_at': 7}]
+  assert results == [{'preempted_at': 7, 'signal': 'SIGTERM'}] * 2
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['7']

@@ -388,6 +388,12 @@ API_MUTATIONS = [
              "if name == 'one_sided':\n    return one_sided_quadratic()",
              "if name == 'one_sided':\n    return one_sided_quadratic(axis=1)",
              tests=STEER_MODE_TESTS, alone=True),
+    mutation('api: steer drops the reward counts (NaN rewards pass silently)', 'fmjax/api.py',
+             '    raise_on_bad_rewards(method, check)   # NaN', '    pass   # NaN',
+             tests=['tests/test_api_steer.py'], alone=True),
+    mutation("api: steer returns the input labels, not the resampled rows' labels", 'fmjax/api.py',
+             'out_labels[first:stop] = np.asarray(labels_chunk[:stop - first])',
+             'out_labels[first:stop] = labels[first:stop]', tests=['tests/test_api_steer.py'], alone=True),
 ]
 # Evaluation plumbing, time samplers, row drawing, data pipelines, sharding.
 PLUMBING_TIMES = ['tests/test_plumbing_times.py']
