@@ -23,6 +23,8 @@ from fmjax.evaluation import evaluator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from train_testlib import wait_for_first_checkpoint  # noqa: E402
+
 
 def _config(**train_overrides):
   c = configs.base_config()
@@ -96,11 +98,7 @@ def test_preempted_cli_run_exits_75_and_resumes(tmp_path):
              '--config.train.batch_size=16', '--config.eval.at_end=False']
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-  deadline = time.time() + 240
-  checkpoints = checkpointing.checkpoint_dir(str(workdir))
-  while not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
-    assert process.poll() is None and time.time() < deadline, process.communicate()
-    time.sleep(0.2)
+  checkpoints = wait_for_first_checkpoint(process, workdir)
   process.send_signal(signal.SIGTERM)
   sent = time.time()
   out, err = process.communicate(timeout=120)

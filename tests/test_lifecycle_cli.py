@@ -12,7 +12,7 @@ import time
 
 from fmjax import checkpointing
 
-from train_testlib import ROOT, env_with_devices
+from train_testlib import ROOT, env_with_devices, wait_for_first_checkpoint
 
 TINY = ['--config.train.num_steps=4', '--config.train.batch_size=31', '--config.train.log_every=2',
         '--config.train.checkpoint_every=4', '--config.model.hidden=16', '--config.model.depth=2',
@@ -64,11 +64,7 @@ def test_ctrl_c_saves_exits_130_and_the_same_command_resumes(tmp_path):
   process = subprocess.Popen(command + ['--config.train.num_steps=100000'], cwd=ROOT,
                              env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-  deadline = time.time() + 240
-  checkpoints = checkpointing.checkpoint_dir(str(workdir))
-  while not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
-    assert process.poll() is None and time.time() < deadline, process.communicate()
-    time.sleep(0.2)
+  checkpoints = wait_for_first_checkpoint(process, workdir)
   process.send_signal(signal.SIGINT)
   sent = time.time()
   out, err = process.communicate(timeout=120)

@@ -13,6 +13,8 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from fmjax import configs, sharding
 from fmjax.data import mnist5k, pipelines
 
+from test_data import _mnist_config
+
 
 def test_pixels_map_exactly_onto_minus_one_one():
   pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
@@ -54,13 +56,6 @@ def data_dir(tmp_path_factory):
   return str(path)
 
 
-def _mnist_config(data_dir, batch_size):
-  config = configs.base_config()
-  config.data.name = 'mnist5k'
-  config.data.data_dir = data_dir
-  config.data.num_classes = 10
-  config.train.batch_size = batch_size
-  return config
 
 
 def _local_batches(data_dir, monkeypatch, batch_size, process, count, num_batches):

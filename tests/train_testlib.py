@@ -54,3 +54,17 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def wait_for_first_checkpoint(process, workdir, timeout: float = 240) -> str:
+  """Waits until the training `process` (a Popen of fmjax.main) has saved a checkpoint into
+  `workdir` and returns its checkpoint folder; fails with the process's output if it exits first
+  or takes longer than `timeout` seconds."""
+  import time
+  from fmjax import checkpointing
+  deadline = time.time() + timeout
+  checkpoints = checkpointing.checkpoint_dir(str(workdir))
+  while not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
+    assert process.poll() is None and time.time() < deadline, process.communicate()
+    time.sleep(0.2)
+  return checkpoints
