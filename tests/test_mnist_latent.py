@@ -111,5 +111,17 @@ def test_evaluation_judges_decoded_samples_and_the_table_reads_it(chain):
   assert text.count('| lmd (from flow matching) | ODE euler,') == 3   # 8, 16, 32 NFE
 
 
+def test_the_sample_grids_draw_every_panel(chain, tmp_path):
+  """benchmarks/mnist_latent_grids.py on the tiny chain (its flow map: the distilled run)."""
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import mnist_latent_grids
+  drawn = mnist_latent_grids.panels(str(chain['tmp']), None, per_digit=1, seed=0, flow_map_run='lmd')
+  assert [title for title, _ in drawn] == ['LMD, 1 step', 'LMD, 4 steps', 'flow matching, Euler ODE, 32 NFE']
+  for _, images in drawn:
+    assert images.shape == (10, 28, 28, 1) and np.all(np.isfinite(images))
+  mnist_latent_grids.save(str(tmp_path / 'grid.png'), drawn, per_digit=1)
+  assert os.path.getsize(tmp_path / 'grid.png') > 0
+
+
 def test_the_chain_script_is_valid_bash():
   subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'mnist_latent.sh')], check=True)
