@@ -449,7 +449,7 @@ class Model:
         # guided_sample counts the whole chunk at once: its counts sit on the chunk's first row
         check = jnp.zeros((chunk, 4), jnp.int32).at[0].set(_check_of(out))
         return out.samples, None, None, None, check
-      from fmjax.steering import smc   # helper module of issue 10, imported when used
+      from fmjax.steering import smc   # imported when used
       particles = options_.pop('num_particles')
       groups = chunk // particles
 
