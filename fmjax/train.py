@@ -24,6 +24,7 @@ from fmjax import build
 from fmjax import checkpointing
 from fmjax import configs
 from fmjax import logging_utils
+from fmjax import losses
 from fmjax import sharding as sharding_lib
 from fmjax import train_state
 from fmjax.data import pipelines
@@ -127,10 +128,18 @@ _SIGNALS = ('nonfinite_run', 'stop_requested')   # stop signals, not logged
 class Setup:
   """Everything the loop needs, built from the config (also used by tests)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, make_source=None):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, make_source=None,
+               teacher=None):
     """make_source(config, mesh) -> source replaces the data pipeline (benchmarks feed
-    synthetic batches already on device: benchmarks/train_throughput.py)."""
+    synthetic batches already on device: benchmarks/train_throughput.py). teacher(t, x, labels)
+    -> b_t(x) replaces config.teacher for rules that take an optional teacher (a Python caller's
+    velocity, e.g. a toy target's exact one: benchmarks/meanflow_ablation.py)."""
     config = configs.resolve(config)   # every option in force, validated
+    spec = losses.RULES.get(config.loss.name)
+    if teacher is not None and (config.teacher.workdir or spec is None or spec.teacher != 'optional'):
+      raise ValueError(f'A Python teacher is for rules with an optional teacher (flow_matching, '
+                       f'meanflow, imf, sct, ect) and no config.teacher.workdir; got loss '
+                       f'{config.loss.name!r}, teacher.workdir {config.teacher.workdir!r}.')
     self.config, self.workdir = config, workdir
     self.mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp)
     self.source = (make_source or pipelines.make_source)(config, self.mesh)
@@ -142,7 +151,7 @@ class Setup:
     net_init, self.apply = build.build_network(config, self.source.example_shape,
                                                self.source.num_classes)
     self.flow_map = build.build_flow_map(config, self.apply, self.interpolant)
-    teacher = build.load_teacher(config)
+    teacher = teacher if teacher is not None else build.load_teacher(config)
     # Reward fine-tuning starts at the base model's parameters (same network, checked here).
     self.base_params = None
     if config.loss.name in finetune.RULE_NAMES:
@@ -217,12 +226,13 @@ def _start(setup: Setup, manager) -> tuple[dict, bool]:
   return restored.state, True
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stream=None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stream=None,
+                       teacher=None) -> dict:
   """Trains config.train.num_steps updates (resuming from WORKDIR/checkpoints if present),
   then runs the few-step evaluation. Returns the final evaluation metrics, or
   {'preempted_at': step, 'signal': 'SIGTERM' | 'SIGINT'} when a signal stopped the run (after
-  saving that step; `EXIT_CODES` maps the signal to main's exit status)."""
-  setup = Setup(config, workdir)
+  saving that step; `EXIT_CODES` maps the signal to main's exit status). teacher: see Setup."""
+  setup = Setup(config, workdir, teacher=teacher)
   config = setup.config                # resolved: what trains is what config.json and checkpoints record
   train = config.train
   evaluate = evaluator.Evaluator(config, workdir, setup.mesh, setup.source, setup.interpolant,
