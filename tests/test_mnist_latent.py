@@ -125,3 +125,20 @@ def test_the_sample_grids_draw_every_panel(chain, tmp_path):
 
 def test_the_chain_script_is_valid_bash():
   subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'mnist_latent.sh')], check=True)
+
+
+def test_the_steering_benchmark_runs_on_the_tiny_chain(chain, tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import mnist_latent_steer
+  finally:
+    sys.path.remove(os.path.join(ROOT, 'benchmarks'))
+  out = tmp_path / 'steering.json'
+  rows = mnist_latent_steer.main(['--run', str(chain['tmp'] / 'lmd'), '--classifier_dir',
+                                  str(chain['tmp'] / 'classifier'), '--tiny', '--out', str(out)])
+  assert [r['nfe'] for r in rows[:3]] == [1, 1, 2]   # plain, conditional, best-of-2 of 1-step maps
+  assert all(r['samples'] == 4 and 0.0 <= r['confident_share'] <= r['argmax_share'] <= 1.0
+             for r in rows)
+  assert json.loads(out.read_text())['rows'] == json.loads(json.dumps(rows))
+  probs = np.array([[0.05, 0.91, 0.04], [0.5, 0.3, 0.2], [0.1, 0.85, 0.05], [0.2, 0.7, 0.1]])
+  assert mnist_latent_steer.judge(probs, 1) == (0.25, 0.75)
