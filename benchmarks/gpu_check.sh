@@ -13,5 +13,5 @@ tail -20 "$OUT/attention.md"
 python3 benchmarks/loss_cost.py --model dit --size small --batch 64 --repeats 10 \
   --rules lsd,psd,shortcut,meanflow,meanflow+cfg --out "$OUT/loss_cost_dit.md" > "$OUT/dit.log" 2>&1
 tail -20 "$OUT/loss_cost_dit.md"
-# Issue 11, item 4 (MNIST few-step FID, ~4 min per rule by estimate) runs as its own call:
+# The MNIST few-step FID (~4 min per rule by estimate) runs as its own call:
 #   OUT=$OUT/mnist bash benchmarks/gpu_mnist_fid.sh      (RULES="lsd" etc. for one rule per call)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's accelerator run, in ONE device call of at most ~8 minutes (each step has its own
+# The accelerator checks at scale, in ONE device call of at most ~8 minutes (each step has its own
 # time limit; every table is written row by row, so a step cut short still leaves its rows).
 #   OUT=dir bash benchmarks/gpu_check_scale.sh          # on the GPU (needs ml_collections)
 #   TINY=1 OUT=/tmp/gs bash benchmarks/gpu_check_scale.sh   # CPU smoke run of every step

@@ -123,7 +123,7 @@ def get_config(arg=None):
 
 
 def _gpu_preset(c, rule, tiny, cpu=False):
-  """The h100 (or cpu, or tiny) preset: training length, and the issue's evaluation plan."""
+  """The h100 (or cpu, or tiny) preset: training length, and the evaluation plan of the few-step table."""
   c.train.batch_size = 8 if tiny else 64 if cpu else 128
   c.train.num_steps = 3 if tiny else CPU_STEPS if cpu else H100_STEPS
   c.train.log_every = 1 if tiny else 500

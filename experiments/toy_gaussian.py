@@ -1,7 +1,7 @@
 r"""Toy Gaussian target N(0, scale^2 I) in D dimensions: the exact-map sanity check.
 
 Every interpolant gives Gaussian marginals and an affine exact flow map
-X_{s,t}(x) = (std_t / std_s) x (DESIGN.md, section 3), so a rule that trains correctly
+X_{s,t}(x) = (std_t / std_s) x (fmjax/data/toy.py), so a rule that trains correctly
 reaches the two-draw floor of the few-step table with any number of steps. Follows the
 Gaussian checks of Boffi, Albergo & Vanden-Eijnden, "Flow map matching" (arXiv 2406.07507,
 Sec. 4.1).

@@ -2,7 +2,7 @@
 
 A network is any pure function `apply(params, s, t, x, labels) -> array shaped like x`
 (fmjax.models builds these from Flax modules). A parameterization turns it into a flow
-map with the exact boundary condition X_{s,s}(x) = x (DESIGN.md, section 2):
+map with the exact boundary condition X_{s,s}(x) = x (docs/notation.md):
 
   X_{s,t}(x) = x + (t - s) v_{s,t}(x),   b_t(x) = v_{t,t}(x)
 

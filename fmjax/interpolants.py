@@ -1,6 +1,6 @@
 """Stochastic interpolants I_t = alpha_t x0 + beta_t x1 between noise and data.
 
-One convention for all of fmjax (DESIGN.md, section 2): time runs from t = 0 (noise,
+One convention for all of fmjax (docs/notation.md): time runs from t = 0 (noise,
 x0 ~ N(0, I)) to t = 1 (data, x1 ~ p_data), with alpha_0 = 1, beta_0 = 0, alpha_1 = 0,
 beta_1 = 1 (Albergo, Boffi & Vanden-Eijnden, "Stochastic interpolants", arXiv 2303.08797).
 The velocity the flow map integrates is b_t(x) = E[dI_t/dt | I_t = x].
@@ -108,7 +108,7 @@ def custom(alpha: Schedule, beta: Schedule, name: str = 'custom',
                                  (beta(jnp.float32(1.0)), 1.0, 'beta(1)')):
     if abs(float(value) - expected) > 1e-5:
       raise ValueError(f'{label} = {float(value)}, but fmjax needs {expected}: time runs from '
-                       'noise at t = 0 to data at t = 1 (see DESIGN.md, section 2).')
+                       'noise at t = 0 to data at t = 1 (see docs/notation.md).')
   return Interpolant(name, alpha, beta, alpha_dot, beta_dot)
 
 

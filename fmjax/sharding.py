@@ -1,4 +1,4 @@
-"""Device mesh, parameter partitioning and host-local -> global batches (DESIGN.md, section 4).
+"""Device mesh, parameter partitioning and host-local -> global batches (docs/training.md).
 
 One `Mesh` over all devices of all processes with two axes:
   'data'  the batch is split over it (and over 'fsdp': every device sees a different shard)

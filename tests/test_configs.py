@@ -31,7 +31,7 @@ def as_json(config):
 
 
 def test_rule_defaults_follow_loss_name():
-  # The case: --config.loss.name=meanflow on toy_gmm.py kept the adaptive weight.
+  # The case that failed once: --config.loss.name=meanflow on toy_gmm.py kept the adaptive weight.
   named = experiment('toy_gmm')
   named.loss.name = 'meanflow'
   by_name, by_arg = configs.resolve(named), configs.resolve(experiment('toy_gmm', 'meanflow'))
@@ -231,7 +231,7 @@ def test_resume_refuses_what_changes_training_and_allows_safe_keys(tmp_path):
   same.train.num_steps, same.train.log_every, same.eval.num_samples = 99, 7, 10
   same.sharding.fsdp, same.data.worker_count = 2, 3
   checkpointing.check_compatible(saved, same, str(tmp_path))
-  # The case: another target resumed silently.
+  # The case that failed once: another target resumed silently.
   other = experiment('toy_gmm', 'meanflow')
   other.data.scale = 3.0
   other.loss.times.name = 'uniform'

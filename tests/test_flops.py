@@ -158,7 +158,7 @@ def _throughput_module():
 def test_throughput_benchmark_tiny_runs(tmp_path):
   """The benchmark end to end at CPU size, rows compiled in parallel then timed: the trainer's
   step compiles, runs, and its table carries the analytic and XLA counts and the time/FLOP
-  ratio line of the issue's bound (no timing asserted)."""
+  ratio line of the bound aimed for (no timing asserted)."""
   train_throughput = _throughput_module()
   out = tmp_path / 'table.md'
   rows = train_throughput.main(['--model', 'dit-b2', '--tiny', '--batch', '4', '--rules',

@@ -1,5 +1,5 @@
-"""experiments/mnist.py's GPU presets (issue 11, item 4): they validate, evaluate what the issue
-asks (flow maps at 1, 2, 4 steps, the flow-matching baseline's ODE at 8-64 NFE, 5,000 samples),
+"""experiments/mnist.py's GPU presets: they validate, evaluate the planned few-step table
+(flow maps at 1, 2, 4 steps, the flow-matching baseline's ODE at 8-64 NFE, 5,000 samples),
 and the CPU recipes of the README are unchanged. The tiny path of the whole script is
 `TINY=1 bash benchmarks/gpu_mnist_fid.sh` (minutes on a CPU, not run here)."""
 

@@ -140,14 +140,14 @@ MUTATIONS = [
              'return weigh(raw, params, 0 * t, t + step, ctx.options, num_dims(rows.x1)), raw, t'),
     mutation('mean_square reduces float64 in float32', 'fmjax/losses/base.py',
              'err = err.astype(jnp.promote_types(err.dtype, jnp.float32))', 'err = err.astype(jnp.float32)'),
-    # iMF with guidance inputs (issue 9): tests/test_reference_imf.py's finite-difference reference.
+    # iMF with guidance inputs: tests/test_reference_imf.py's finite-difference reference.
     mutation("iMF guided target (1 - 1/omega) replaced by CFG's (omega - 1)", 'fmjax/losses/imf.py',
              'expand(1.0 - 1.0 / omega, v_c) * (v_c - v_u)', 'expand(omega - 1.0, v_c) * (v_c - v_u)',
              tests=('tests/test_reference_imf.py',)),
     mutation('iMF guidance scale drawn uniformly instead of log-uniformly', 'fmjax/losses/imf.py',
              'return jnp.exp(u * jnp.log(omega_max))', 'return 1.0 + u * (omega_max - 1.0)',
              tests=('tests/test_reference_imf.py',)),
-    # iMF's two heads from one trunk pass (issue 11): the reference test and the FLOP count.
+    # iMF's two heads from one trunk pass: the reference test and the FLOP count.
     mutation("iMF velocity head's loss reads the average head", 'fmjax/losses/imf.py',
              'v_head - target if with_head', 'v - target if with_head',
              tests=('tests/test_reference_imf.py',)),

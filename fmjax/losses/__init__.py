@@ -20,8 +20,6 @@ from fmjax import samplers
 from fmjax.losses import base, consistency, distill, eulerian, imf, lagrangian, semigroup
 from fmjax.losses.base import CommonOptions, Rule
 from fmjax.losses.times import TimeDistribution
-# After the rule modules: the fine-tuning rules wrap them (fmjax.steering.finetune imports them).
-from fmjax.steering import finetune as _finetune
 
 _MEANFLOW_TIMES = {'name': 'logit_normal', 'mean': 0.4, 'std': 1.0}   # MeanFlow's (-0.4, 1.0) in fmjax time
 # MeanFlow's reference code (Gsunshine/meanflow, configs/default.py): P_mean = -0.4, P_std = 1.0,
@@ -69,23 +67,36 @@ RULES: dict[str, RuleSpec] = {
 DEPRECATED_ALIASES = {'fmm': 'trajectory_distillation'}
 RULES['fmm'] = RULES['trajectory_distillation']
 
-# Reward fine-tuning (fmjax.steering.finetune), kept apart from RULES (the flow-map rules, each
-# with a float64 reference and a run on any teacher velocity): their "teacher" is the frozen base
-# model (finetune.BaseModel) and the reward, temperature, ... come as finetune=FinetuneOptions
-# (the training system builds it from config.finetune). make() and resolve_options() take both.
-FINETUNE_RULES: dict[str, RuleSpec] = {
-    'reward_distill': RuleSpec(_finetune.reward_distill_rule, 'required', {}),
-    'reward_backprop': RuleSpec(_finetune.reward_backprop_rule, 'required', {'diagonal_fraction': 0.0}),
-}
+
+def _finetune_rules() -> dict[str, RuleSpec]:
+  """The reward fine-tuning rules (fmjax.steering.finetune.FINETUNE_RULES), kept apart from RULES.
+
+  Imported when first asked for, not at module level: fmjax.steering.finetune builds on the rule
+  modules of this package, so importing it here at import time would make a cycle (whichever of
+  the two a program imported first would see the other half-initialized).
+  """
+  from fmjax.steering import finetune   # pylint: disable=import-outside-toplevel
+  return finetune.FINETUNE_RULES
+
+
+def __getattr__(name: str):
+  # fmjax.losses.FINETUNE_RULES, resolved lazily (PEP 562) for the reason in _finetune_rules.
+  if name == 'FINETUNE_RULES':
+    return _finetune_rules()
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def rule_spec(name: str) -> RuleSpec:
-  """The RuleSpec of loss `name` (RULES or FINETUNE_RULES), or one error listing the names."""
+  """The RuleSpec of loss `name` (RULES or FINETUNE_RULES), or one error listing the names.
+
+  make() and resolve_options() take both kinds of name.
+  """
   if name in RULES:
     return RULES[name]
-  if name in FINETUNE_RULES:
-    return FINETUNE_RULES[name]
-  raise ValueError(f'Unknown loss {name!r}; choose one of {sorted({**RULES, **FINETUNE_RULES})}.')
+  finetune_rules = _finetune_rules()
+  if name in finetune_rules:
+    return finetune_rules[name]
+  raise ValueError(f'Unknown loss {name!r}; choose one of {sorted({**RULES, **finetune_rules})}.')
 
 
 _COMMON_FIELDS = {f.name: f for f in dataclasses.fields(CommonOptions)}

@@ -6,7 +6,7 @@ A rule is a pure function `(params, batch, key) -> (loss, metrics)`:
             'step': scalar (optional; annealed schedules such as ECT's and sCT's read it)}
 The first B - n_diag rows of a batch are off-diagonal pairs s < t, the last n_diag rows are
 diagonal pairs s = t trained by flow matching, with n_diag = round(diagonal_fraction * B)
-fixed at trace time: jvps then run only on the rows that need them (DESIGN.md, section 3).
+fixed at trace time: jvps then run only on the rows that need them.
 """
 
 from __future__ import annotations

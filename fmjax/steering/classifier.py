@@ -1,6 +1,6 @@
 """A small CNN digit classifier on mnist5k and its reward r(x, labels) = log p(y | x).
 
-The classifier reward of issue 10: steering a flow map toward a chosen digit judges the look-ahead
+The classifier reward: steering a flow map toward a chosen digit judges the look-ahead
 X_{t,1}(x_t) (or the denoiser E[x1 | x_t], or x_t itself) by log p(y | x), so the classifier sees
 inputs in exactly the scale and shape the flow maps generate: float32 in [-1, 1] (uint8 / 127.5 - 1,
 as fmjax.data.pipelines feeds mnist5k), shape [batch, 28, 28, 1], or flattened [batch, 784].

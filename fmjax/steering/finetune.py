@@ -53,7 +53,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fmjax.losses import base, eulerian, lagrangian, semigroup
+from fmjax.losses import RuleSpec, base, eulerian, lagrangian, semigroup
 from fmjax.steering.resampling import ess_fraction, systematic_resample
 
 sg = jax.lax.stop_gradient
@@ -230,3 +230,16 @@ def reward_backprop_rule(ctx: base.Context, finetune: FinetuneOptions | None = N
                                 finetune.regularization)
 
   return loss_fn
+
+
+# The fine-tuning rules' registry (fmjax.losses.make, resolve_options, ... look names up here).
+# Kept apart from fmjax.losses.RULES (the flow-map rules, each with a float64 reference and a run
+# on any teacher velocity): their "teacher" is the frozen base model (BaseModel) and the reward,
+# temperature, ... come as finetune=FinetuneOptions (the training system builds it from
+# config.finetune). It lives here, not in fmjax.losses, so that fmjax.losses never imports this
+# module at import time: this module builds on the rule modules of fmjax.losses.
+FINETUNE_RULES: dict[str, RuleSpec] = {
+    'reward_distill': RuleSpec(reward_distill_rule, 'required', {}),
+    'reward_backprop': RuleSpec(reward_backprop_rule, 'required', {'diagonal_fraction': 0.0}),
+}
+assert tuple(FINETUNE_RULES) == RULE_NAMES   # one list of names, two spellings of it

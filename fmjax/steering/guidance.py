@@ -28,7 +28,7 @@ in the tests: grad_x r(X_{t,1}(x)) does not vanish as t -> 0 while the true grad
 sum_k h k_{t_k} grows like log K with the step count K: stronger than the tilt, for few steps a
 usable strength (guidance_scale tunes it), not a sampler of q.
 
-Discretization (operator splitting, the FMRG pattern of arXiv 2604.27147 as described in issue 10,
+Discretization (operator splitting, the FMRG pattern of arXiv 2604.27147,
 not checked against the paper): on a grid 0 = t_0 < ... < t_K = 1,
   y = X_{t_k, t_{k+1}}(x_k)                      (flow-map jump; or an Euler step on b),
   x_{k+1} = y + (t_{k+1} - t_k) u_{t_{k+1}}(y)   (guidance step at the new time).

@@ -1,6 +1,6 @@
 """Look-aheads: where a noisy state x_t is going, and the reward judged there.
 
-Three estimates of the clean sample behind x_t (DESIGN.md Sec. 7; arXiv 2604.27147 and
+Three estimates of the clean sample behind x_t (docs/steering.md; arXiv 2604.27147 and
 2511.22688 compare them):
   flow map   X_{t,1}(x_t)                       (sharp: the sample the ODE actually reaches),
   denoiser   E[x1 | x_t] from the velocity      (the posterior mean, blurry early on),

@@ -56,7 +56,7 @@ def gaussian_log_density(mean, std: float) -> Reward:
 
 def one_sided_quadratic(axis: int = 0) -> Reward:
   """r(x) = -x_a^2 1[x_a < 0]: the 8-Gaussian ring reward of arXiv 2511.22688 (Sec. on toy
-  experiments, not checked beyond the formula quoted in issue 10), pushing mass to x_a > 0."""
+  experiments, not checked beyond this formula), pushing mass to x_a > 0."""
 
   def reward(x, labels=None):
     del labels

@@ -8,7 +8,7 @@ eps_t = noise * alpha_t^2: the noise vanishes at the data end, where the score i
 Langevin step eps_t h stays below noise * h times the variance alpha_t^2 that every local mode of
 p_t has at least (the linear interpolant), so its O(eps h) bias stays small.
 
-Twist (DESIGN.md Sec. 7): V_t(x) = r(L_t(x)) / lambda with a look-ahead L_t (the flow map
+Twist (docs/steering.md): V_t(x) = r(L_t(x)) / lambda with a look-ahead L_t (the flow map
 X_{t,1}, the denoiser E[x1 | x_t], or x_t itself). The proposal adds the control
   u_t(x) = guidance_scale * strength(t) * 2 eps_t grad V_t(x),
 the Doob h-transform drift sigma^2 grad log h_t with h_t ≈ exp(V_t) (zero after guidance_stop),

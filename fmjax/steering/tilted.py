@@ -1,7 +1,7 @@
 """Closed-form tilted targets: q(x) ∝ p(x) exp(r(x) / lambda) for a quadratic reward.
 
 For p = sum_k w_k N(mu_k, s_k^2 I) and r(x) = -|x - c|^2 / (2 sigma^2), completing the square
-per component gives again a mixture (DESIGN.md Sec. 7; issue 10):
+per component gives again a mixture (docs/steering.md):
   s'_k^2 = 1 / (1/s_k^2 + 1/(lambda sigma^2)),
   mu'_k  = s'_k^2 (mu_k / s_k^2 + c / (lambda sigma^2)),
   w'_k   ∝ w_k N(c; mu_k, (s_k^2 + lambda sigma^2) I).
