@@ -52,6 +52,7 @@ import ml_collections
 import numpy as np
 
 from fmjax import api, checkpointing, configs, logging_utils, sharding, train, train_state
+from fmjax.data import datasets
 from fmjax.evaluation import assets, evaluator
 from fmjax.steering import classifier
 
@@ -364,7 +365,8 @@ def unknown_key_message(error: Exception, argv) -> str:
 # diverged run): one line that says what to do, no traceback.
 _USER_ERRORS = (configs.ConfigError, checkpointing.CheckpointError,
                 checkpointing.IncompatibleCheckpointError, assets.MissingFIDAssetsError,
-                train.NonFiniteError, classifier.ClassifierError)
+                train.NonFiniteError, classifier.ClassifierError, datasets.DatasetNotFoundError,
+                datasets.DatasetError)
 
 
 def main(argv):

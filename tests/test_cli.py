@@ -133,3 +133,4 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   assert result.returncode != 0
   assert 'python -m fmjax.data.mnist5k' in result.stderr
   assert 'not prepared' in result.stderr
+  assert 'Traceback' not in result.stderr   # one message, not a stack
