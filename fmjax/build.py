@@ -36,8 +36,8 @@ def _to_nnx_keys(tree):
 
 
 def network_options(config: ml_collections.ConfigDict) -> dict:
-  """The options of config.model's family in force (configs.resolve fills them)."""
-  model = configs.resolve(config).model
+  """The options of config.model's family in force (configs.model_in_force fills them)."""
+  model = configs.model_in_force(config)
   return {k: v for k, v in model.items() if k in models.option_types() and v is not None}
 
 
@@ -202,7 +202,7 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
   # The checkpoint records the example shape and classes, so the data need not be at hand
   # (arrays registered only in the training process, a folder on another machine).
   datasets.remember_recorded(restored.config.get('data', {}), restored.meta, workdir)
-  config = configs.resolve(ml_collections.ConfigDict(restored.config))
+  config = configs.resolve(ml_collections.ConfigDict(restored.config), recorded=True)
   if ema is None:
     ema = 0 if restored.state.get('ema') else -1
   params = train_state.select_params(restored.state, ema)

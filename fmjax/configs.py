@@ -259,8 +259,13 @@ class ConfigError(ValueError):
   """A config that cannot run, with a message that says what to change."""
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve(config: ml_collections.ConfigDict, *, recorded: bool = False) -> ml_collections.ConfigDict:
   """The config with every option in force filled in, validated; `config` is not changed.
+
+  recorded=True: a run's saved config read to load its model (fmjax.load): a loss name this
+  process does not know (a user's rule registered by an experiment file that is not imported
+  here) keeps its recorded, already resolved options; sampling needs only the network and
+  the flow map's parameterization.
 
   Loss and network options: explicit value (not None) > the experiment's loss_defaults[name] /
   model_defaults[name] > the rule's / network's own defaults. data.dim: the columns of
@@ -272,13 +277,24 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   with out.unlocked():
     _upgrade_model_section(out)
     _resolve_data(out.data)
-    _resolve_loss(out)
+    if not (recorded and not losses.is_registered(out.loss.name)):
+      _resolve_loss(out)
     _resolve_model(out)
     _resolve_optim(out)
     _upgrade_steering_sections(out)
   validate(out)
   out.lock()
   return out
+
+
+def model_in_force(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.model with every network option in force (the network part of `resolve`, which
+  reads only config.model and config.model_defaults)."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    _upgrade_model_section(out)
+    _resolve_model(out)
+  return out.model
 
 
 def _is_set(value) -> bool:

@@ -99,12 +99,67 @@ def rule_spec(name: str) -> RuleSpec:
   raise ValueError(f'Unknown loss {name!r}; choose one of {sorted({**RULES, **finetune_rules})}.')
 
 
+def is_registered(name: str) -> bool:
+  """Whether `name` is a training rule this process knows (RULES or the fine-tuning rules)."""
+  return name in RULES or name in _finetune_rules()
+
+
+TEACHER_KINDS = ('none', 'optional', 'required')
+
+
+def register(name: str, builder: Callable, *, teacher: str = 'none', defaults: dict | None = None,
+             fixed: dict | None = None, replace: bool = False) -> RuleSpec:
+  """Adds a training rule to RULES, e.g. from an experiment file, before its get_config runs:
+
+    def my_rule(ctx, scale: float = 1.0): ...        # -> off_diagonal / two_part_rule(ctx, ...)
+    losses.register('my_rule', my_rule)
+
+  builder(ctx: base.Context, **options) returns the rule's loss function (see the rules in
+  lagrangian.py / eulerian.py). Its keyword options with a float / int / str / bool annotation
+  become config.loss fields of every config made afterwards (configs.base_config), so they are
+  settable from the command line (--config.loss.scale=2.5); the common options
+  (base.CommonOptions) come with every rule. teacher: 'none', 'optional' or 'required' (a
+  distillation rule reads config.teacher.workdir). defaults: the rule's defaults over the common
+  ones; fixed: options the name implies. A run trained with such a rule loads and samples
+  without it (fmjax.load needs only the network and the flow map's parameterization).
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f'A rule name must be a non-empty string, got {name!r}.')
+  if is_registered(name) and not replace:
+    raise ValueError(f'Loss {name!r} is already registered; pick another name (or replace=True).')
+  if teacher not in TEACHER_KINDS:
+    raise ValueError(f'teacher must be one of {TEACHER_KINDS}, got {teacher!r}.')
+  parameters = list(inspect.signature(builder).parameters)
+  if not parameters or parameters[0] != 'ctx':
+    raise ValueError(f'The builder of {name!r} must take ctx (a losses.base.Context) as its first '
+                     f'parameter, then keyword options; it takes {parameters}.')
+  spec, previous = RuleSpec(builder, teacher, dict(defaults or {}), dict(fixed or {})), RULES.get(name)
+  RULES[name] = spec
+  try:
+    resolve_options(name, {})   # the defaults build: a wrong default fails here, not in training
+  except Exception:
+    if previous is None:
+      del RULES[name]
+    else:
+      RULES[name] = previous
+    raise
+  return spec
+
+
 _COMMON_FIELDS = {f.name: f for f in dataclasses.fields(CommonOptions)}
 TIME_OPTIONS = ('times', 'diagonal_times')      # options that are a TimeDistribution
 # Option types the config can hold (annotations are strings under `from __future__ import
 # annotations`); an option of another type (progressive's teacher_map) is for Python callers only.
 _CONFIG_TYPES = {'float': float, 'int': int, 'str': str, 'bool': bool,
                  'float | None': float, 'int | None': int}
+
+
+def _annotation_name(annotation) -> str:
+  """'float' for `float` and for the string 'float' (rules written without `from __future__
+  import annotations`, e.g. a user's rule in an experiment file); 'float | None' likewise."""
+  if isinstance(annotation, str):
+    return annotation
+  return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 def _own_parameters(builder) -> dict[str, inspect.Parameter]:
@@ -118,8 +173,8 @@ def option_types() -> dict[str, type]:
            for k, f in _COMMON_FIELDS.items()}
   for spec in RULES.values():
     for k, p in _own_parameters(spec.builder).items():
-      if str(p.annotation) in _CONFIG_TYPES:
-        types[k] = _CONFIG_TYPES[str(p.annotation)]
+      if _annotation_name(p.annotation) in _CONFIG_TYPES:
+        types[k] = _CONFIG_TYPES[_annotation_name(p.annotation)]
   return types
 
 
@@ -211,4 +266,4 @@ def make(name: str, flow_map, interpolant, teacher=None, **options) -> Rule:
   return Rule(name, spec.builder(ctx, **rule_options), common_options)
 
 
-__all__ = ['make', 'DEPRECATED_ALIASES', 'resolve_options', 'option_types', 'valid_options', 'RULES', 'FINETUNE_RULES', 'rule_spec', 'Rule', 'CommonOptions', 'TimeDistribution']
+__all__ = ['make', 'register', 'is_registered', 'DEPRECATED_ALIASES', 'resolve_options', 'option_types', 'valid_options', 'RULES', 'FINETUNE_RULES', 'rule_spec', 'Rule', 'CommonOptions', 'TimeDistribution']
