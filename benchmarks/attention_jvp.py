@@ -16,12 +16,12 @@ primal with its tangent stop-gradiented (MeanFlow, iMF, sCT, ESD), and on the jv
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import math
 
 import jax
 import jax.numpy as jnp
 
+from fmjax import benchmarking
 from fmjax.models import attention
 
 
@@ -52,31 +52,18 @@ def _modes(attend):
           'grad(jvp, sg tangent)': grad_of_jvp_stopped, 'grad(jvp)': grad_of_jvp}
 
 
-def _flops(compiled):
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return (cost or {}).get('flops')
-
-
 def measure(fn, args, repeats: int, flops_fn=None):
-  """(temp bytes, FLOPs, median seconds). XLA's cost analysis counts a while-loop body once,
-  so the FLOPs of a blocked program come from `flops_fn`, the same algorithm with one block
-  (its loops run once), compiled but never run."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  memory = compiled.memory_analysis()
-  temp = getattr(memory, 'temp_size_in_bytes', None) if memory is not None else None
-  flops = _flops(jax.jit(flops_fn or fn).lower(*args).compile() if flops_fn else compiled)
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return temp, flops, statistics.median(times)
+  """(temp bytes, FLOPs, median seconds); NaN for a number the backend does not give. XLA's
+  cost analysis counts a while-loop body once, so the FLOPs of a blocked program come from
+  `flops_fn`, the same algorithm with one block (its loops run once), compiled but never run."""
+  compiled, _ = benchmarking.compile(fn, *args)
+  flops = benchmarking.xla_cost(benchmarking.compile(flops_fn, *args)[0] if flops_fn else compiled)['flops']
+  timing = benchmarking.time_calls(lambda: compiled(*args), repeats=repeats, warmup=1)
+  return benchmarking.temp_bytes(compiled), flops, timing.median_s
 
 
 def _mib(x):
-  return 'n/a' if x is None else f'{x / 2**20:,.1f}'
+  return 'n/a' if math.isnan(x) else f'{x / 2**20:,.1f}'
 
 
 # Matmul FLOPs per (batch, head) in units of N_q N_k D: forward 2 matmuls (q k^T, P v) = 4;
@@ -129,9 +116,10 @@ def main():
             f'time: median of {args.repeats} after a warm-up; naive GFLOP: XLA cost analysis; '
             f'flash TFLOP/s: analytic matmul FLOPs ({ANALYTIC_UNITS} x B H N^2 D) / time. '
             f'cuDNN has no forward mode, so its jvp rows are empty.')
-  cols = ' | '.join(f'{n} temp MiB | {n} ms' for n in impls)
-  lines = [header, '', f'| seq | mode | {cols} | naive GFLOP | flash TFLOP/s | naive / flash |',
-           '|---:|---|' + '---:|' * (2 * len(impls) + 3)]
+  columns = (['seq', 'mode'] + [f'{n} {what}' for n in impls for what in ('temp MiB', 'ms')]
+             + ['naive GFLOP', 'flash TFLOP/s', 'naive / flash'])
+  align = ['right', ''] + ['right'] * (len(columns) - 2)
+  rows = []
   print(header, flush=True)
   checks = []
   for n in args.seq:
@@ -162,26 +150,29 @@ def main():
       for name in impls:
         r = results.get((name, mode))
         if r is None:
-          cells.append('- | -')
+          cells += ['-', '-']
         elif isinstance(r, str):
-          cells.append(f'{r} | {r}')
+          cells += [r, r]
         else:
-          cells.append(f'{_mib(r[0])} | {r[2] * 1e3:,.2f}')
+          cells += [_mib(r[0]), f'{r[2] * 1e3:,.2f}']
           times[name] = r[2]
       naive = results.get(('naive', mode))
-      gflop = f'{naive[1] / 1e9:,.2f}' if isinstance(naive, tuple) and naive[1] else 'n/a'
+      gflop = f'{naive[1] / 1e9:,.2f}' if isinstance(naive, tuple) and naive[1] > 0 else 'n/a'   # NaN: none
       units = ANALYTIC_UNITS.get(mode)
       rate = (f'{units * args.batch * args.heads * n * n * args.head_dim / times["flash"] / 1e12:,.1f}'
               if units and 'flash' in times else 'n/a')
       ratio = f'{times["naive"] / times["flash"]:.2f}x' if 'naive' in times and 'flash' in times else 'n/a'
-      line = f'| {n} | {mode} | ' + ' | '.join(cells) + f' | {gflop} | {rate} | {ratio} |'
-      lines.append(line)
-      print(line, flush=True)
-    with open(args.out, 'w') as f:   # after every length: a run cut short keeps what it measured
-      f.write('\n'.join(lines + [''] + [f'- {c}' for c in checks]) + '\n')
-  with open(args.out, 'w') as f:
-    f.write('\n'.join(lines + [''] + [f'- {c}' for c in checks]) + '\n')
+      rows.append([n, mode] + cells + [gflop, rate, ratio])
+      print(benchmarking.markdown_row(rows[-1]), flush=True)
+    # After every length: a run cut short keeps what it measured.
+    benchmarking.write(args.out, report(header, columns, rows, align, checks))
+  benchmarking.write(args.out, report(header, columns, rows, align, checks))
   print(f'wrote {args.out}')
+
+
+def report(header: str, columns, rows, align, checks) -> str:
+  table = benchmarking.markdown_table(columns, rows, align)
+  return '\n'.join([header, '', table, ''] + [f'- {c}' for c in checks]) + '\n'
 
 
 if __name__ == '__main__':

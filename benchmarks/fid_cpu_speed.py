@@ -26,33 +26,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, '..', 'tests', 'data', 'inception_golden.npz')
+sys.path.insert(0, os.path.dirname(HERE))   # fmjax, also for the torch environment's python
+
+from fmjax import benchmarking  # noqa: E402 -- imports no jax: the torch environment has none
 
 
 def _images(batch, size=32):
   return np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-
-
-def _time(fn, iters):
-  """Median wall seconds per call, the wall times, and process CPU seconds per call.
-
-  The CPU seconds (all threads) are the robust number on a shared machine: other processes
-  stretch the wall time but not the work this process does (spin-waiting threads do count).
-  """
-  fn()  # warm-up (compilation / oneDNN primitive creation)
-  times = []
-  cpu0 = time.process_time()
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), times, (time.process_time() - cpu0) / iters
 
 
 def run_jax(args):
@@ -66,10 +52,10 @@ def run_jax(args):
   else:
     x = jax.device_put(_images(args.batch))
     fn = jax.jit(inception.features)
-  t0 = time.perf_counter()
-  fn(params, x).block_until_ready()
-  first = time.perf_counter() - t0
-  median, times, cpu = _time(lambda: fn(params, x).block_until_ready(), args.iters)
+  call = lambda: fn(params, x)
+  first = benchmarking.time_calls(call, repeats=1, warmup=0).median_s   # compilation included
+  # One more untimed call, then --iters timed ones; CPU seconds: see benchmarking.Timing.
+  median, times, cpu, _ = benchmarking.time_calls(call, repeats=args.iters, warmup=1)
   golden = np.load(GOLDEN)
   err = float(np.abs(np.asarray(jax.jit(inception.features)(params, golden['images_a']))
                      - golden['features_a']).max())
@@ -102,7 +88,8 @@ def run_torch(args):
         x = x.contiguous(memory_format=torch.channels_last)
       return net(x)
 
-  median, times, cpu = _time(features, args.iters)
+  # The warm-up call creates oneDNN's primitives.
+  median, times, cpu, _ = benchmarking.time_calls(features, repeats=args.iters, warmup=1)
   return dict(backend='torch', torch=torch.__version__, threads=torch.get_num_threads(),
               channels_last=args.channels_last, mkldnn=torch.backends.mkldnn.is_available(),
               part='features', batch=args.batch, images_per_s=round(args.batch / median, 2),
@@ -133,19 +120,22 @@ def sweep(args):
         rows.append(dict(backend=backend, env=env, error=out.stderr[-500:]))
       print(json.dumps(rows[-1]), flush=True)
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write(f'# FID Inception features on the CPU (batch {args.batch}, 32x32 uint8 in)\n\n')
-      f.write('| backend | variant | images/s (wall) | CPU s / image | per-call wall s | '
-              'golden max abs err |\n| --- | --- | --- | --- | --- | --- |\n')
-      for r in rows:
-        if r['backend'] == 'jax':
-          variant = r.get('xla_flags') or ('network only' if r.get('part') == 'net' else 'default')
-        else:
-          variant = f"{r.get('threads')} threads"
-        f.write(f"| {r['backend']} | {variant} | {r.get('images_per_s', 'error')} | "
-                f"{r.get('cpu_s_per_image', '')} | {r.get('times_s', '')} | "
-                f"{r.get('golden_max_abs_error', '-')} |\n")
+    benchmarking.write(args.out, sweep_table(rows, args.batch))
   return rows
+
+
+def sweep_table(rows, batch: int) -> str:
+  cells = []
+  for r in rows:
+    if r['backend'] == 'jax':
+      variant = r.get('xla_flags') or ('network only' if r.get('part') == 'net' else 'default')
+    else:
+      variant = f"{r.get('threads')} threads"
+    cells.append([r['backend'], variant, r.get('images_per_s', 'error'), r.get('cpu_s_per_image', ''),
+                  r.get('times_s', ''), r.get('golden_max_abs_error', '-')])
+  table = benchmarking.markdown_table(['backend', 'variant', 'images/s (wall)', 'CPU s / image',
+                                       'per-call wall s', 'golden max abs err'], cells)
+  return f'# FID Inception features on the CPU (batch {batch}, 32x32 uint8 in)\n\n{table}\n'
 
 
 def main():

@@ -5,18 +5,18 @@
 For each conv precision (HIGHEST = true float32, the default; DEFAULT = TF32 on NVIDIA GPUs /
 bf16 passes on TPUs): the error against the TorchScript golden features
 (tests/data/inception_golden.npz) and images/s for uint8 [batch, size, size, 3] inputs (resize
-to 299 included), so one can judge the time of a 50,000-sample FID and whether the faster
+to 299 included; the median of --iters calls after the first), so one can judge the time of a 50,000-sample FID and whether the faster
 precision is acceptable.
 """
 
 import argparse
 import json
 import os
-import time
 
 import jax
 import numpy as np
 
+from fmjax import benchmarking
 from fmjax.evaluation import inception
 
 GOLDEN = os.path.join(os.path.dirname(__file__), '..', 'tests', 'data', 'inception_golden.npz')
@@ -43,14 +43,9 @@ def main():
       ref = golden[f'features_{k}']
       errors[k] = dict(max_abs=float(np.abs(ours - ref).max()),
                        rel_l2=float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)))
-    t0 = time.perf_counter()
-    fn(params, images).block_until_ready()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-      out = fn(params, images)
-    out.block_until_ready()
-    dt = (time.perf_counter() - t0) / args.iters
+    call = lambda: fn(params, images)
+    compile_s = benchmarking.time_calls(call, repeats=1, warmup=0).median_s   # the first call
+    dt = benchmarking.time_calls(call, repeats=args.iters, warmup=0).median_s
     print(json.dumps(dict(device=str(jax.devices()[0].device_kind), precision=name,
                           batch=args.batch, size=args.size, first_call_s=round(compile_s, 2),
                           images_per_s=round(args.batch / dt, 1),

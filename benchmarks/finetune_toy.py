@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import api, configs, samplers, train
+from fmjax import api, benchmarking, configs, samplers, train
 from fmjax import sharding as sharding_lib
 from fmjax.data import toy
 from fmjax.evaluation import toy_metrics
@@ -147,12 +147,11 @@ def print_table(results):
         f"{results['q_weights'][1]:.3f}; base law p: mean reward {results['p_mean_reward']:.3f}; "
         f"energy-distance floor (two exact q draws) {results['floor_two_exact_q_draws']:.4f}; "
         f"base model vs p {results['base_vs_p_energy_distance']:.4f}\n")
-  print('| method | step | mean reward | energy distance to q | right-mode mass | mass error |')
-  print('|---|---|---|---|---|---|')
-  for label, rows in results['runs'].items():
-    for r in rows:
-      print(f"| {label} | {r['step']} | {r['reward']:.3f} | {r['energy_distance']:.4f} | "
-            f"{r['right_mode_mass']:.3f} | {r['mass_error']:.3f} |")
+  cells = [[label, r['step'], f"{r['reward']:.3f}", f"{r['energy_distance']:.4f}",
+            f"{r['right_mode_mass']:.3f}", f"{r['mass_error']:.3f}"]
+           for label, rows in results['runs'].items() for r in rows]
+  print(benchmarking.markdown_table(['method', 'step', 'mean reward', 'energy distance to q',
+                                     'right-mode mass', 'mass error'], cells))
 
 
 if __name__ == '__main__':

@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fmjax import flow_maps, interpolants, losses, samplers
+from fmjax import benchmarking, flow_maps, interpolants, losses, samplers
 from fmjax.losses import base as losses_base
 from fmjax.models import functional
 from fmjax.models.mlp import MLP
@@ -130,17 +129,17 @@ def make_step(rule, optimizer):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def compiled_costs(compiled):
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  flops = float(analysis.get('flops', float('nan')))
-  try:
-    memory = compiled.memory_analysis()
-    temp = float(memory.temp_size_in_bytes)
-  except Exception:  # some backends report no memory analysis
-    temp = float('nan')
-  return flops, temp
+def stepper(compiled, params, opt_state, batch):
+  """A call of the compiled step that carries its (donated) state on to the next call, with
+  the key of call k PRNGKey(k)."""
+  state = {'params': params, 'opt_state': opt_state, 'calls': 0}
+
+  def call():
+    key = jax.random.PRNGKey(state['calls'])
+    state['params'], state['opt_state'], loss = compiled(state['params'], state['opt_state'], batch, key)
+    state['calls'] += 1
+    return loss
+  return call
 
 
 def main(argv=None):
@@ -167,7 +166,8 @@ def main(argv=None):
   optimizer = optax.adam(1e-4)
   wanted = set(filter(None, args.rules.split(',')))
 
-  entries = []   # (label, setting, step, params, opt_state, flops, temp)
+  entries = []   # (label, setting, flops, temp, analytic)
+  calls = {}     # (label, setting) -> a call of its compiled step
   for label, name, options in rule_variants(args.num_classes):
     if wanted and label not in wanted and label != 'flow_matching':
       continue
@@ -185,49 +185,42 @@ def main(argv=None):
       # A copy per entry: the step donates its params, which would free the shared arrays.
       params = jax.tree.map(jnp.copy, rule.init(net_params, jax.random.PRNGKey(0)))
       opt_state = optimizer.init(params)
-      step = make_step(rule, optimizer)
-      compiled = step.lower(params, opt_state, batch, jax.random.PRNGKey(0)).compile()
-      flops, temp = compiled_costs(compiled)
-      params, opt_state, loss = compiled(params, opt_state, batch, jax.random.PRNGKey(0))
-      jax.block_until_ready(loss)
-      entries.append([label, setting, compiled, params, opt_state, flops, temp, [], analytic, []])
+      compiled, _ = benchmarking.compile(make_step(rule, optimizer), params, opt_state, batch,
+                                         jax.random.PRNGKey(0))
+      flops, temp = benchmarking.xla_cost(compiled)['flops'], benchmarking.temp_bytes(compiled)
+      calls[label, setting] = stepper(compiled, params, opt_state, batch)
+      entries.append((label, setting, flops, temp, analytic))
       print(f'compiled {label:18s} {setting}: {flops / 1e9:8.2f} GFLOP', file=sys.stderr, flush=True)
 
-  for repeat in range(args.repeats):   # interleaved, so drifts in machine load hit all alike
-    for entry in entries:
-      compiled, params, opt_state = entry[2], entry[3], entry[4]
-      start, start_cpu = time.perf_counter(), time.process_time()
-      params, opt_state, loss = compiled(params, opt_state, batch, jax.random.PRNGKey(repeat + 1))
-      jax.block_until_ready(loss)
-      entry[7].append(time.perf_counter() - start)
-      entry[9].append(time.process_time() - start_cpu)
-      entry[3], entry[4] = params, opt_state
-
+  # Interleaved, so drifts in machine load hit all alike; the first call of each is the warm-up.
+  timings = benchmarking.interleaved(calls, repeats=args.repeats, warmup=1)
   base = next(e for e in entries if e[0] == 'flow_matching')
-  base_time, base_flops, base_temp = statistics.median(base[7]), base[5], base[6]
-  base_cpu = statistics.median(base[9])
+  base_flops, base_temp = base[2], base[3]
+  base_time = timings[base[0], base[1]].median_s
+  base_cpu = statistics.median(timings[base[0], base[1]].cpu_times)
   device = jax.devices()[0]
   # On a CPU backend the process's CPU time (all threads) is the work done, which other jobs
   # sharing the cores inflate less than the wall time; on an accelerator it is host time only.
   cpu_column = device.platform == 'cpu'
-  lines = [f'Model `{args.model}` ({args.size if args.model != "mlp" else "4x512"}), batch {args.batch}, {device.platform} ({device.device_kind}), '
-           f'jax {jax.__version__}; flow matching: {base_flops / 1e9:.2f} GFLOP, '
-           f'{base_time * 1e3:.1f} ms per step' + (f' ({base_cpu * 1e3:.0f} ms of CPU time)' if cpu_column else '')
-           + f'; median of {args.repeats} interleaved repeats.', '',
-           '| rule | rows | FLOP ratio (XLA) | analytic FLOP ratio | time ratio '
-           + ('| CPU time ratio ' if cpu_column else '') + '| temp memory ratio | reference FLOP ratio |',
-           '|---|---|---|---|---|' + ('---|' if cpu_column else '') + '---|---|']
-  for label, setting, _, _, _, flops, temp, times, analytic, cpu_times in entries:
+  title = (f'Model `{args.model}` ({args.size if args.model != "mlp" else "4x512"}), batch {args.batch}, '
+           f'{device.platform} ({device.device_kind}), jax {jax.__version__}; flow matching: '
+           f'{base_flops / 1e9:.2f} GFLOP, {base_time * 1e3:.1f} ms per step'
+           + (f' ({base_cpu * 1e3:.0f} ms of CPU time)' if cpu_column else '')
+           + f'; median of {args.repeats} interleaved repeats.')
+  header = (['rule', 'rows', 'FLOP ratio (XLA)', 'analytic FLOP ratio', 'time ratio']
+            + (['CPU time ratio'] if cpu_column else []) + ['temp memory ratio', 'reference FLOP ratio'])
+  rows = []
+  for label, setting, flops, temp, analytic in entries:
+    timing = timings[label, setting]
     reference = REFERENCE.get(label, ('', ''))[0 if setting == 'off' else 1]
-    rows = 'all off-diagonal' if setting == 'off' else ('all diagonal' if label == 'flow_matching' else 'paper mix')
-    cpu = f'| {statistics.median(cpu_times) / base_cpu:.2f} ' if cpu_column else ''
-    lines.append(f'| {label} | {rows} | {flops / base_flops:.3f} | {analytic:.3f} '
-                 f'| {statistics.median(times) / base_time:.2f} {cpu}| {temp / base_temp:.2f} | {reference} |')
-  table = '\n'.join(lines)
+    which = 'all off-diagonal' if setting == 'off' else ('all diagonal' if label == 'flow_matching' else 'paper mix')
+    cpu = [f'{statistics.median(timing.cpu_times) / base_cpu:.2f}'] if cpu_column else []
+    rows.append([label, which, f'{flops / base_flops:.3f}', f'{analytic:.3f}',
+                 f'{timing.median_s / base_time:.2f}'] + cpu + [f'{temp / base_temp:.2f}', reference])
+  table = title + '\n\n' + benchmarking.markdown_table(header, rows)
   print(table)
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write(table + '\n')
+    benchmarking.write(args.out, table + '\n')
 
 
 if __name__ == '__main__':

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+from fmjax import benchmarking
+
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
@@ -37,14 +39,12 @@ def main(argv=None):
                  f'train {times.get("train_s", "?")} s, eval {times.get("eval_s", "?")} s (wall, '
                  'compilation included)')
   nfes = sorted({n for col in columns.values() for n in col})
-  lines = [f'# MNIST-5k few-step FID{" (" + args.device + ")" if args.device else ""}', '',
-           '| NFE | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+  cells = []
   for n in nfes:
-    cells = []
-    for col in columns.values():
-      fid = (col.get(n) or {}).get('fid')
-      cells.append('' if fid is None else f'{fid:.2f}')
-    lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
+    fids = [(col.get(n) or {}).get('fid') for col in columns.values()]
+    cells.append([n] + ['' if fid is None else f'{fid:.2f}' for fid in fids])
+  lines = [f'# MNIST-5k few-step FID{" (" + args.device + ")" if args.device else ""}', '',
+           benchmarking.markdown_table(['NFE'] + list(columns), cells)]
   print('\n'.join(lines + [''] + [f'- {n}' for n in notes]))
 
 

@@ -22,6 +22,8 @@ import json
 import math
 import os
 
+from fmjax import benchmarking
+
 
 def _rows(path: str, label: str) -> list[dict]:
   with open(path) as f:
@@ -52,12 +54,11 @@ def table(eval_dir: str, distilled: str) -> tuple[str, dict]:
     path = os.path.join(eval_dir, f'{name}.json')
     if os.path.exists(path):
       rows += _rows(path, label)
-  lines = ['| model | sampler | NFE | FID | p >= 0.9 as requested | class TV | samples |',
-           '|---|---|---|---|---|---|---|']
-  for r in rows:
-    lines.append(f"| {r['model']} | {r['sampler']} | {_cell(r.get('nfe'), 'd')} | {_cell(r.get('fid'), '.2f')} "
-                 f"| {_cell(None if r.get('confident_share') is None else 100 * r['confident_share'], '.1f')} % "
-                 f"| {_cell(r.get('class_tv'), '.3f')} | {r.get('num_samples', '-')} |")
+  cells = [[r['model'], r['sampler'], _cell(r.get('nfe'), 'd'), _cell(r.get('fid'), '.2f'),
+            _cell(None if r.get('confident_share') is None else 100 * r['confident_share'], '.1f') + ' %',
+            _cell(r.get('class_tv'), '.3f'), r.get('num_samples', '-')] for r in rows]
+  lines = [benchmarking.markdown_table(
+      ['model', 'sampler', 'NFE', 'FID', 'p >= 0.9 as requested', 'class TV', 'samples'], cells)]
   fm32 = [r['fid'] for r in rows if r['model'] == 'flow matching' and r.get('nfe') == 32]
   lsd = {r['steps']: r for r in rows if r['model'] == 'LSD'}
   goal = {}
@@ -114,16 +115,14 @@ def main(argv=None):
   if args.reconstructions:
     row = reconstructions(args.reconstructions, args.data_dir, args.num_samples, args.reference,
                           args.classifier_dir)
-    with open(args.out, 'w') as f:
-      json.dump(row, f, indent=2)
+    benchmarking.write(args.out, json.dumps(row, indent=2))
     print(json.dumps(row))
     return
   text, _ = table(args.eval_dir, args.distilled)
   if args.times and os.path.exists(args.times):
     with open(args.times) as f:
       text += '\n\nStage times (this machine):\n\n' + ''.join(f'    {line}' for line in f)
-  with open(args.out, 'w') as f:
-    f.write(text + '\n')
+  benchmarking.write(args.out, text + '\n')
 
 
 if __name__ == '__main__':

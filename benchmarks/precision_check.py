@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fmjax import flow_maps, interpolants, losses, models
+from fmjax import benchmarking, flow_maps, interpolants, losses, models
 
 SIZES = {
     'tiny': dict(image_size=8, in_channels=4, patch_size=2, hidden=32, depth=1, num_heads=2,
@@ -72,8 +72,7 @@ def run(size: str, batch_size: int, num_classes: int = 10, out: str = '') -> lis
     rows.append(dict(rule=rule, qk_norm=qk_norm, loss32=loss32, loss16=loss16,
                      loss_rel=abs(loss16 / loss32 - 1), grad_rel=relative(grad16, grad32)))
     if out:
-      with open(out, 'w') as f:
-        f.write(table(rows, size, batch_size))
+      benchmarking.write(out, table(rows, size, batch_size))
   return rows
 
 
@@ -83,9 +82,10 @@ def table(rows, size, batch_size) -> str:
            f'{device.device_kind} ({device.platform}), jax {jax.__version__}; float32 parameters, same batch and key.',
            'Loss: unweighted, on the off-diagonal rows (flow matching: all rows); gradient: of the '
            'weighted loss the rule trains on, relative difference in global norm.',
-           '', '| rule | qk_norm | loss f32 | loss bf16 | loss rel. diff | grad rel. diff |', '|---|---|---|---|---|---|']
-  lines += [f"| {r['rule']} | {r['qk_norm']} | {r['loss32']:.6g} | {r['loss16']:.6g} | {r['loss_rel']:.2e} | "
-            f"{r['grad_rel']:.2e} |" for r in rows]
+           '', benchmarking.markdown_table(
+               ['rule', 'qk_norm', 'loss f32', 'loss bf16', 'loss rel. diff', 'grad rel. diff'],
+               [[r['rule'], r['qk_norm'], f"{r['loss32']:.6g}", f"{r['loss16']:.6g}", f"{r['loss_rel']:.2e}",
+                 f"{r['grad_rel']:.2e}"] for r in rows])]
   return '\n'.join(lines) + '\n'
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import interpolants
+from fmjax import benchmarking, interpolants
 from fmjax.data.toy import GaussianTarget
 from fmjax.steering import rewards, smc
 
@@ -84,17 +84,18 @@ def main():
   print(f'N(m, diag s^2), m = {MEAN.tolist()}, s = {STD.tolist()}; r = -|x - {CENTER.tolist()}|^2 '
         f'/ (2 * {REWARD_STD}^2), lambda = {LAM}; exact maps; {args.groups} groups x '
         f'{args.particles} particles. E_q[x_0^2] = {exact:.4f}.')
-  print('| steps | noise | look-ahead | measured error of E[x_0^2] | chain law (closed form) | mean ESS |')
-  print('|---|---|---|---|---|---|')
+  # The header now and each row as it is measured (a row takes minutes at the default sizes).
+  print(benchmarking.markdown_table(['steps', 'noise', 'look-ahead', 'measured error of E[x_0^2]',
+                                     'chain law (closed form)', 'mean ESS'], []))
   rows = [(int(k), float(n), 'flow_map') for k in args.steps.split(',') for n in args.noise.split(',')]
   rows += [(4, 0.5, 'denoiser'), (4, 0.5, 'naive')]
   for seed, (steps, noise, look) in enumerate(rows):
     start = time.time()
     got, se, ess = measure(steps, noise, look, args.groups, args.particles, seed)
     predicted = tilted_second_moment(chain_variance(steps, noise))[0]
-    print(f'| {steps} | {noise} | {look} | {100 * (got / exact - 1):+.2f} % +- {100 * se / exact:.2f} % '
-          f'| {100 * (predicted / exact - 1):+.2f} % | {ess:.2f} |   ({time.time() - start:.0f} s)',
-          flush=True)
+    row = benchmarking.markdown_row([steps, noise, look, f'{100 * (got / exact - 1):+.2f} % +- {100 * se / exact:.2f} %',
+                                     f'{100 * (predicted / exact - 1):+.2f} %', f'{ess:.2f}'])
+    print(f'{row}   ({time.time() - start:.0f} s)', flush=True)
 
 
 if __name__ == '__main__':

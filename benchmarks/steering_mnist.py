@@ -1,4 +1,4 @@
-r"""MNIST-5k steering demo (issue 10): an unconditional flow map steered to one digit by the
+r"""MNIST-5k steering demo: an unconditional flow map steered to one digit by the
 classifier reward r(x) = log p(digit | x) (fmjax.steering.classifier), every method side by side.
 
 Targets the tilted law p(x) p(digit | x)^(1 / lambda). For each method and network-evaluation
@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fmjax  # noqa: E402
-from fmjax import build, logging_utils  # noqa: E402
+from fmjax import benchmarking, build, logging_utils  # noqa: E402
 from fmjax.steering import classifier  # noqa: E402
 from fmjax.steering.result import SteerResult  # noqa: E402
 
@@ -176,7 +176,7 @@ def main(argv=None) -> list[dict]:
   with open(path, 'w') as f:
     json.dump({'digit': args.digit, 'temperature': lam, 'num': args.num, 'rows': results,
                'skipped': list(dict.fromkeys(skipped))}, f, indent=2)
-  print(markdown_table(results, args.digit))
+  print(results_table(results, args.digit))
   return results
 
 
@@ -210,18 +210,18 @@ def _save_panels(path, panels, columns: int):
   Image.open(path).convert('L').quantize(16).save(path, optimize=True, bits=4)
 
 
-def markdown_table(rows, digit: int) -> str:
+def results_table(rows, digit: int) -> str:
   has_eval = any('share_eval' in r for r in rows)
   head = ['method', 'NFE / sample', f'digit-{digit} share (steering clf)']
   head += ['(held-out clf)'] if has_eval else []
-  head += ['mean log p(digit | x)', 'ESS']
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  head += ['mean log p(digit \\| x)', 'ESS']   # markdown's escaped bar: not a column break
+  cells = []
   for r in rows:
-    cells = [r['method'], str(r['nfe']), f"{r['share_steer']:.0%}"]
-    cells += [f"{r['share_eval']:.0%}"] if has_eval else []
-    cells += [f"{r['mean_reward']:.2f}", f"{r['min_ess']:.2f}" if 'min_ess' in r else '']
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+    row = [r['method'], str(r['nfe']), f"{r['share_steer']:.0%}"]
+    row += [f"{r['share_eval']:.0%}"] if has_eval else []
+    row += [f"{r['mean_reward']:.2f}", f"{r['min_ess']:.2f}" if 'min_ess' in r else '']
+    cells.append(row)
+  return benchmarking.markdown_table(head, cells)
 
 
 if __name__ == '__main__':

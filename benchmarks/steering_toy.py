@@ -1,4 +1,4 @@
-r"""Steering methods side by side on toy targets with exact tilted answers (issue 10's tables).
+r"""Steering methods side by side on toy targets with exact tilted answers (docs/steering.md's tables).
 
 For a trained 2-D toy flow map (experiments/toy_gmm.py: 8 Gaussians on a ring of radius 4, std
 0.4) and three tilts, every method runs at (about) equal network evaluations per returned sample
@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fmjax import interpolants  # noqa: E402
+from fmjax import benchmarking, interpolants  # noqa: E402
 from fmjax.data.toy import GaussianMixtureTarget  # noqa: E402
 from fmjax.evaluation.toy_metrics import energy_distance  # noqa: E402
 from fmjax.steering import lookahead as lookahead_lib  # noqa: E402
@@ -168,17 +168,17 @@ def markdown(results) -> str:
            f"{results['budget_nfe']} per sample, SMC groups of {results['particles']} particles.",
            f"Plain one-step samples vs the untilted target: energy distance "
            f"{results['plain_energy_to_untilted']:.4f} (two exact draws: {results['floor_untilted']:.4f}).", '']
+  header = ['method', 'NFE', 'energy dist.', 'mode-mass L1 err', 'mean reward', 'frac x0>0', 'ESS']
   for name, rows in results['cases'].items():
-    lines += [f'### {name}', '', '| method | NFE | energy dist. | mode-mass L1 err | mean reward | frac x0>0 | ESS |',
-              '|---|---|---|---|---|---|---|']
+    cells = []
     for method, r in rows.items():
       if 'error' in r:
-        lines.append(f"| {method} | | {r['error']} | | | | |")
+        cells.append([method, '', r['error'], '', '', '', ''])
         continue
       f = lambda k, fmt='{:.4f}': fmt.format(r[k]) if k in r else '-'
-      lines.append(f"| {method} | {r['nfe']} | {f('energy')} | {f('mass_err', '{:.3f}')} | "
-                   f"{f('mean_reward', '{:.3f}')} | {f('frac_x0_pos', '{:.3f}')} | {f('ess', '{:.2f}')} |")
-    lines.append('')
+      cells.append([method, r['nfe'], f('energy'), f('mass_err', '{:.3f}'), f('mean_reward', '{:.3f}'),
+                    f('frac_x0_pos', '{:.3f}'), f('ess', '{:.2f}')])
+    lines += [f'### {name}', '', benchmarking.markdown_table(header, cells), '']
   return '\n'.join(lines)
 
 

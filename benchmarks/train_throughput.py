@@ -30,7 +30,7 @@ the devices present (gcd).
   python benchmarks/train_throughput.py --model unet --tiny --repeats 2            # CPU smoke run
 
 Under the table, each rule's step-time ratio to flow matching (same attention) beside its
-analytic FLOP ratio: the issue's bound is a time ratio at most 1.1x the FLOP ratio.
+analytic FLOP ratio: the bound aimed for is a time ratio at most 1.1x the FLOP ratio.
 
 Rows are written to --out as they finish; `--budget_s` skips the rows that would start after
 the budget is spent (a partial table instead of none when a device call has a time limit).
@@ -46,14 +46,13 @@ import concurrent.futures
 import importlib.util
 import math
 import os
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from fmjax import build, models, sharding as sharding_lib, train
+from fmjax import benchmarking, build, models, sharding as sharding_lib, train
 from fmjax.models import flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,12 +172,6 @@ def analytic_step_flops(config, example_shape, rule: str) -> float:
                               float(loss.diagonal_fraction), **extra)
 
 
-def _cost(analysis) -> float:
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get('flops', float('nan')))
-
-
 class Row:
   """One (preset, rule, attention) row in phases: the constructor builds the trainer, `lower`
   lowers its step against the abstract state (no device memory for the state), `compile`
@@ -212,36 +205,30 @@ class Row:
       start = time.perf_counter()
       self.lowered = setup.train_step.lower(setup.abstract_state, self.batch, self.stop)
       self.row['lower_s'] = time.perf_counter() - start
-    self.row['xla_flops'] = _cost(self.lowered.cost_analysis())
+    self.row['xla_flops'] = benchmarking.xla_cost(self.lowered)['flops']
 
   def compile(self):
     start = time.perf_counter()
     # --tiny is a smoke run: compile without backend optimization (seconds, not a minute).
     self.compiled = self.lowered.compile(models.FAST_COMPILE if self.tiny else None)
     self.row['compile_s'] = self.row['lower_s'] + time.perf_counter() - start
-    try:
-      self.row['temp_gib'] = self.compiled.memory_analysis().temp_size_in_bytes / 2**30
-    except Exception:   # backends without a memory analysis
-      self.row['temp_gib'] = float('nan')
+    self.row['temp_gib'] = benchmarking.temp_bytes(self.compiled) / 2**30   # NaN: no memory analysis
 
   def time(self, warmup: int, repeats: int) -> dict:
     setup, compiled, row = self.setup, self.compiled, self.row
     with jax.set_mesh(setup.mesh):
-      state = setup.init_state()
-      for _ in range(warmup):
-        state, metrics = compiled(state, self.batch, self.stop)
-      jax.block_until_ready(state)
-      times = []
-      for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = compiled(state, self.batch, self.stop)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-      row['loss'] = float(jax.device_get(metrics['loss']))
-    del state
+      carried = {'state': setup.init_state()}
+
+      def step():   # the next step on the state the last one returned (donated), waited for
+        carried['state'], carried['metrics'] = compiled(carried['state'], self.batch, self.stop)
+        return carried['state']
+
+      timing = benchmarking.time_calls(step, repeats=repeats, warmup=warmup)
+      row['loss'] = float(jax.device_get(carried['metrics']['loss']))
+    del carried
     self.compiled = self.lowered = None   # free the executable before the next row
     n = jax.device_count()
-    row['step_s'] = statistics.median(times)
+    row['step_s'] = timing.median_s
     row['img_s_device'] = row['batch'] / row['step_s'] / n
     peak = flops_lib.peak_bf16_flops(jax.devices()[0].device_kind)
     row['mfu'] = row['model_flops'] / row['step_s'] / (peak * n) if peak else float('nan')
@@ -263,28 +250,34 @@ def _error_row(preset, rule, attention, e) -> dict:
           'error': f'{type(e).__name__}: {message}'}
 
 
-HEADER = ('| network | rule | attention | batch | dtype | diagonal | step ms | img/s/device | '
-          'model GFLOP | XLA GFLOP | model/XLA | MFU | temp GiB | compile s | note |')
+COLUMNS = ('network', 'rule', 'attention', 'batch', 'dtype', 'diagonal', 'step ms', 'img/s/device',
+           'model GFLOP', 'XLA GFLOP', 'model/XLA', 'MFU', 'temp GiB', 'compile s', 'note')
+HEADER = benchmarking.markdown_row(COLUMNS)
 
 
 def format_row(r: dict) -> str:
+  return benchmarking.markdown_row(row_cells(r))
+
+
+def row_cells(r: dict) -> list[str]:
+  """The table's cells of one row: measured, compiled but not timed, or failed / skipped."""
   if 'error' in r:
-    return (f"| {r['preset']} | {r['rule']} | {r.get('attention', '')} | {r.get('batch', '')} "
-            f"| | | | | | | | | | | {r['error']} |")
+    return ([r['preset'], r['rule'], r.get('attention', ''), r.get('batch', '')]
+            + [''] * (len(COLUMNS) - 5) + [r['error']])
   timed = 'step_s' in r
   mfu = '' if not timed or math.isnan(r['mfu']) else f"{100 * r['mfu']:.1f} %"
   step = f"{1e3 * r['step_s']:.1f}" if timed else ''
   per_device = f"{r['img_s_device']:.1f}" if timed else ''
   note = r.get('guidance', '') if timed else 'compiled, not timed'
-  return (f"| {r['preset']} | {r['rule']} | {r['attention']} | {r['batch']} | {r['dtype']} | "
-          f"{r['diag']:g} | {step} | {per_device} | {r['model_flops'] / 1e9:.4g} | "
-          f"{r['xla_flops'] / 1e9:.4g} | {r['model_flops'] / r['xla_flops']:.3f} | {mfu} | "
-          f"{r['temp_gib']:.2f} | {r['compile_s']:.0f} | {note} |")
+  return [r['preset'], r['rule'], r['attention'], r['batch'], r['dtype'], f"{r['diag']:g}", step,
+          per_device, f"{r['model_flops'] / 1e9:.4g}", f"{r['xla_flops'] / 1e9:.4g}",
+          f"{r['model_flops'] / r['xla_flops']:.3f}", mfu, f"{r['temp_gib']:.2f}",
+          f"{r['compile_s']:.0f}", note]
 
 
 def ratios(rows) -> list[str]:
   """Each timed rule against flow matching with the same attention: the time ratio, the
-  analytic FLOP ratio, and their quotient (the issue's bound: at most 1.1)."""
+  analytic FLOP ratio, and their quotient (the bound aimed for: at most 1.1)."""
   timed = [r for r in rows if r is not None and 'step_s' in r]
   base = {r['attention']: r for r in timed if r['rule'] == 'flow_matching'}
   lines = []
@@ -307,8 +300,7 @@ def table(rows) -> str:
   lines = [f'Training step throughput on {jax.device_count()} x {device.device_kind} ({device.platform}), '
            f'jax {jax.__version__}; MFU against {peak_text} (fmjax.models.flops.PEAK_BF16). '
            'Step: fmjax.train.Setup\'s jitted step, synthetic batch on device; median of the timed repeats.',
-           '', HEADER, '|' + '---|' * (HEADER.count('|') - 1)]
-  lines += [format_row(r) for r in rows]
+           '', benchmarking.markdown_table(COLUMNS, [row_cells(r) for r in rows])]
   extra = ratios(rows)
   return '\n'.join(lines + ([''] + extra if extra else [])) + '\n'
 

@@ -21,36 +21,22 @@ images (uniform in [-1, 1]); max |bf16 - f32| / max |f32| and RMS(bf16 - f32) / 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import autoencoders
+from fmjax import autoencoders, benchmarking
 
 TINY = dict(block_out_channels=(16, 32, 32, 32), norm_num_groups=8)
 
 
-def flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):   # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', float('nan')))
-
-
 def measure(fn, params, x, repeats: int) -> dict:
-  t = time.perf_counter()
-  compiled = jax.jit(fn).lower(params, x).compile()
-  compile_s = time.perf_counter() - t
-  out = jax.block_until_ready(compiled(params, x))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(params, x))
-    times.append(time.perf_counter() - t)
-  return dict(out=out, compile_s=compile_s, seconds=statistics.median(times), flops=flops(compiled))
+  compiled, compile_s = benchmarking.compile(fn, params, x)
+  out = jax.block_until_ready(compiled(params, x))   # the untimed call, kept for the error rows
+  timing = benchmarking.time_calls(lambda: compiled(params, x), repeats=repeats, warmup=0)
+  return dict(out=out, compile_s=compile_s, seconds=timing.median_s,
+              flops=benchmarking.xla_cost(compiled)['flops'])
 
 
 def relative(a, b) -> tuple[float, float]:
@@ -77,10 +63,17 @@ def run(config, image_size: int, batch: int, repeats: int) -> tuple[list[dict], 
   return rows, errors
 
 
-def _row(r: dict, batch: int) -> str:
+COLUMNS = ('op', 'dtype', 'compile s', 'ms / batch', 'images/s', 'XLA GFLOP / image', 'GFLOP/s')
+
+
+def _cells(r: dict, batch: int) -> list[str]:
   per_image = r['flops'] / batch / 1e9
-  return (f"| {r['op']} | {r['dtype']} | {r['compile_s']:.1f} | {1e3 * r['seconds']:.1f} | "
-          f"{batch / r['seconds']:.2f} | {per_image:.4g} | {r['flops'] / r['seconds'] / 1e9:.4g} |")
+  return [r['op'], r['dtype'], f"{r['compile_s']:.1f}", f"{1e3 * r['seconds']:.1f}",
+          f"{batch / r['seconds']:.2f}", f'{per_image:.4g}', f"{r['flops'] / r['seconds'] / 1e9:.4g}"]
+
+
+def _row(r: dict, batch: int) -> str:
+  return benchmarking.markdown_row(_cells(r, batch))
 
 
 def table(rows, errors, config, image_size, batch, repeats) -> str:
@@ -90,13 +83,12 @@ def table(rows, errors, config, image_size, batch, repeats) -> str:
            f'images <-> {image_size // config.downsample_factor}x{image_size // config.downsample_factor}'
            f'x{config.latent_channels} latents, batch {batch}; {device.device_kind} ({device.platform}, '
            f'{jax.device_count()} device(s)), jax {jax.__version__}; median of {repeats} calls.',
-           '', '| op | dtype | compile s | ms / batch | images/s | XLA GFLOP / image | GFLOP/s |',
-           '|---|---|---|---|---|---|---|']
-  lines += [_row(r, batch) for r in rows]
+           '', benchmarking.markdown_table(COLUMNS, [_cells(r, batch) for r in rows])]
   lines += ['', 'bfloat16 against float32, same weights and inputs:', '',
-            '| output | max abs diff / max abs f32 | RMS diff / RMS f32 |', '|---|---|---|']
-  lines += [f'| {op} ({"images" if op == "decode" else "posterior mean"}) | {mx:.2e} | {rms:.2e} |'
-            for op, (mx, rms) in errors.items()]
+            benchmarking.markdown_table(
+                ['output', 'max abs diff / max abs f32', 'RMS diff / RMS f32'],
+                [[f'{op} ({"images" if op == "decode" else "posterior mean"})', f'{mx:.2e}', f'{rms:.2e}']
+                 for op, (mx, rms) in errors.items()])]
   return '\n'.join(lines) + '\n'
 
 
@@ -114,8 +106,7 @@ def main(argv=None):
   text = table(rows, errors, config, image_size, args.batch, args.repeats)
   print(text)
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text)
+    benchmarking.write(args.out, text)
 
 
 if __name__ == '__main__':
