@@ -31,7 +31,7 @@ import os
 import time
 
 from experiments import toy_gmm_nd
-from fmjax import build, train
+from fmjax import benchmarking, build, train
 from fmjax.data import pipelines
 
 UNIFORM = {'name': 'uniform'}
@@ -114,16 +114,16 @@ def main():
       print(f'{name} seed {seed}: 1-step energy {energy(metrics, 1):.4g} ({seconds:.0f} s)', flush=True)
   print(f'\n{args.dim}-D mixture, {len(seeds)} seed(s) per row; floor (two target draws): energy '
         f"{results[(names[0], seeds[0])]['target_vs_target']['energy_distance']:.2g}")
-  print('| variant | 1-step energy | 2-step energy | 4-step energy | 1-step sliced W1 | 1-step RMSE vs exact |')
-  print('|---|---|---|---|---|---|')
+  rows = []
   for name in names:
-    cells = []
+    row = [name]
     for k in (1, 2, 4):
-      values = [energy(results[(name, s)], k) for s in seeds]
-      cells.append(' / '.join(f'{v:.4f}' for v in values))
-    sw = ' / '.join(f"{results[(name, s)]['few_step']['1']['sliced_wasserstein']:.3f}" for s in seeds)
-    rmse = ' / '.join(f"{results[(name, s)]['few_step']['1']['rmse_vs_exact']:.3f}" for s in seeds)
-    print(f'| {name} | ' + ' | '.join(cells) + f' | {sw} | {rmse} |')
+      row.append(' / '.join(f'{energy(results[(name, s)], k):.4f}' for s in seeds))
+    for field, digits in (('sliced_wasserstein', 3), ('rmse_vs_exact', 3)):
+      row.append(' / '.join(f"{results[(name, s)]['few_step']['1'][field]:.{digits}f}" for s in seeds))
+    rows.append(row)
+  print(benchmarking.markdown_table(['variant', '1-step energy', '2-step energy', '4-step energy',
+                                     '1-step sliced W1', '1-step RMSE vs exact'], rows))
 
 
 if __name__ == '__main__':

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fmjax  # noqa: E402
+from fmjax import benchmarking  # noqa: E402
 from fmjax.steering import classifier  # noqa: E402
 
 CONFIDENT = 0.9
@@ -124,13 +125,11 @@ def main(argv=None) -> list[dict]:
 
 
 def markdown_table(results: list[dict], temperature: float) -> str:
-  lines = [f'| method (lambda = {temperature:g}) | NFE / sample | p(digit) >= {CONFIDENT} | argmax = digit '
-           '| mean log p(digit | x) | samples |', '|---|---|---|---|---|---|']
-  for r in results:
-    lines.append(f"| {r['method']} | {r['nfe']} | {r['confident_share']:.1%} | {r['argmax_share']:.1%} "
-                 f"| {r['mean_reward']:.2f} | {r['samples']} |")
-  return '\n'.join(lines)
-
+  header = [f'method (lambda = {temperature:g})', 'NFE / sample', f'p(digit) >= {CONFIDENT}',
+            'argmax = digit', r'mean log p(digit \| x)', 'samples']
+  return benchmarking.markdown_table(header, [
+      [r['method'], r['nfe'], f"{r['confident_share']:.1%}", f"{r['argmax_share']:.1%}",
+       f"{r['mean_reward']:.2f}", r['samples']] for r in results])
 
 if __name__ == '__main__':
   main()
