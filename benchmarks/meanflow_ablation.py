@@ -13,7 +13,10 @@ X*_{0,1} of the same noise). The variants change one of MeanFlow's choices at a 
                b_t(x) (a noiseless tangent and target: the variance of the regression target
                removed, everything else kept)
 
-and iMF (the model's own velocity as the tangent) with its defaults, weighted and unweighted.
+and iMF (the model's own velocity as the tangent) with its defaults, weighted and unweighted, and
+ESD (Eulerian self-distillation: the Eulerian residual of MeanFlow with the model's own velocity
+as the tangent and target, LSD's times and weights) to separate the Eulerian objective from
+MeanFlow's other choices.
 
   PYTHONPATH=. python benchmarks/meanflow_ablation.py                        # the table in docs/results.md
   PYTHONPATH=. python benchmarks/meanflow_ablation.py --only lsd,mf_paper --seeds 0,1,2
@@ -52,6 +55,7 @@ VARIANTS = {
     'mf_lsd_settings_exact': ('meanflow', {'weighting': 'none', 'times': UNIFORM,
                                            'diagonal_time': 'diagonal_times',
                                            'diagonal_times': UNIFORM}, True),
+    'esd': ('esd', {}, False),
     'imf_paper': ('imf', {'weighting': 'adaptive'}, False),
     'imf_unweighted': ('imf', {'weighting': 'none'}, False),
 }
