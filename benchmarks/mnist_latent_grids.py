@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fmjax  # noqa: E402
-from fmjax import logging_utils  # noqa: E402
+from fmjax import plotting  # noqa: E402
 
 
 def euler_ode(model, key, labels, nfe: int) -> np.ndarray:
@@ -60,7 +60,7 @@ def save(path: str, drawn, per_digit: int) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(drawn), figsize=(2.3 * len(drawn), 2.9), squeeze=False)
   for ax, (title, images) in zip(axes.flat, drawn):
-    ax.imshow(logging_utils.image_grid(images, per_digit), cmap='gray', interpolation='nearest')
+    ax.imshow(plotting.image_grid(images, per_digit), cmap='gray', interpolation='nearest')
     ax.set_title(title, fontsize=7)
     ax.axis('off')
   fig.tight_layout()

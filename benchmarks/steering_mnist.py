@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fmjax  # noqa: E402
-from fmjax import benchmarking, build, logging_utils  # noqa: E402
+from fmjax import benchmarking, build, plotting  # noqa: E402
 from fmjax.steering import classifier  # noqa: E402
 from fmjax.steering.result import SteerResult  # noqa: E402
 
@@ -198,7 +198,7 @@ def _save_panels(path, panels, columns: int):
   for ax in axes.flat:
     ax.axis('off')
   for ax, (title, samples) in zip(axes.flat, panels):
-    ax.imshow(logging_utils.image_grid(samples[:columns * columns], columns), cmap='gray',
+    ax.imshow(plotting.image_grid(samples[:columns * columns], columns), cmap='gray',
               interpolation='nearest')
     ax.set_title(title, fontsize=7)
   fig.tight_layout()

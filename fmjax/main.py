@@ -51,7 +51,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fmjax import api, checkpointing, configs, logging_utils, sharding, train, train_state
+from fmjax import api, checkpointing, configs, logging_utils, plotting, sharding, train, train_state
 from fmjax.data import datasets
 from fmjax.evaluation import assets, evaluator
 from fmjax.steering import classifier
@@ -276,10 +276,10 @@ def sample_to_workdir(config, workdir: str) -> dict:
   os.makedirs(os.path.dirname(out), exist_ok=True)
   np.save(out + '.npy', x)
   if x.ndim == 2:
-    logging_utils.scatter_png(out + '.png', [(f'{config.sample.steps} step(s)', x)])
+    plotting.scatter_png(out + '.png', [(f'{config.sample.steps} step(s)', x)])
   else:
     columns = int(np.ceil(np.sqrt(len(x))))
-    logging_utils.save_png(out + '.png', logging_utils.image_grid(x, columns))
+    plotting.save_png(out + '.png', plotting.image_grid(x, columns))
   print(f'wrote {out}.npy and {out}.png')
   return {'path': out + '.npy', 'step': model.step}
 

@@ -38,7 +38,7 @@ import os
 import jax
 import numpy as np
 
-from fmjax import api, configs, logging_utils
+from fmjax import api, configs, logging_utils, plotting
 from fmjax.data import pipelines, toy
 from fmjax.evaluation import toy_metrics
 from fmjax.steering import rewards, tilted
@@ -210,11 +210,11 @@ def steer_to_workdir(config, workdir: str) -> dict:
     json.dump(metrics, f, indent=2)
   title = f'{st.method}, lambda = {st.temperature}, {metrics["nfe"]} NFE'
   if x.ndim == 2:
-    logging_utils.scatter_png(os.path.join(out, 'samples.png'),
+    plotting.scatter_png(os.path.join(out, 'samples.png'),
                               [(f'unsteered, {steps} NFE', np.asarray(baseline)), (title, x)])
   else:
     columns = int(np.ceil(np.sqrt(min(len(x), 64))))
-    logging_utils.save_png(os.path.join(out, 'samples.png'), logging_utils.image_grid(x[:64], columns))
+    plotting.save_png(os.path.join(out, 'samples.png'), plotting.image_grid(x[:64], columns))
   print(f'wrote {out}/samples.npy, baseline_samples.npy, metrics.json and samples.png: ' + json.dumps(
       {'method': metrics['method'], 'nfe': metrics['nfe'], 'mean_reward': metrics['mean_reward'],
        'baseline_mean_reward': metrics['baseline']['mean_reward']}))

@@ -36,6 +36,7 @@ import numpy as np
 
 from fmjax import configs
 from fmjax import logging_utils
+from fmjax import plotting
 from fmjax import sharding
 from fmjax import train_state
 from fmjax.evaluation import assets
@@ -238,16 +239,16 @@ class Evaluator:
       panels = [(spec.label, finite(v)) for spec, v in samples.items() if spec.family == 'flow_map']
       odes = [(spec.label, finite(v)) for spec, v in samples.items() if spec.family == 'ode']
       panels += odes[-1:]   # the most accurate ODE solve, for comparison
-      picture = logging_utils.scatter_png(
+      picture = plotting.scatter_png(
           os.path.join(self.workdir, 'samples', f'step_{step}.png'), panels, reference)
       logger.image(step, 'samples/few_step', picture)
       return
     for spec, v in samples.items():
-      g = logging_utils.image_grid(np.clip(np.nan_to_num(v, nan=-1.0, posinf=1.0, neginf=-1.0), -1, 1),
+      g = plotting.image_grid(np.clip(np.nan_to_num(v, nan=-1.0, posinf=1.0, neginf=-1.0), -1, 1),
                                    self.config.eval.grid_size)
       name = (f'{spec.steps}steps' if spec.family == 'flow_map'
               else f'ode_{spec.method}_{spec.nfe}nfe')
-      logging_utils.save_png(os.path.join(self.workdir, 'samples', f'step_{step}_{name}.png'), g)
+      plotting.save_png(os.path.join(self.workdir, 'samples', f'step_{step}_{name}.png'), g)
       logger.image(step, f'samples/{name}', g if g.ndim == 3 else g[..., None])
 
 
