@@ -34,7 +34,7 @@ import os
 import time
 
 from experiments import toy_gmm_nd
-from fmjax import benchmarking, build, train
+from fmjax import benchmarking, from_config, train
 from fmjax.data import pipelines
 
 UNIFORM = {'name': 'uniform'}
@@ -76,7 +76,7 @@ def make_config(rule: str, overrides: dict, dim: int, seed: int, steps: int | No
 def exact_velocity(config):
   """The mixture's closed-form velocity b_t(x) as a teacher(t, x, labels)."""
   target = pipelines.make_toy_target(config.data)
-  interpolant = build.build_interpolant(config)
+  interpolant = from_config.build_interpolant(config)
   return lambda t, x, labels=None: target.velocity(interpolant, t, x)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fmjax  # noqa: E402
-from fmjax import benchmarking, build, plotting  # noqa: E402
+from fmjax import benchmarking, from_config, plotting  # noqa: E402
 from fmjax.steering import classifier  # noqa: E402
 from fmjax.steering.result import SteerResult  # noqa: E402
 
@@ -86,7 +86,7 @@ def main(argv=None) -> list[dict]:
   if model.num_classes:
     raise ValueError(f'{args.model_dir} holds a class-conditional model; the demo steers an unconditional one '
                      '(train it with --config.data.num_classes=0).')
-  interpolant = build.build_interpolant(model.config)
+  interpolant = from_config.build_interpolant(model.config)
   params, fm = model.params, model.parameterization
 
   def times(t, x):

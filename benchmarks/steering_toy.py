@@ -72,13 +72,13 @@ def ensure_trained(workdir: str, steps: int) -> None:
 def model_maps(workdir: str):
   """(flow_map, velocity, interpolant) of a trained workdir, as pure closures of its params."""
   import fmjax
-  from fmjax import build
+  from fmjax import from_config
   model = fmjax.load(workdir)
   fm, params = model.parameterization, model.params
   times = lambda t, x: jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
   flow_map = lambda s, t, x, labels=None: fm.X(params, times(s, x), times(t, x), x, labels)
   velocity = lambda t, x, labels=None: fm.velocity(params, times(t, x), x, labels)
-  return flow_map, velocity, build.build_interpolant(model.config)
+  return flow_map, velocity, from_config.build_interpolant(model.config)
 
 
 def exact_maps():

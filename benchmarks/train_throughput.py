@@ -52,7 +52,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fmjax import benchmarking, build, models, sharding as sharding_lib, train
+from fmjax import benchmarking, from_config, models, sharding as sharding_lib, train
 from fmjax.models import flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +154,7 @@ class SyntheticSource:
 
 def analytic_step_flops(config, example_shape, rule: str) -> float:
   """fmjax.models.flops' count of one step of `config` (the whole global batch)."""
-  family, options = config.model.name, build.network_options(config)
+  family, options = config.model.name, from_config.network_options(config)
   module = models.abstract(family, example_shape=tuple(example_shape),
                            num_classes=int(config.data.num_classes),
                            time_conditioning=config.model.time_conditioning,

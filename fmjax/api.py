@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fmjax import build
+from fmjax import from_config, trained_runs
 from fmjax import samplers
 from fmjax import sharding
 
@@ -534,15 +534,15 @@ def load(workdir: str, step: int | None = None, *, ema: int | None = None,
   config.autoencoder); it must be the one that encoded the training latents (digest checked).
   decode_dtype: the decoder's compute dtype, 'float32' or 'bfloat16'.
   """
-  trained = build.load_trained(workdir, step, ema)
+  trained = trained_runs.load_trained(workdir, step, ema)
   config = trained.config
   vae = None
   folder = autoencoder if autoencoder is not None else config.get('autoencoder', '')
   if folder:
     with config.unlocked():
       config.autoencoder = folder
-    vae = build.load_autoencoder(config, decode_dtype)
-    build.check_autoencoder(vae, trained.latent_info, f'the training latents of {workdir}')
+    vae = from_config.load_autoencoder(config, decode_dtype)
+    from_config.check_autoencoder(vae, trained.latent_info, f'the training latents of {workdir}')
   return Model(config, trained.params, trained.flow_map, trained.example_shape,
                trained.num_classes, trained.step, sharding.local_mesh(), vae,
                getattr(trained, 'weights', ''))

@@ -20,7 +20,7 @@ import time
 import jax
 import ml_collections
 
-from fmjax import build
+from fmjax import from_config, trained_runs
 from fmjax import checkpointing
 from fmjax import configs
 from fmjax import logging_utils
@@ -144,29 +144,29 @@ class Setup:
     self.mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp)
     self.source = (make_source or pipelines.make_source)(config, self.mesh)
     # Latent runs: the decoder for evaluation, checked now against the dataset's encoder.
-    self.autoencoder = build.load_autoencoder(config)
+    self.autoencoder = from_config.load_autoencoder(config)
     latent_info = getattr(self.source, 'latent_info', None)
-    build.check_autoencoder(self.autoencoder, latent_info, f'dataset {config.data.name!r}')
-    self.interpolant = build.build_interpolant(config)
-    net_init, self.apply = build.build_network(config, self.source.example_shape,
+    from_config.check_autoencoder(self.autoencoder, latent_info, f'dataset {config.data.name!r}')
+    self.interpolant = from_config.build_interpolant(config)
+    net_init, self.apply = from_config.build_network(config, self.source.example_shape,
                                                self.source.num_classes)
-    self.flow_map = build.build_flow_map(config, self.apply, self.interpolant)
-    teacher = teacher if teacher is not None else build.load_teacher(config)
+    self.flow_map = from_config.build_flow_map(config, self.apply, self.interpolant)
+    teacher = teacher if teacher is not None else trained_runs.load_teacher(config)
     # Reward fine-tuning starts at the base model's parameters (same network, checked here).
     self.base_params = None
     if config.loss.name in finetune.RULE_NAMES:
-      build.check_same_network(net_init, teacher)
+      from_config.check_same_network(net_init, teacher)
       self.base_params = teacher.params
 
     def rule_for(apply):
-      return build.build_rule(config, build.build_flow_map(config, apply, self.interpolant),
+      return from_config.build_rule(config, from_config.build_flow_map(config, apply, self.interpolant),
                               self.interpolant, self.source.num_classes, teacher)
 
     self.rule = rule_for(self.apply)
     # With dropout, the step rebuilds the rule around apply(..., key=k): one dropout key per
     # step, derived from the step's key, so resumed runs drop the same units.
     dropout_rule = ((lambda key: rule_for(functools.partial(self.apply, key=key)))
-                    if build.uses_dropout(config) else None)
+                    if from_config.uses_dropout(config) else None)
     self.tx = train_state.make_optimizer(config.optim, config.train.num_steps)
     self.init_fn = functools.partial(train_state.init_state, self.rule, net_init, self.tx,
                                      tuple(config.optim.ema_decays))

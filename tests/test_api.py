@@ -165,15 +165,15 @@ def test_decode_paths_of_a_toy_run(model):
 def test_decode_paths_of_a_latent_model(model):
   """A latent model (random MLP on [4, 4, 4] latents, a random tiny VAE): sample decodes
   x = D(z / scaling_factor), chunked or not, and decode=False returns the latents."""
-  from fmjax import autoencoders, build
+  from fmjax import autoencoders, from_config
   vae = autoencoders.init(autoencoders.AutoencoderConfig(
       block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
       mid_block_add_attention=False), jax.random.PRNGKey(1))
   config = model.config.copy_and_resolve_references()
   with config.unlocked():
     config.data.name = 'toy64_latents'
-  init, apply = build.build_network(config, (4, 4, 4), NUM_CLASSES)
-  fm = build.build_flow_map(config, apply, build.build_interpolant(config))
+  init, apply = from_config.build_network(config, (4, 4, 4), NUM_CLASSES)
+  fm = from_config.build_flow_map(config, apply, from_config.build_interpolant(config))
   latent = dataclasses.replace(model, config=config, params=init(jax.random.PRNGKey(2)),
                                parameterization=fm, example_shape=(4, 4, 4), autoencoder=vae)
   assert latent.is_latent and latent.image_shape == (8, 8, 3)

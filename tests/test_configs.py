@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import pytest
 
-from fmjax import build, checkpointing, configs, flow_maps, losses, main, models
+from fmjax import checkpointing, configs, flow_maps, from_config, losses, main, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ def test_every_rule_option_is_settable_and_recorded():
   assert resolved.loss.grad_through_jvp is None and resolved.loss.gap_decay is None
   assert as_json(configs.resolve(resolved)) == as_json(resolved)
   # The rule that is built has the options the config records.
-  rule = build.build_rule(resolved, lambda *a: None, None, 0)
+  rule = from_config.build_rule(resolved, lambda *a: None, None, 0)
   assert rule.options.diagonal_fraction == 0.5 and rule.options.weighting == 'none'
   assert rule.options.times.name == 'uniform' and rule.options.times.mean == 0.4
   # iMF's fixed option is recorded as in force.
@@ -136,7 +136,7 @@ def test_every_network_is_name_plus_options():
   assert (resolved.model.hidden, resolved.model.depth, resolved.model.time_dim) == (16, 4, 64)
   assert resolved.model.model_channels is None and resolved.model.patch_size is None
   # The MLP is built through the registry, with exactly the recorded sizes.
-  init, _ = build.build_network(resolved, (2,), 0)
+  init, _ = from_config.build_network(resolved, (2,), 0)
   params = init(jax.random.PRNGKey(0))
   count = sum(x.size for x in jax.tree.leaves(params))
   assert count == models.param_count('mlp', dim=2, hidden=16, depth=4, time_dim=64)
@@ -146,10 +146,10 @@ def test_every_network_is_name_plus_options():
   unet.model.dropout = 0.1
   resolved = configs.resolve(unet)
   assert (resolved.model.model_channels, resolved.model.channel_mult) == (16, (1, 2))
-  assert resolved.model.hidden is None and build.uses_dropout(resolved)
-  assert not build.uses_dropout(configs.resolve(experiment('mnist')))
+  assert resolved.model.hidden is None and from_config.uses_dropout(resolved)
+  assert not from_config.uses_dropout(configs.resolve(experiment('mnist')))
   # The experiment's per-name defaults: cifar10_unet's U-Net with its dropout.
-  assert build.uses_dropout(experiment('cifar10_unet'))
+  assert from_config.uses_dropout(experiment('cifar10_unet'))
 
 
 def test_bad_network_names_and_options_are_named():

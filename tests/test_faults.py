@@ -17,7 +17,7 @@ import pytest
 
 import fmjax.api
 import fmjax.main
-from fmjax import build, checkpointing, configs, logging_utils, train
+from fmjax import checkpointing, configs, logging_utils, train, trained_runs
 from fmjax.data import pipelines
 from fmjax.evaluation import evaluator
 
@@ -208,7 +208,7 @@ def test_a_teacher_is_the_loaded_run_and_its_damage_is_named(run_copy, tmp_path)
   and a damaged teacher checkpoint is named as the teacher's."""
   config = _config()
   config.loss.name, config.teacher.workdir, config.teacher.step = 'lmd', run_copy, 2
-  teacher = build.load_teacher(config)
+  teacher = trained_runs.load_teacher(config)
   model = fmjax.api.load(run_copy, step=2)
   x = model.noise(jax.random.PRNGKey(1), 8)
   t = np.linspace(0.1, 0.9, 8).astype(np.float32)
@@ -221,7 +221,7 @@ def test_a_teacher_is_the_loaded_run_and_its_damage_is_named(run_copy, tmp_path)
   with pytest.raises(checkpointing.CheckpointError,
                      match=r'teacher \(config.teacher.workdir=.*step 4 .*damaged.*'
                            r'--config.teacher.step=2 '):
-    build.load_teacher(config)
+    trained_runs.load_teacher(config)
 
 
 # ----------------------------------------------------------------------- sampling API

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fmjax.main
-from fmjax import build, checkpointing, configs, train
+from fmjax import checkpointing, configs, train, trained_runs
 from fmjax.data import pipelines
 
 
@@ -70,7 +70,7 @@ def test_restored_ema_copies_by_index_and_exact_resume(run, run_copy):
   """Copy 1 (decay 0) is the raw parameters, copy 0 (decay 0.9) is not; resuming the 6-step run
   from its step-3 checkpoint reproduces step 6's parameters and both EMA copies bitwise."""
   workdir, _ = run
-  loaded = {i: build.load_trained(workdir, ema=i) for i in (-1, 0, 1)}
+  loaded = {i: trained_runs.load_trained(workdir, ema=i) for i in (-1, 0, 1)}
   leaves = {i: jax.tree.leaves(t.params) for i, t in loaded.items()}
   for raw, copy1 in zip(leaves[-1], leaves[1]):
     np.testing.assert_array_equal(raw, copy1)
@@ -79,7 +79,7 @@ def test_restored_ema_copies_by_index_and_exact_resume(run, run_copy):
   shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(run_copy), '6'))
   train.train_and_evaluate(_config(), run_copy)
   for i in (-1, 0, 1):
-    resumed = jax.tree.leaves(build.load_trained(run_copy, ema=i).params)
+    resumed = jax.tree.leaves(trained_runs.load_trained(run_copy, ema=i).params)
     for a, b in zip(leaves[i], resumed):
       np.testing.assert_array_equal(a, b)
 
@@ -225,7 +225,7 @@ def _truncate(pattern):
 def test_a_damaged_checkpoint_message_is_clean(run_copy, pattern):
   _truncate(pattern)(run_copy)
   with pytest.raises(checkpointing.CheckpointError) as error:
-    build.load_trained(run_copy)
+    trained_runs.load_trained(run_copy)
   message = str(error.value)
   folder = os.path.join(checkpointing.checkpoint_dir(run_copy), '6')
   assert message.startswith(f'Checkpoint step 6 ({folder}) is damaged or incomplete: its training state')

@@ -107,13 +107,13 @@ def test_reward_factory_builds_each_name():
   # One list of names for --mode=steer and fine-tuning, and one factory: fine-tuning's reward is
   # the factory's for every name it builds.
   assert configs.STEER_REWARDS == configs.FINETUNE_REWARDS == rewards.NAMES
-  from fmjax import build
+  from fmjax import from_config
   config = configs.base_config()
   config.loss.name = 'reward_backprop'
   config.finetune.center, config.finetune.std = (0.5, 2.0), 0.8
   for name in ('quadratic', 'one_sided'):
     config.finetune.reward = name
-    np.testing.assert_allclose(build.finetune_options(config).reward(x, None),
+    np.testing.assert_allclose(from_config.finetune_options(config).reward(x, None),
                                rewards.from_config(config.finetune)(x, None), rtol=1e-6)
 
 

@@ -243,10 +243,10 @@ def test_outputs_of_a_sampler_without_finite_samples(tmp_path):
 
 
 def test_the_sweep_compiles_once_per_family_for_every_step_count():
-  from fmjax import build
+  from fmjax import from_config
   traces = []
   config = _tiny_toy_config()
-  init, apply = build.build_network(config, (2,), 0)
+  init, apply = from_config.build_network(config, (2,), 0)
 
   def counted(*args, **kwargs):
     traces.append(1)
@@ -445,12 +445,12 @@ def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path
 
 def test_traced_step_samplers_equal_the_library_samplers():
   """One compilation per family must not change the numbers: equal to fmjax.samplers."""
-  from fmjax import build
+  from fmjax import from_config
   config = _tiny_toy_config()
   config.data.num_classes = 3
-  init, apply = build.build_network(config, (2,), 3)
+  init, apply = from_config.build_network(config, (2,), 3)
   params = jax.tree.map(lambda p: p + 0.1, init(jax.random.PRNGKey(0)))   # a non-trivial map
-  flow_map = build.build_flow_map(config, apply, interpolants.get('linear'))
+  flow_map = from_config.build_flow_map(config, apply, interpolants.get('linear'))
   x0 = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
   labels = jnp.arange(16) % 3
   specs = plan.plan((3,), 'heun', (6,))

@@ -40,7 +40,7 @@ def test_python_teacher_replaces_the_conditional_velocity(tmp_path):
   loss_plain, metrics_plain = plain.rule(state['params'], batch, key)
   loss_taught, metrics_taught = taught.rule(state['params'], batch, key)
   # The same network, rows and times: only the regression target differs.
-  options = train.build.loss_options(taught.config, 0)
+  options = train.from_config.loss_options(taught.config, 0)
   reference = losses.make('meanflow', taught.flow_map, taught.interpolant, teacher=teacher, **options)
   loss_reference, _ = reference(state['params'], batch, key)
   np.testing.assert_allclose(float(loss_taught), float(loss_reference), rtol=1e-6)

@@ -238,7 +238,7 @@ MUTATIONS += [
              'right = probs.max(axis=1) >= confidence', tests=DECODE_TESTS, alone=True),
     mutation('class TV without the factor 1/2', 'fmjax/evaluation/sweep.py',
              "'class_tv': float(0.5 * np.abs(", "'class_tv': float(np.abs(", tests=DECODE_TESTS, alone=True),
-    mutation("a run accepts another VAE's latents", 'fmjax/build.py',
+    mutation("a run accepts another VAE's latents", 'fmjax/from_config.py',
              "  if latent_info['autoencoder_digest'] != autoencoder.digest:",
              "  if False:", tests=DECODE_TESTS, alone=True),
 ]

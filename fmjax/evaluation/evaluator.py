@@ -55,7 +55,7 @@ class Evaluator:
   """Evaluates training states of one run (see the module docstring).
 
   feature_fn: image sets only, replaces the Inception feature extractor (tests).
-  autoencoder: latent runs, the run's `fmjax.autoencoders.Autoencoder` (`build.load_autoencoder`)
+  autoencoder: latent runs, the run's `fmjax.autoencoders.Autoencoder` (`from_config.load_autoencoder`)
     whose decoder turns samples into images.
   """
 

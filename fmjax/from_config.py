@@ -1,4 +1,5 @@
-"""From a config to the pieces of a run: network, flow map, interpolant and training rule.
+"""From a config to the pieces of a run: network, flow map, interpolant, training rule and
+autoencoder (fmjax.trained_runs opens a trained run with them).
 
 Shared by the training loop and `fmjax.load`, so a loaded model is built exactly as it was
 trained. Network parameters are kept as plain nested dicts with string keys (what Orbax
@@ -7,17 +8,14 @@ stores); the NNX graph definition is rebuilt from the config and closed over by 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from fmjax import checkpointing, configs, flow_maps, interpolants, losses, models, train_state
-from fmjax.data import datasets
+from fmjax import configs, flow_maps, interpolants, losses, models
 from fmjax.steering import finetune, rewards
 
 
@@ -161,77 +159,3 @@ def check_autoencoder(autoencoder, latent_info: dict | None, what: str) -> None:
     raise configs.ConfigError(
         f'{what} was scaled by {scale}, but config.autoencoder scales by '
         f'{autoencoder.scaling_factor}; use the same autoencoder config.')
-
-
-@dataclasses.dataclass
-class Trained:
-  """A trained run's flow map, rebuilt from its checkpoint (what `fmjax.load` wraps)."""
-  config: ml_collections.ConfigDict   # the saved, resolved config
-  params: Any                         # the chosen network parameters, replicated locally
-  flow_map: Any                       # the fmjax.flow_maps object (X, v, velocity taking params)
-  example_shape: tuple[int, ...]
-  num_classes: int
-  step: int
-  latent_info: dict | None = None   # latent runs: the dataset's autoencoder record (digest, scale, crop)
-  # Which parameters `params` are, for the user: e.g. 'EMA copy 0 (decay 0.999, no warm-up) of
-  # step 300' (fmjax.train_state.describe_weights).
-  weights: str = ''
-
-
-def load_trained(workdir: str, step: int | None = None, ema: int | None = None, *,
-                 step_option: str = '--config.train.restore_step') -> Trained:
-  """Restores `workdir`'s checkpoint at `step` (latest if None) and rebuilds its flow map from
-  the config stored with it (no experiment file needed).
-
-  ema: which EMA copy (config.optim.ema_decays order); -1 for the raw training parameters;
-  None for the first EMA copy, or the raw parameters of a run that keeps none. The result's
-  `weights` names the choice (copy, decay, warm-up, step) for logs.
-  Raises checkpointing.CheckpointError for a missing step or a damaged checkpoint; its
-  message names `step_option` as the way to pick an older step.
-  """
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    chosen = checkpointing.choose_step(manager, workdir, step)
-    if chosen is None:
-      raise checkpointing.CheckpointError(
-          f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train with '
-          f'`python -m fmjax.main --config=... --workdir={workdir}` first.')
-    restored = checkpointing.restore(manager, workdir, chosen, step_option=step_option)
-  finally:
-    manager.close()
-  # The checkpoint records the example shape and classes, so the data need not be at hand
-  # (arrays registered only in the training process, a folder on another machine).
-  datasets.remember_recorded(restored.config.get('data', {}), restored.meta, workdir)
-  config = configs.resolve(ml_collections.ConfigDict(restored.config), recorded=True)
-  if ema is None:
-    ema = 0 if restored.state.get('ema') else -1
-  params = train_state.select_params(restored.state, ema)
-  weights = train_state.describe_weights(tuple(config.optim.ema_decays), ema, chosen,
-                                         bool(config.optim.get('ema_warmup')))
-  example_shape = tuple(restored.meta['example_shape'])
-  num_classes = int(restored.meta['num_classes'])
-  interpolant = build_interpolant(config)
-  _, apply = build_network(config, example_shape, num_classes)
-  return Trained(config, params, build_flow_map(config, apply, interpolant), example_shape,
-                 num_classes, chosen, restored.meta.get('latent_info'), weights)
-
-
-def load_teacher(config: ml_collections.ConfigDict):
-  """The model of config.teacher.workdir (its first EMA copy), or None: a
-  finetune.BaseModel, which called as teacher(t, x, labels) is the velocity b_t(x) (for
-  distillation) and also offers its flow map and parameters (for reward fine-tuning)."""
-  if not config.teacher.workdir:
-    return None
-  try:
-    teacher = load_trained(config.teacher.workdir,
-                           None if config.teacher.step < 0 else config.teacher.step,
-                           step_option='--config.teacher.step')
-  except checkpointing.CheckpointError as e:   # say that it is the teacher's checkpoint
-    raise checkpointing.CheckpointError(
-        f'teacher (config.teacher.workdir={config.teacher.workdir}, config.teacher.step='
-        f'{config.teacher.step}): {e}') from None
-  params, flow_map = teacher.params, teacher.flow_map
-  return finetune.BaseModel(
-      flow_map=lambda s, t, x, labels=None: flow_map.X(params, s, t, x, labels),
-      velocity=lambda t, x, labels=None: flow_map.velocity(params, t, x, labels),
-      params=params)
