@@ -47,13 +47,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-import jax
 import ml_collections
-import numpy as np
 
-from fmjax import api, checkpointing, configs, logging_utils, plotting, sharding, train, train_state
+from fmjax import checkpointing, configs, logging_utils, sharding, train
+from fmjax.cli import RUN_MODE_FIELDS  # the fields eval / sample / steer may change
+from fmjax.cli import evaluate as cli_evaluate
+from fmjax.cli import sample as cli_sample
 from fmjax.data import datasets
-from fmjax.evaluation import assets, evaluator
+from fmjax.evaluation import assets
 from fmjax.steering import classifier
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/NAME.py[:ARG].',
@@ -85,15 +86,6 @@ def check_workdir(workdir: str, mode: str = 'train') -> None:
   except OSError as e:
     raise configs.ConfigError(f'--workdir={workdir} cannot be written ({e.strerror}); choose a '
                               'folder you can write to.') from None
-
-
-# What the command line may change in --mode=eval, sample and steer (a dotted prefix covers its
-# section): how the trained run is evaluated, sampled or steered, and where its inputs now are.
-# Everything else is what the run trained, read from WORKDIR/config.json.
-RUN_MODE_FIELDS = (
-    'eval', 'sample', 'steer', 'seed', 'train.restore_step', 'sharding',
-    'data.data_dir', 'data.worker_count', 'autoencoder', 'teacher.workdir',
-)
 
 
 def prepare(config, workdir: str, mode: str = 'train', overrides=None):
@@ -199,22 +191,6 @@ def run_mode_config(config, workdir: str, mode: str, overrides=None) -> ml_colle
   return configs.resolve(ml_collections.ConfigDict(_tuples(merged)))
 
 
-def weights_line(config, workdir: str, ema_index: int | None = None) -> str:
-  """Which parameters --mode=sample/steer (and fmjax.load's default) use, for the console."""
-  decays = tuple(config.optim.ema_decays)
-  if ema_index is None:
-    ema_index = 0 if decays else -1
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    restore_step = config.train.restore_step
-    step = checkpointing.choose_step(manager, workdir, None if restore_step < 0 else restore_step)
-  finally:
-    manager.close()
-  if step is None:
-    return ''
-  return train_state.describe_weights(decays, ema_index, step, bool(config.optim.get('ema_warmup')))
-
-
 def run(config, workdir: str, mode: str, overrides=None) -> dict:
   """What main does after flag parsing (importable, so tests and notebooks can call it).
 
@@ -224,64 +200,14 @@ def run(config, workdir: str, mode: str, overrides=None) -> dict:
   if mode == 'train':
     return train.train_and_evaluate(config, workdir)
   if mode == 'eval':
-    return evaluate_checkpoint(config, workdir)
-  line = weights_line(config, workdir)
+    return cli_evaluate.evaluate_checkpoint(config, workdir)
+  line = cli_sample.weights_line(config, workdir)
   if line and logging_utils.is_main_process():
     print(f'fmjax: --mode={mode} with the {line}.', flush=True)
   if mode == 'steer':
-    from fmjax import steer_mode   # imported when used: the steering stack stays off the train path
-    return steer_mode.steer_to_workdir(config, workdir)
-  return sample_to_workdir(config, workdir)
-
-
-def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Restores WORKDIR's checkpoint (config.train.restore_step, else the latest) and runs the
-  few-step evaluation on it."""
-  setup = train.Setup(config, workdir)
-  config = setup.config
-  evaluate = evaluator.Evaluator(config, workdir, setup.mesh, setup.source, setup.interpolant,
-                                 setup.flow_map, autoencoder=setup.autoencoder)
-  evaluate.check_ready()
-  with jax.set_mesh(setup.mesh):
-    manager = checkpointing.make_manager(workdir, read_only=True)
-    try:
-      step = checkpointing.choose_step(manager, workdir, config.train.restore_step)
-      if step is None:
-        raise checkpointing.CheckpointError(
-            f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with --mode=train.')
-      restored = checkpointing.restore(manager, workdir, step, setup.abstract_state, config,
-                                       also_safe=RUN_MODE_FIELDS)
-    finally:
-      manager.close()
-    logger = logging_utils.MetricsLogger(workdir, config.train.num_steps, step, jsonl=False)
-    logger.info('fmjax: --mode=eval with the ' + train_state.describe_weights(
-        tuple(config.optim.ema_decays), config.eval.ema_index, step,
-        bool(config.optim.get('ema_warmup'))) + '.')
-    results = evaluate(restored.state, step, logger, final=True)
-    logger.close()
-  return results
-
-
-def sample_to_workdir(config, workdir: str) -> dict:
-  """config.sample.num_samples (alias config.sample.num) samples with config.sample.steps
-  flow-map steps -> WORKDIR/samples/."""
-  restore_step = config.train.restore_step
-  model = api.load(workdir, None if restore_step < 0 else restore_step)
-  num = config.sample.get('num_samples', config.sample.get('num'))
-  x = np.asarray(model.sample(jax.random.PRNGKey(config.seed), num,
-                              steps=config.sample.steps))
-  if not logging_utils.is_main_process():
-    return {}
-  out = os.path.join(workdir, 'samples', f'samples_{model.step}_{config.sample.steps}steps')
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  np.save(out + '.npy', x)
-  if x.ndim == 2:
-    plotting.scatter_png(out + '.png', [(f'{config.sample.steps} step(s)', x)])
-  else:
-    columns = int(np.ceil(np.sqrt(len(x))))
-    plotting.save_png(out + '.png', plotting.image_grid(x, columns))
-  print(f'wrote {out}.npy and {out}.png')
-  return {'path': out + '.npy', 'step': model.step}
+    from fmjax.cli import steer   # imported when used: the steering stack stays off the train path
+    return steer.steer_to_workdir(config, workdir)
+  return cli_sample.sample_to_workdir(config, workdir)
 
 
 def _config_spec(argv) -> str | None:

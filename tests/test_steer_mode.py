@@ -75,7 +75,7 @@ def test_each_run_has_its_own_folder_and_describes_itself(workdir):
   # Steering raised the reward over the baseline (lambda = 0.3 and 0.6 tilt hard toward (4, 1)).
   assert other['mean_reward'] > other['baseline']['mean_reward']
   # The same options name the same folder (a rerun replaces its own run only).
-  from fmjax import steer_mode
+  from fmjax.cli import steer as steer_mode
   assert steer_mode.run_name(configs.resolve(_steer_config())) == os.path.basename(first['folder'])
   assert steer_mode.run_name(configs.resolve(_steer_config(std=1.4))) != os.path.basename(first['folder'])
 

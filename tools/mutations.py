@@ -334,7 +334,7 @@ STEERING_MUTATIONS = [
              'pick = jax.random.permutation(key_shuffle, systematic_resample(key_pick, log_w, n))',
              'pick = systematic_resample(key_pick, log_w, n)', tests=FT_TESTS, alone=True),
 ]
-# The sampling API and the steer mode (fmjax/api.py, fmjax/steer_mode.py).
+# The sampling API and the steer mode (fmjax/api.py, fmjax/cli/steer.py).
 API_TESTS = ['tests/test_api.py']
 API_STEER_TESTS = ['tests/test_api_steer.py']
 STEER_MODE_TESTS = ['tests/test_steer_mode.py']
@@ -376,11 +376,11 @@ API_MUTATIONS = [
              'ess.append(np.asarray(ess_chunk)[:(stop - first) // group])',
              'ess.append(np.asarray(ess_chunk))',
              tests=API_STEER_TESTS, alone=True),
-    mutation('steer mode: baseline drawn with another seed', 'fmjax/steer_mode.py',
+    mutation('steer mode: baseline drawn with another seed', 'fmjax/cli/steer.py',
              'baseline = model.sample(jax.random.split(key)[0], num',
              'baseline = model.sample(jax.random.split(key)[1], num',
              tests=STEER_MODE_TESTS, alone=True),
-    mutation("steer mode: baseline drawn without the run's labels", 'fmjax/steer_mode.py',
+    mutation("steer mode: baseline drawn without the run's labels", 'fmjax/cli/steer.py',
              'baseline = model.sample(jax.random.split(key)[0], num, steps=steps, labels=labels)',
              'baseline = model.sample(jax.random.split(key)[0], num, steps=steps)',
              tests=STEER_MODE_TESTS, alone=True),
