@@ -9,7 +9,7 @@ import os
 import pytest
 
 from fmjax import configs
-from fmjax.evaluation import plan
+from fmjax.evaluation import sweep_samplers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def mnist_config(arg):
 
 
 def points(config):
-  return [(s.family, s.nfe) for s in plan.plan_from_config(config)]
+  return [(s.family, s.nfe) for s in sweep_samplers.specs_from_config(config)]
 
 
 @pytest.mark.parametrize('rule', ['lsd', 'meanflow'])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fmjax import logging_utils
-from fmjax.evaluation import fid, plan, resize, sweep
+from fmjax.evaluation import fid, resize, sweep, sweep_samplers
 
 # Written out, not read from fid.COMPARABLE_FIELDS: dropping a field there must fail here.
 FIELDS = {'feature_extractor': ('inception_a', 'inception_b'),
@@ -76,7 +76,7 @@ def test_pixels_quantize_and_grayscale_becomes_three_equal_channels():
 
 
 def _sweep_inputs(num_samples=23, batch=5):
-  specs = plan.plan((1, 2), 'euler', ())
+  specs = sweep_samplers.specs((1, 2), 'euler', ())
   # A 'sampler' whose k-step output is x0 * k / 4 (images in [-1, 1] after clipping).
   fns = {spec: (lambda k: lambda params, x0, labels: jnp.clip(x0 * k / 4, -1, 1))(spec.steps)
          for spec in specs}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fmjax import conditioning, samplers
-from fmjax.evaluation import plan, sweep
+from fmjax.evaluation import sweep, sweep_samplers
 
 M = np.array([1.5, -0.5])
 D = np.array([0.4, 2.0])
@@ -191,14 +191,14 @@ HAND_NFE = {'plain': [1, 2, 3, 4, 8], 'guidance_input': [1, 2, 3, 4, 8], 'cfg': 
 def test_the_sweep_reports_the_nfe_it_spends(kind, config):
   """The NFE of every planned point is the hand count, and running the point (jit disabled, so
   every evaluation is a Python call) evaluates exactly NFE x batch rows."""
-  specs = plan.plan_from_config(config)
+  specs = sweep_samplers.specs_from_config(config)
   assert [s.nfe for s in specs] == HAND_NFE[kind]
   assert [(s.family, s.steps) for s in specs] == [('flow_map', 1), ('flow_map', 2), ('flow_map', 3),
                                                   ('ode', 2), ('ode', 4)]
   assert [s.key for s in specs] == ['1', '2', '3', str(HAND_NFE[kind][3]), str(HAND_NFE[kind][4])]
   fm = ShiftedMap()
   conditional = bool(config.data.num_classes)
-  fns = plan.make_sample_fns(fm, specs, null_label=NUM_CLASSES if conditional else None,
+  fns = sweep_samplers.make_sample_fns(fm, specs, null_label=NUM_CLASSES if conditional else None,
                              guidance_scale=config.eval.guidance_scale,
                              guidance_input=bool(config.model.guidance_conditioning))
   n = 5
@@ -213,7 +213,7 @@ def test_the_sweep_reports_the_nfe_it_spends(kind, config):
 
 def test_plan_refuses_an_unknown_ode_method():
   with pytest.raises(ValueError, match='rk4'):
-    plan.plan((1,), 'rk45', (4,))
+    sweep_samplers.specs((1,), 'rk45', (4,))
 
 
 # ------------------------------------------------------------------------- the sweep's noise

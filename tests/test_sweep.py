@@ -17,7 +17,7 @@ import pytest
 
 from fmjax import configs, flow_maps, interpolants, logging_utils, samplers, train
 from fmjax.data import toy
-from fmjax.evaluation import assets, evaluator, fid, plan, report, sweep
+from fmjax.evaluation import assets, evaluator, fid, report, sweep, sweep_samplers
 
 
 def _tiny_toy_config():
@@ -40,15 +40,15 @@ def _evaluator(setup, flow_map=None, **kwargs):
 
 
 def test_plan_reports_nfe_per_method():
-  heun = plan.plan((1, 2, 4), 'heun', (1, 2, 3, 4, 8))
+  heun = sweep_samplers.specs((1, 2, 4), 'heun', (1, 2, 3, 4, 8))
   assert [(s.family, s.steps, s.nfe, s.key) for s in heun] == [
       ('flow_map', 1, 1, '1'), ('flow_map', 2, 2, '2'), ('flow_map', 4, 4, '4'),
       ('ode', 1, 2, '2'), ('ode', 2, 4, '4'), ('ode', 4, 8, '8')]   # 1 and 3 NFE: no Heun run
   assert all(s.nfe == samplers.ode_nfe(s.steps, 'heun') for s in heun if s.family == 'ode')
-  guided = plan.plan((1,), 'euler', (2,), guided=True)
+  guided = sweep_samplers.specs((1,), 'euler', (2,), guided=True)
   assert [s.nfe for s in guided] == [2, 4]    # classifier-free guidance doubles every NFE
   with pytest.raises(ValueError, match='ode_method'):
-    plan.plan((1,), 'leapfrog', (2,))
+    sweep_samplers.specs((1,), 'leapfrog', (2,))
 
 
 def test_toy_sweep_end_to_end_writes_json_plot_and_table(tmp_path):
@@ -110,8 +110,8 @@ def test_exact_map_scores_zero_and_a_perturbed_map_scores_the_perturbation(targe
 def test_exact_map_samplers_against_the_exact_jump():
   target, interp = _gmm(), interpolants.get('linear')
   flow_map = toy.ExactFlowMap(target, interp)
-  specs = plan.plan((1, 2), 'euler', (1, 4, 32))
-  fns = plan.make_sample_fns(flow_map, specs)
+  specs = sweep_samplers.specs((1, 2), 'euler', (1, 4, 32))
+  fns = sweep_samplers.make_sample_fns(flow_map, specs)
   n = 512
   x0 = jax.random.normal(jax.random.PRNGKey(2), (n, 2))
   reference = target.sample(jax.random.PRNGKey(3), n)
@@ -254,7 +254,7 @@ def test_the_sweep_compiles_once_per_family_for_every_step_count():
 
   flow_map = flow_maps.make('displacement', counted, interpolants.get('linear'))
   params = init(jax.random.PRNGKey(0))
-  fns = plan.make_sample_fns(flow_map, plan.plan((1, 2, 4, 8), 'euler', (1, 2, 4, 8)))
+  fns = sweep_samplers.make_sample_fns(flow_map, sweep_samplers.specs((1, 2, 4, 8), 'euler', (1, 2, 4, 8)))
   x0 = jax.random.normal(jax.random.PRNGKey(1), (8, 2))
   for fn in fns.values():
     fn(params, x0, None)
@@ -386,7 +386,7 @@ def test_classifier_share_and_class_histogram_distance_by_a_plain_loop():
   noise = lambda: sweep.noise_batches(jax.random.PRNGKey(2), (6, 6, 1), num, batch,
                                       num_classes=num_classes)
   poison = lambda x0: jnp.where(x0[:, :1, :1, :] > 1.2, jnp.nan, x0)
-  spec = plan.plan((1,), 'euler', ())[0]
+  spec = sweep_samplers.specs((1,), 'euler', ())[0]
   results, _ = sweep.image_sweep({spec: lambda params, x0, labels: poison(x0)}, None, noise,
                                  features, reference, num, class_probs=class_probs, confidence=0.7)
   confident, predicted, requested = 0, np.zeros(num_classes), np.zeros(num_classes)
@@ -414,7 +414,7 @@ def test_image_sweep_leaves_out_nonfinite_images():
   noise = lambda: sweep.noise_batches(jax.random.PRNGKey(2), (8, 8, 1), 40, 16)
   poison = lambda x0, threshold: jnp.where(x0[:, :1, :1, :] > threshold, jnp.nan, x0)
   fns = {spec: (lambda params, x0, labels, threshold=threshold: poison(x0, threshold))
-         for spec, threshold in zip(plan.plan((1, 2), 'euler', ()), (1.0, -jnp.inf))}
+         for spec, threshold in zip(sweep_samplers.specs((1, 2), 'euler', ()), (1.0, -jnp.inf))}
   results, kept = sweep.image_sweep(fns, None, noise, features, reference, 40, keep=4)
   x0 = np.concatenate([np.asarray(x)[:valid] for x, _, valid in noise()])
   good = x0[:, 0, 0, 0] <= 1.0
@@ -426,7 +426,7 @@ def test_image_sweep_leaves_out_nonfinite_images():
   np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
   none = results['few_step']['2']
   assert none['nonfinite'] == 40 and none['num_samples'] == 0 and math.isnan(none['fid'])
-  assert kept[plan.plan((2,), 'euler', ())[0]].shape == (4, 8, 8, 1)
+  assert kept[sweep_samplers.specs((2,), 'euler', ())[0]].shape == (4, 8, 8, 1)
 
 
 def test_missing_weights_and_statistics_stop_before_training(mnist_dir, tmp_path):
@@ -453,8 +453,8 @@ def test_traced_step_samplers_equal_the_library_samplers():
   flow_map = from_config.build_flow_map(config, apply, interpolants.get('linear'))
   x0 = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
   labels = jnp.arange(16) % 3
-  specs = plan.plan((3,), 'heun', (6,))
-  fns = plan.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
+  specs = sweep_samplers.specs((3,), 'heun', (6,))
+  fns = sweep_samplers.make_sample_fns(flow_map, specs, null_label=3, guidance_scale=1.5)
   for spec in specs:
     got = fns[spec](params, x0, labels)
     if spec.family == 'flow_map':

@@ -5,7 +5,7 @@
   results = evaluator(state, step, logger, final=True)
 
 Each call scores the parameters `train_state.select_params(state, config.eval.ema_index)` by
-the sweep (`plan` -> `sweep` -> `report`): the flow map at k = config.eval.steps against the
+the sweep (`sweep_samplers` -> `sweep` -> `report`): the flow map at k = config.eval.steps against the
 ODE on its own velocity at config.eval.ode_nfe, by FID (image sets) or by distances to the
 target and errors against the exact map (toy targets); then prints the table and writes the
 JSON, the plots, the sample pictures and TensorBoard scalars (process 0). The jitted samplers
@@ -42,7 +42,7 @@ from fmjax import train_state
 from fmjax.evaluation import assets
 from fmjax.evaluation import fid
 from fmjax.evaluation import inception
-from fmjax.evaluation import plan
+from fmjax.evaluation import sweep_samplers
 from fmjax.evaluation import reference_batches
 from fmjax.evaluation import report
 from fmjax.evaluation import resize
@@ -91,7 +91,7 @@ class Evaluator:
     each is followed by the decoder (images out)."""
     if self._sample_fns is None:
       num_classes = self.source.num_classes
-      fns = plan.make_sample_fns(self.flow_map, plan.plan_from_config(self.config),
+      fns = sweep_samplers.make_sample_fns(self.flow_map, sweep_samplers.specs_from_config(self.config),
                                  null_label=num_classes or None,
                                  guidance_scale=self.config.eval.guidance_scale,
                                  guidance_input=bool(self.config.model.get('guidance_conditioning')),

@@ -1,4 +1,4 @@
-"""Running the few-step sweep: every planned sampler (`plan.py`) on the same noise, scored.
+"""Running the few-step sweep: every planned sampler (`sweep_samplers.py`) on the same noise, scored.
 
 All samplers draw from the *same* noise (common random numbers, so differences between
 samplers are not sampling noise of x0), and are scored
@@ -213,7 +213,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
   """FID of every sampler against `reference` (`fid.Statistics`), streaming over batches.
 
   Args:
-    sample_fns: {SamplerSpec: sample(params, x0, labels)} from `plan.make_sample_fns` (for a
+    sample_fns: {SamplerSpec: sample(params, x0, labels)} from `sweep_samplers.make_sample_fns` (for a
       latent model: followed by the decoder, so they return images).
     noise: a function returning a fresh `noise_batches` iterator (the same noise per sampler).
     feature_fn: host-local uint8 RGB images [n, H, W, 3] -> features of all processes' images

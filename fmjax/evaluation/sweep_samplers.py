@@ -3,7 +3,7 @@
 Flow-map methods are compared by sample quality against the number of network function
 evaluations (NFE): a k-step flow map costs k evaluations (Boffi et al. 2406.07507, Sec. 2),
 an ODE solver on the learned velocity b_t = v_{t,t} costs `samplers.ode_nfe(steps, method)`.
-`plan` lists the sweep's points (`SamplerSpec`), `make_sample_fns` turns them into jitted
+`specs` lists the sweep's points (`SamplerSpec`), `make_sample_fns` turns them into jitted
 samplers of `fmjax.samplers` with the step count traced, so a whole sweep compiles once per
 family (flow map, ODE method) and batch shape, not once per point.
 """
@@ -39,7 +39,7 @@ class SamplerSpec:
     return f'ODE {self.method}, {self.nfe} NFE'
 
 
-def plan(flow_map_steps, ode_method: str, ode_nfe, guided: bool = False) -> list[SamplerSpec]:
+def specs(flow_map_steps, ode_method: str, ode_nfe, guided: bool = False) -> list[SamplerSpec]:
   """Sweep points: the flow map at every k, the ODE at every NFE budget it can meet exactly.
 
   An NFE budget n is run with n // evals_per_step solver steps (Heun and midpoint take 2
@@ -61,11 +61,11 @@ def plan(flow_map_steps, ode_method: str, ode_nfe, guided: bool = False) -> list
   return specs
 
 
-def plan_from_config(config) -> list[SamplerSpec]:
+def specs_from_config(config) -> list[SamplerSpec]:
   # Guidance costs a second (null) pass, except for networks taking the scale as an input (iMF).
   guided = (bool(config.data.num_classes) and config.eval.guidance_scale != 1.0
             and not config.model.get('guidance_conditioning'))
-  return plan(config.eval.steps, config.eval.ode_method, config.eval.ode_nfe, guided)
+  return specs(config.eval.steps, config.eval.ode_method, config.eval.ode_nfe, guided)
 
 
 def make_sample_fns(flow_map, specs, *, null_label=None, guidance_scale: float = 1.0,
