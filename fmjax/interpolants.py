@@ -70,6 +70,27 @@ class Interpolant:
     a, b, ad, bd = (f(expand(t, x)) for f in (self.alpha, self.beta, self.alpha_dot, self.beta_dot))
     return (a * velocity - ad * x) / (a * bd - ad * b)
 
+  def score(self, t, x, velocity):
+    """grad_x log p_t(x), the score of the marginal of I_t, from the velocity b_t(x).
+
+    With x0 ~ N(0, I) independent of x1, Tweedie's formula gives E[x0 | I_t = x] = -alpha_t score
+    (Albergo, Boffi & Vanden-Eijnden, arXiv 2303.08797: the score is a posterior mean of the
+    noise). Eliminating E[x1 | x] from x = alpha E[x0 | x] + beta E[x1 | x] and
+    b = alpha' E[x0 | x] + beta' E[x1 | x]:
+      score = (beta_t b - beta'_t x) / (alpha_t (alpha_t beta'_t - alpha'_t beta_t))
+    (linear interpolant: (t b - x) / (1 - t)). Singular at alpha_t = 0 (t = 1, the data).
+    """
+    a, b, ad, bd = (f(expand(t, x)) for f in (self.alpha, self.beta, self.alpha_dot, self.beta_dot))
+    return (b * velocity - bd * x) / (a * (a * bd - ad * b))
+
+  def velocity_from_score(self, t, x, score):
+    """b_t(x) from the score: the inverse of `score`,
+      b = (beta'_t x + alpha_t (alpha_t beta'_t - alpha'_t beta_t) score) / beta_t.
+    Singular at beta_t = 0 (t = 0, the noise). Its score coefficient is guidance's gain:
+    a change of the score by grad log h changes the velocity by that coefficient times it."""
+    a, b, ad, bd = (f(expand(t, x)) for f in (self.alpha, self.beta, self.alpha_dot, self.beta_dot))
+    return (bd * x + a * (a * bd - ad * b) * score) / b
+
 
 def _elementwise_derivative(f: Schedule) -> Schedule:
   scalar_grad = jax.grad(lambda t: jnp.sum(f(t)))

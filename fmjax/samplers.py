@@ -3,6 +3,9 @@
 One implementation of each sampler. A time grid is either explicit (`times`, any increasing
 array) or uniform with `num_steps` steps; a uniform step count may be a traced integer, so a
 single compilation serves every k (the few-step sweep, `fmjax.evaluation.plan`, relies on it).
+`flow_map_steps` is the one k-step loop x_{i+1} = X_{t_i, t_{i+1}}(x_i): the plain sampler
+below, reward fine-tuning (`fmjax.steering.finetune.k_step_sample`) and look-ahead guidance
+(`fmjax.steering.guidance.guided_sample`, which adds its control in a per-step hook) run on it.
 `make_flow_map_sampler` / `make_ode_sampler` return `jax.jit` functions that compile once per
 (batch shape, number of steps). NFE (network function evaluations) are reported beside the
 samples so that flow maps and ODE solvers can be compared at equal cost.
@@ -15,11 +18,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fmjax import conditioning
 from fmjax.interpolants import expand
 
 VelocityFn = Callable[..., jax.Array]   # velocity(t, x) -> b_t(x), t of shape [batch]
+JumpFn = Callable[..., jax.Array]       # jump(s, t, x, labels) -> X_{s,t}(x), s and t of shape [batch]
+StepHook = Callable[..., tuple]         # hook(i, s, t, x_before, x_after, carry) -> (x, carry)
 ODE_METHODS = {'euler': 1, 'heun': 2, 'midpoint': 2, 'rk4': 4}   # evaluations per step
 
 
@@ -34,19 +40,18 @@ def _uniform_time(i, num_steps, t0, t1):
   return jnp.where(i >= num_steps, t1, t).astype(jnp.float32)
 
 
-def _march(step, x, num_steps, time, unroll: bool = False):
-  """x_{i+1} = step(x_i, t_i, t_{i+1}) for i < num_steps, times t_i = time(i) as [batch] arrays.
+def _march(step, state, num_steps, time, batch, unroll: bool = False):
+  """state_{i+1} = step(i, state_i, t_i, t_{i+1}) for i < num_steps, t_i = time(i) as [batch] arrays.
 
-  num_steps may be traced (a while loop then); unroll=True unrolls a static loop.
+  The one fori_loop behind the flow-map and ODE samplers. num_steps may be traced (a while
+  loop then); unroll=True has XLA unroll a static loop (the body is still traced once).
   """
-  batch = (x.shape[0],)
-
-  def body(i, x):
+  def body(i, state):
     s = jnp.broadcast_to(time(i), batch)
     t = jnp.broadcast_to(time(i + 1), batch)
-    return step(x, s, t)
+    return step(i, state, s, t)
 
-  return jax.lax.fori_loop(0, num_steps, body, x, unroll=num_steps if unroll else None)
+  return jax.lax.fori_loop(0, num_steps, body, state, unroll=num_steps if unroll else None)
 
 
 def _schedule(times, num_steps):
@@ -57,6 +62,64 @@ def _schedule(times, num_steps):
     return num_steps, functools.partial(_uniform_time, num_steps=num_steps, t0=0.0, t1=1.0)
   times = jnp.asarray(times, jnp.float32)
   return times.shape[0] - 1, lambda i: times[i]
+
+
+def _concrete_grid(times, num_steps) -> list:
+  """The grid as Python floats, for the Python loop of flow_map_steps(unroll=True)."""
+  if (times is None) == (num_steps is None):
+    raise ValueError('Pass either times (an explicit grid) or num_steps (the uniform grid).')
+  try:
+    if times is None:
+      return [i / int(num_steps) for i in range(int(num_steps) + 1)]
+    grid = np.asarray(times, np.float64)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+          jax.errors.TracerIntegerConversionError):
+    raise ValueError('flow_map_steps(unroll=True) loops in Python over a concrete grid: pass times '
+                     'as Python floats (a static tuple under jax.jit) and num_steps as an int, or '
+                     'use unroll=False for a traced grid.') from None
+  if grid.ndim != 1 or grid.shape[0] < 2:
+    raise ValueError(f'times must be a 1-D grid of at least 2 times, got shape {grid.shape}.')
+  return [float(t) for t in grid]
+
+
+def flow_map_steps(jump: JumpFn, x0, times=None, labels=None, *, num_steps=None,
+                   step_hook: StepHook | None = None, carry=None, unroll: bool = False):
+  """x_{i+1} = jump(t_i, t_{i+1}, x_i, labels) over a time grid t_0, ..., t_k: the k-step sampler.
+
+  Boffi et al. 2406.07507, Sec. 2: with jump = X_{s,t} the flow map, k jumps carry noise x_0 at
+  t_0 = 0 to data at t_k = 1 (any one-step transport works, e.g. an Euler step on a velocity).
+  jump gets s and t as [batch] arrays. The grid is `times` (len(times) - 1 steps) or, with
+  `num_steps` = k, the uniform grid i / k.
+
+  step_hook(i, s, t, x_before, x_after, carry) -> (x, carry), if given, runs after each jump
+  (x_before = x_i, x_after = its jump); its x is x_{i+1} (guidance adds its control there) and
+  carry, started from `carry`, is its own state threaded through the steps.
+
+  unroll=False: one lax.fori_loop (the jump is traced once); the grid may be traced and
+    num_steps a traced integer (one compilation for every k; reverse-mode gradients need a
+    static step count). The hook gets a traced step index i.
+  unroll=True: a Python loop over a concrete grid (Python floats; ValueError otherwise): each
+    step is traced on its own, so the hook gets i as a Python int and can use per-step Python
+    data (guidance's plan), and the reward's gradient in fine-tuning flows through plain code.
+  Returns x_k, or (x_k, carry) when a step_hook is given.
+  """
+  batch = (x0.shape[0],)
+
+  def one_step(i, x, carry, s, t):
+    x_next = jump(s, t, x, labels)
+    if step_hook is not None:
+      x_next, carry = step_hook(i, s, t, x, x_next, carry)
+    return x_next, carry
+
+  if unroll:
+    grid = _concrete_grid(times, num_steps)
+    x = x0
+    for i, (s, t) in enumerate(zip(grid[:-1], grid[1:])):
+      x, carry = one_step(i, x, carry, jnp.full(batch, s, jnp.float32), jnp.full(batch, t, jnp.float32))
+  else:
+    x, carry = _march(lambda i, state, s, t: one_step(i, *state, s, t), (x0, carry),
+                      *_schedule(times, num_steps), batch)
+  return x if step_hook is None else (x, carry)
 
 
 def guided(fn, labels, null_label, guidance_scale, *, guidance_input: bool = False,
@@ -102,8 +165,9 @@ def flow_map_sample(flow_map, params, x0, times=None, labels=None, *, num_steps=
   """
   v = guided(lambda s, t, x, y: flow_map.v(params, s, t, x, y), labels, null_label,
              guidance_scale, guidance_input=guidance_input, guidance_interval=guidance_interval)
-  return _march(lambda x, s, t: x + expand(t - s, x) * v(s, t, x), x0,
-                *_schedule(times, num_steps))
+  # The labels are inside v (guided batches them with the null label), so the jump ignores them.
+  return flow_map_steps(lambda s, t, x, _: x + expand(t - s, x) * v(s, t, x), x0, times,
+                        num_steps=num_steps)
 
 
 def ode_step(velocity: VelocityFn, x, s, t, method: str):
@@ -139,7 +203,8 @@ def integrate(velocity: VelocityFn, x, s, t, num_steps, method: str = 'rk4',
   s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (x.shape[0],))
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
   time = functools.partial(_uniform_time, num_steps=num_steps, t0=s, t1=t)
-  return _march(lambda x, a, b: ode_step(velocity, x, a, b, method), x, num_steps, time, unroll)
+  return _march(lambda i, x, a, b: ode_step(velocity, x, a, b, method), x, num_steps, time,
+                (x.shape[0],), unroll)
 
 
 def ode_sample(velocity: VelocityFn, x0, num_steps, method: str = 'heun',

@@ -53,6 +53,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fmjax import samplers
 from fmjax.losses import RuleSpec, base, eulerian, lagrangian, semigroup
 from fmjax.steering.resampling import ess_fraction, systematic_resample
 
@@ -127,14 +128,10 @@ def tilt_log_weights(rewards: jax.Array, temperature: float) -> jax.Array:
 
 
 def k_step_sample(flow_map: Callable[..., jax.Array], x0, steps: int, labels=None) -> jax.Array:
-  """x_{i+1} = X_{t_i, t_{i+1}}(x_i) on the uniform grid t_i = i / steps (static, unrolled so
-  the reward's gradient flows through every step)."""
+  """x_{i+1} = X_{t_i, t_{i+1}}(x_i) on the uniform grid t_i = i / steps: `samplers.flow_map_steps`
+  (static, unrolled so the reward's gradient flows through every step)."""
   times = [i / steps for i in range(steps + 1)]
-  x = x0
-  for s, t in zip(times[:-1], times[1:]):
-    x = flow_map(jnp.full((x.shape[0],), s, jnp.float32), jnp.full((x.shape[0],), t, jnp.float32),
-                 x, labels)
-  return x
+  return samplers.flow_map_steps(flow_map, x0, times, labels, unroll=True)
 
 
 def _row_sum_square(d):

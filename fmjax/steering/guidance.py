@@ -6,8 +6,9 @@ tends to q).
 
 Guided sampling. With x0 ~ N(0, I) independent of x1 ~ q, the tilted marginals are
 q_t = p_t h_t / Z with h_t(x) = E_p[exp(r(x1) / lambda) | I_t = x], so score_q = score_p + grad log h_t.
-For I_t = alpha_t x0 + beta_t x1 the velocity is an affine function of the score (invert
-`lookahead.score_from_velocity`): b = (beta'_t x + alpha_t (alpha_t beta'_t - alpha'_t beta_t) score) / beta_t,
+For I_t = alpha_t x0 + beta_t x1 the velocity is an affine function of the score
+(`Interpolant.velocity_from_score`, the inverse of `Interpolant.score`):
+b = (beta'_t x + alpha_t (alpha_t beta'_t - alpha'_t beta_t) score) / beta_t,
 hence the exact tilted velocity is
   b^q_t(x) = b_t(x) + k_t grad log h_t(x),   k_t = alpha_t (alpha_t beta'_t - alpha'_t beta_t) / beta_t
 (linear interpolant: k_t = (1 - t) / t). Our derivation; the look-ahead approximation
@@ -29,7 +30,8 @@ sum_k h k_{t_k} grows like log K with the step count K: stronger than the tilt, 
 usable strength (guidance_scale tunes it), not a sampler of q.
 
 Discretization (operator splitting, the FMRG pattern of arXiv 2604.27147,
-not checked against the paper): on a grid 0 = t_0 < ... < t_K = 1,
+not checked against the paper; `fmjax.samplers.flow_map_steps` with the guidance step as its
+per-step hook): on a grid 0 = t_0 < ... < t_K = 1,
   y = X_{t_k, t_{k+1}}(x_k)                      (flow-map jump; or an Euler step on b),
   x_{k+1} = y + (t_{k+1} - t_k) u_{t_{k+1}}(y)   (guidance step at the new time).
 Evaluating u after the jump avoids t = 0, where k_t is singular (beta_0 = 0); at t = 1, k_1 = 0
@@ -44,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.interpolants import Interpolant
+from fmjax import samplers
+from fmjax.interpolants import Interpolant, expand
 from fmjax.steering import lookahead as lookahead_lib
 from fmjax.steering.result import SteerResult, merge_checks, raise_on_bad_rewards, reward_check
 
@@ -64,14 +67,15 @@ def strength(schedule: str, t: float) -> float:
 
 
 def control_gain(interpolant: Interpolant, t: float) -> float:
-  """k_t = alpha_t (alpha_t beta'_t - alpha'_t beta_t) / beta_t: b^q - b = k_t grad log h_t."""
+  """k_t = alpha_t (alpha_t beta'_t - alpha'_t beta_t) / beta_t: b^q - b = k_t grad log h_t.
+
+  The velocity is affine in the score with slope k_t, so k_t is the velocity of score 1 at x = 0.
+  """
   with jax.ensure_compile_time_eval():
     t = jnp.float32(t)
-    a, b = float(interpolant.alpha(t)), float(interpolant.beta(t))
-    ad, bd = float(interpolant.alpha_dot(t)), float(interpolant.beta_dot(t))
-  if b == 0:
-    raise ValueError('the guidance gain is singular at beta_t = 0 (t = 0); guide at t > 0.')
-  return a * (a * bd - ad * b) / b
+    if float(interpolant.beta(t)) == 0:
+      raise ValueError('the guidance gain is singular at beta_t = 0 (t = 0); guide at t > 0.')
+    return float(interpolant.velocity_from_score(t, jnp.float32(0.0), jnp.float32(1.0)))
 
 
 def _check_positive(name, value):
@@ -180,23 +184,27 @@ def guided_sample(x0, *, flow_map, velocity, interpolant: Interpolant, reward, t
                        schedule=schedule)
   look = lookahead_lib.make_lookahead(lookahead, flow_map=flow_map, velocity=velocity,
                                       interpolant=interpolant)
-  batch = (x0.shape[0],)
-  x = x0
-  checked = None
-  for s, t, weight, _ in plan:
-    s_b, t_b = jnp.full(batch, s, jnp.float32), jnp.full(batch, t, jnp.float32)
-    if transport == 'flow_map':
-      x = flow_map(s_b, t_b, x, labels)
-    else:
-      x = x + (t - s) * velocity(s_b, x, labels)
-    if weight != 0.0:
-      values, grad = lookahead_lib.value_and_grad(look, reward, t_b, x, labels,
-                                                  keep_jacobian=keep_jacobian)
-      feasible = (values > -jnp.inf).reshape((-1,) + (1,) * (x.ndim - 1))
-      grad = jnp.where(feasible, grad, 0.0)
-      grad_bad = jnp.where(jnp.all(jnp.isfinite(grad.reshape(batch[0], -1)), -1), 0.0, jnp.nan)
-      step_check = reward_check(values + grad_bad)
-      checked = step_check if checked is None else merge_checks(checked, step_check)
-      x = x + (weight / temperature) * grad
+
+  def euler_step(s, t, x, labels):
+    return x + expand(t - s, x) * velocity(s, x, labels)
+
+  def guide(i, s, t, x_before, x, checked):
+    """The guidance step at the new time t (module docstring); the plan's weight is static."""
+    weight = plan[i][2]
+    if weight == 0.0:
+      return x, checked
+    values, grad = lookahead_lib.value_and_grad(look, reward, t, x, labels,
+                                                keep_jacobian=keep_jacobian)
+    feasible = (values > -jnp.inf).reshape((-1,) + (1,) * (x.ndim - 1))
+    grad = jnp.where(feasible, grad, 0.0)
+    grad_bad = jnp.where(jnp.all(jnp.isfinite(grad.reshape(x.shape[0], -1)), -1), 0.0, jnp.nan)
+    step_check = reward_check(values + grad_bad)
+    checked = step_check if checked is None else merge_checks(checked, step_check)
+    x = x + (weight / temperature) * grad
+    return x, checked
+
+  grid = [plan[0][0]] + [row[1] for row in plan]
+  x, checked = samplers.flow_map_steps(flow_map if transport == 'flow_map' else euler_step, x0,
+                                       grid, labels, step_hook=guide, unroll=True)
   raise_on_bad_rewards('guidance', checked)
   return SteerResult(x, None, None, sum(row[-1] for row in plan), reward_check=checked)

@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fmjax.interpolants import Interpolant, expand
+from fmjax.interpolants import Interpolant
 
 FlowMapFn = Callable[..., jax.Array]    # (s, t, x, labels) -> X_{s,t}(x); s, t scalars or [batch]
 VelocityFn = Callable[..., jax.Array]   # (t, x, labels) -> b_t(x)
@@ -77,9 +77,5 @@ def value_and_grad(look: Lookahead, reward, t, x, labels=None, *, keep_jacobian:
 
 
 def score_from_velocity(interpolant: Interpolant, t, x, velocity) -> jax.Array:
-  """grad log p_t(x) from b_t(x) for I_t = alpha_t x0 + beta_t x1 with x0 ~ N(0, I):
-    score = (beta_t b - beta'_t x) / (alpha_t (alpha_t beta'_t - alpha'_t beta_t))
-  (linear interpolant: (t b - x) / (1 - t)); singular at alpha_t = 0 (t = 1)."""
-  a, b, ad, bd = (f(expand(t, x)) for f in (interpolant.alpha, interpolant.beta,
-                                           interpolant.alpha_dot, interpolant.beta_dot))
-  return (b * velocity - bd * x) / (a * (a * bd - ad * b))
+  """grad log p_t(x) from b_t(x): `Interpolant.score` (kept under this name for callers)."""
+  return interpolant.score(t, x, velocity)

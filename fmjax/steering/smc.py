@@ -2,7 +2,7 @@
 
 The base process is an SDE with the marginals p_t of the probability-flow ODE dx = b_t(x) dt,
   dx = [b_t(x) + eps_t s_t(x)] dt + sqrt(2 eps_t) dW,      s_t = grad log p_t
-(the score comes from the velocity through the interpolant, `lookahead.score_from_velocity`; this
+(the score comes from the velocity through the interpolant, `Interpolant.score`; this
 is the SDE of FMTT, arXiv 2511.22688, Sec. 2, and of stochastic interpolants, arXiv 2303.08797).
 eps_t = noise * alpha_t^2: the noise vanishes at the data end, where the score is singular, and a
 Langevin step eps_t h stays below noise * h times the variance alpha_t^2 that every local mode of
@@ -207,13 +207,12 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
     if transport == 'flow_map':
       m = x1_hat if reuse else flow_map(t, t_next, x, lab)      # reuse: X_{t,1}(x), computed
       if move_noise:
-        m = m + h * eps * lookahead_lib.score_from_velocity(interpolant, t_next, m,
-                                                            velocity(t_next, m, lab))
+        m = m + h * eps * interpolant.score(t_next, m, velocity(t_next, m, lab))
     else:
       b = velocity(t, x, lab)
       m = x + h * b
       if move_noise:
-        m = m + h * eps * lookahead_lib.score_from_velocity(interpolant, t, x, b)
+        m = m + h * eps * interpolant.score(t, x, b)
     if move_noise:
       sigma = jnp.sqrt(2 * eps * h)
       z = jax.random.normal(key_n, x.shape, x.dtype)
@@ -233,7 +232,9 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
     return carry, (jnp.mean(ess), jnp.mean(do.astype(jnp.float32)))
 
   # Per-step static flags; consecutive steps with equal flags run as one lax.scan (one compiled
-  # body), so the compile time does not grow with num_steps.
+  # body), so the compile time does not grow with num_steps. This is not the jump-then-hook loop
+  # of fmjax.samplers.flow_map_steps: each step weighs and resamples *before* it moves, the move's
+  # control comes from the pre-jump state, and the last jump may be the look-ahead's X_{t,1}.
   plan = _plan(grid, interpolant, noise, guidance_scale, guidance_stop, schedule, lookahead,
                keep_jacobian, transport)
   carry = (key, x0, labels, jnp.zeros((num,)), jnp.zeros((groups,)), jnp.zeros((num,)),
