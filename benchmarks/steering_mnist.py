@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fmjax  # noqa: E402
-from fmjax import benchmarking, from_config, plotting  # noqa: E402
+from fmjax import benchmarking, from_config, plotting, samplers  # noqa: E402
 from fmjax.steering import classifier  # noqa: E402
 from fmjax.steering.result import SteerResult  # noqa: E402
 
@@ -98,7 +98,7 @@ def main(argv=None) -> list[dict]:
   def velocity(t, x, labels=None):
     return fm.velocity(params, times(t, x), x, labels)
 
-  sample_k = jax.jit(lambda x0, k_times: _flow_map_sample(flow_map, x0, k_times))
+  sample_k = jax.jit(lambda x0, k_times: samplers.flow_map_steps(flow_map, x0, k_times))
   sample_from_noise = lambda x0, k: sample_k(x0, jnp.linspace(0.0, 1.0, k + 1))
 
   def noise(key, n):
@@ -117,7 +117,7 @@ def main(argv=None) -> list[dict]:
       @jax.jit
       def best(key, x0, n=n):   # the same baseline, written out: the best of n 1-step samples
         m = x0.shape[0]
-        cand = _flow_map_sample(flow_map, noise(key, m * n), jnp.array([0.0, 1.0]))
+        cand = samplers.flow_map_steps(flow_map, noise(key, m * n), jnp.array([0.0, 1.0]))
         scores = reward(cand).reshape(m, n)
         return cand.reshape((m, n) + x0.shape[1:])[jnp.arange(m), jnp.argmax(scores, axis=1)]
 
@@ -178,13 +178,6 @@ def main(argv=None) -> list[dict]:
                'skipped': list(dict.fromkeys(skipped))}, f, indent=2)
   print(results_table(results, args.digit))
   return results
-
-
-def _flow_map_sample(flow_map, x0, grid):
-  x = x0
-  for i in range(grid.shape[0] - 1):
-    x = flow_map(grid[i], grid[i + 1], x)
-  return x
 
 
 def _save_panels(path, panels, columns: int):

@@ -93,3 +93,37 @@ def test_a_traced_step_count_gives_the_uniform_grid_samplers():
   assert traced._cache_size() == 1 and ode._cache_size() == 1
   with pytest.raises(ValueError, match='either times'):
     samplers.flow_map_sample(fm, params, x0, samplers.uniform_grid(2), num_steps=2)
+
+
+def _affine_jump(s, t, x, labels):
+  """A jump whose result depends on s, t, x and the labels (not a flow map: any transport)."""
+  return x * (1.0 + 0.3 * (t - s))[:, None] + (t ** 2 - s)[:, None] + 0.1 * labels[:, None]
+
+
+def test_flow_map_steps_hook_and_carry_against_a_plain_loop():
+  """The shared k-step loop with a hook: the hook sees (i, s, t, x_i, jump(x_i)) after each jump,
+  its x replaces x_{i+1}, its carry threads through; both paths (fori and unrolled) equal a
+  numpy loop on a non-uniform grid."""
+  grid = [0.0, 0.15, 0.5, 0.8, 1.0]
+  x0 = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)), jnp.float32)
+  labels = jnp.asarray([0.0, 1.0, 2.0])
+
+  def hook(i, s, t, before, after, carry):
+    return after - 0.05 * before + 0.01 * i, carry + jnp.sum(after * t[:, None]) + i
+
+  x, carry = np.asarray(x0, np.float64), 0.0
+  for i, (s, t) in enumerate(zip(grid[:-1], grid[1:])):
+    after = x * (1 + 0.3 * (t - s)) + (t ** 2 - s) + 0.1 * np.asarray(labels)[:, None]
+    carry += np.sum(after * t) + i
+    x = after - 0.05 * x + 0.01 * i
+  for unroll in (False, True):
+    got, got_carry = samplers.flow_map_steps(_affine_jump, x0, grid, labels, step_hook=hook,
+                                             carry=jnp.zeros(()), unroll=unroll)
+    np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_carry, carry, rtol=1e-5)
+  # Without a hook: x_k alone, and a traced step count gives the uniform grid's answer.
+  plain = jax.jit(lambda k: samplers.flow_map_steps(_affine_jump, x0, labels=labels, num_steps=k))
+  unrolled = samplers.flow_map_steps(_affine_jump, x0, [0.0, 1 / 3, 2 / 3, 1.0], labels, unroll=True)
+  np.testing.assert_allclose(plain(3), unrolled, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError):   # the unrolled loop needs a concrete grid
+    jax.jit(lambda g: samplers.flow_map_steps(_affine_jump, x0, g, labels, unroll=True))(jnp.asarray(grid))
