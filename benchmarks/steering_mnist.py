@@ -6,9 +6,8 @@ count (NFE per returned sample) it reports the share of samples the steering cla
 to the digit, the same share by an independently trained classifier (another seed: a sample that
 only fools the steering network does not count there), and the mean reward, and draws one grid
 per row into a PNG. Methods: the plain flow map (no steering), best-of-N over 1-step samples,
-look-ahead gradient guidance (flow-map, denoiser and naive look-aheads) and SMC; guidance and SMC
-come from fmjax.steering.guidance / fmjax.steering.smc and are skipped (with a note) where those
-modules are absent.
+look-ahead gradient guidance (flow-map, denoiser and naive look-aheads, fmjax.steering.reward_guidance)
+and SMC (fmjax.steering.smc).
 
   python -m fmjax.data.mnist5k --data_dir=~/tensorflow_datasets
   python -m fmjax.main --config=experiments/mnist.py:lsd,mlp --workdir=runs/mnist_uncond \
@@ -25,7 +24,6 @@ modules are absent.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -40,15 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fmjax  # noqa: E402
 from fmjax import benchmarking, from_config, plotting, samplers  # noqa: E402
-from fmjax.steering import classifier  # noqa: E402
+from fmjax.steering import classifier, reward_guidance, selection, smc  # noqa: E402
 from fmjax.steering.result import SteerResult  # noqa: E402
-
-
-def _optional(name: str):
-  try:
-    return importlib.import_module(f'fmjax.steering.{name}')
-  except ImportError:
-    return None
 
 
 def base_rows(sample_from_noise, steps_list):
@@ -105,45 +96,26 @@ def main(argv=None) -> list[dict]:
     return jax.random.normal(key, (n,) + tuple(model.example_shape))
 
   rows = base_rows(sample_from_noise, [1] if args.tiny else [1, 4])
-  guidance, smc = _optional('guidance'), _optional('smc')
   lam = args.temperature
 
   for n in args.best_of:
-    if guidance is not None and hasattr(guidance, 'best_of_n'):
-      sample_fn = lambda k, count, labels: sample_from_noise(noise(k, count), 1)
-      bon = jax.jit(lambda key, x0, n=n: guidance.best_of_n(key, sample_fn, reward, x0.shape[0], n,
-                                                            temperature=lam))
-    else:
-      @jax.jit
-      def best(key, x0, n=n):   # the same baseline, written out: the best of n 1-step samples
-        m = x0.shape[0]
-        cand = samplers.flow_map_steps(flow_map, noise(key, m * n), jnp.array([0.0, 1.0]))
-        scores = reward(cand).reshape(m, n)
-        return cand.reshape((m, n) + x0.shape[1:])[jnp.arange(m), jnp.argmax(scores, axis=1)]
-
-      def bon(key, x0, n=n, best=best):
-        return SteerResult(best(key, x0), nfe=n)
-    rows.append((f'best-of-{n}, 1-step map', bon))
+    sample_fn = lambda k, count, labels: sample_from_noise(noise(k, count), 1)
+    rows.append((f'best-of-{n}, 1-step map',
+                 jax.jit(lambda key, x0, n=n: selection.best_of_n(key, sample_fn, reward, x0.shape[0], n,
+                                                                 temperature=lam))))
 
   common = dict(flow_map=flow_map, velocity=velocity, interpolant=interpolant, reward=reward, temperature=lam)
   lookaheads = ['flow_map'] if args.tiny else ['flow_map', 'denoiser', 'naive']
-  skipped = []
   for k in args.steps:
     for look in lookaheads:
-      if guidance is not None and hasattr(guidance, 'guided_sample'):
-        grid = tuple(float(t) for t in np.linspace(0.0, 1.0, k + 1))   # concrete: the steps unroll
-        for keep in ([True, False] if look == 'flow_map' else [True]):
-          rows.append((f'guidance, {look} look-ahead{"" if keep else " (no Jacobian)"}, {k} steps',
-                       jax.jit(lambda key, x0, grid=grid, look=look, keep=keep: guidance.guided_sample(
-                           x0, times=grid, lookahead=look, keep_jacobian=keep, **common))))
-      else:
-        skipped.append(f'guidance ({look}, {k} steps): fmjax.steering.guidance.guided_sample not found')
-      if smc is not None and hasattr(smc, 'smc_sample'):
-        rows.append((f'SMC, {look} look-ahead, {k} steps, {args.num_particles} particles',
-                     jax.jit(lambda key, x0, k=k, look=look: smc.smc_sample(
-                         key, x0, num_steps=k, num_particles=args.num_particles, lookahead=look, **common))))
-      else:
-        skipped.append(f'SMC ({look}, {k} steps): fmjax.steering.smc.smc_sample not found')
+      grid = tuple(float(t) for t in np.linspace(0.0, 1.0, k + 1))   # concrete: the steps unroll
+      for keep in ([True, False] if look == 'flow_map' else [True]):
+        rows.append((f'guidance, {look} look-ahead{"" if keep else " (no Jacobian)"}, {k} steps',
+                     jax.jit(lambda key, x0, grid=grid, look=look, keep=keep: reward_guidance.guided_sample(
+                         x0, times=grid, lookahead=look, keep_jacobian=keep, **common))))
+      rows.append((f'SMC, {look} look-ahead, {k} steps, {args.num_particles} particles',
+                   jax.jit(lambda key, x0, k=k, look=look: smc.smc_sample(
+                       key, x0, num_steps=k, num_particles=args.num_particles, lookahead=look, **common))))
 
   key = jax.random.PRNGKey(args.seed)
   results, panels = [], []
@@ -168,14 +140,11 @@ def main(argv=None) -> list[dict]:
     panels.append((f"{name}\nNFE {row['nfe']}, digit-{args.digit} share {row.get('share_eval', row['share_steer']):.0%}",
                    samples))
     print(json.dumps(row), flush=True)
-  for note in dict.fromkeys(skipped):
-    print('skipped:', note)
 
   _save_panels(args.out, panels, columns=min(8, args.num))
   path = args.json or os.path.splitext(args.out)[0] + '.json'
   with open(path, 'w') as f:
-    json.dump({'digit': args.digit, 'temperature': lam, 'num': args.num, 'rows': results,
-               'skipped': list(dict.fromkeys(skipped))}, f, indent=2)
+    json.dump({'digit': args.digit, 'temperature': lam, 'num': args.num, 'rows': results}, f, indent=2)
   print(results_table(results, args.digit))
   return results
 

@@ -13,7 +13,7 @@ For a trained 2-D toy flow map (experiments/toy_gmm.py: 8 Gaussians on a ring of
 Methods: plain samples (1 NFE; energy distance to the untilted target as the goal's reference),
 best-of-N and importance resampling of N one-step samples (N = budget), SMC (fmjax.steering.smc)
 with the flow-map, denoiser and naive look-aheads at the largest step count within the budget,
-and look-ahead gradient guidance (fmjax.steering.guidance).
+and look-ahead gradient guidance (fmjax.steering.reward_guidance).
 
 Run (trains the toy model first when WORKDIR has no checkpoint):
   python benchmarks/steering_toy.py --workdir=runs/steer_gmm --train_steps=3000 --num=4096
@@ -41,7 +41,7 @@ from fmjax import benchmarking, interpolants  # noqa: E402
 from fmjax.data.toy import GaussianMixtureTarget  # noqa: E402
 from fmjax.evaluation.toy_metrics import energy_distance  # noqa: E402
 from fmjax.steering import lookahead as lookahead_lib  # noqa: E402
-from fmjax.steering import guidance, rewards, smc, tilted  # noqa: E402
+from fmjax.steering import reward_guidance, rewards, smc, tilted  # noqa: E402
 
 RING = GaussianMixtureTarget(
     np.array([[4 * np.cos(2 * np.pi * k / 8), 4 * np.sin(2 * np.pi * k / 8)] for k in range(8)]),
@@ -152,8 +152,8 @@ def run(args):
     for look in lookahead_lib.LOOKAHEADS:
       grid = lambda k: tuple(np.linspace(0.0, 1.0, k + 1).tolist())
       steps = max((k for k in range(1, 65)
-                   if guidance.guided_nfe(grid(k), ip, lookahead=look) <= budget), default=1)
-      sample = jax.jit(lambda x, look=look, steps=steps: guidance.guided_sample(
+                   if reward_guidance.guided_nfe(grid(k), ip, lookahead=look) <= budget), default=1)
+      sample = jax.jit(lambda x, look=look, steps=steps: reward_guidance.guided_sample(
           x, flow_map=flow_map, velocity=velocity, interpolant=ip, reward=reward,
           temperature=lam, times=grid(steps), lookahead=look))
       res = sample(x0)

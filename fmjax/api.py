@@ -295,7 +295,7 @@ class Model:
     reward_fn(x, labels) -> [batch] floats (e.g. fmjax.steering.rewards.quadratic(c, std)).
     method: 'best_of_n' (options num_particles = N = 8 candidates per output row, select =
       'importance' | 'argmax'; steps: the base sampler's flow-map steps; `n` is accepted as the
-      old name of num_particles), 'guidance' (fmjax.steering.guidance.guided_sample: lookahead,
+      old name of num_particles), 'guidance' (fmjax.steering.reward_guidance.guided_sample: lookahead,
       keep_jacobian, guidance_scale, guidance_stop, schedule, transport, times) or 'smc'
       (fmjax.steering.smc.smc_sample: num_particles = 8 and the same guidance options,
       ess_threshold, ...; num must be a multiple of num_particles); labels: int [num] class ids
@@ -407,7 +407,7 @@ class Model:
     output row or group, smc's moved labels, reward counts per output row or group) of rows
     first .. first + chunk - 1, its NFE per sample)."""
     from fmjax import interpolants
-    from fmjax.steering import guidance
+    from fmjax.steering import reward_guidance, selection
     options = dict(options)
     fm = self.parameterization
     interpolant = interpolants.get(self.config.interpolant)
@@ -431,7 +431,7 @@ class Model:
         def one_row(i, y):   # output row i: candidates i n .. i n + n - 1 of the noise stream
           sample_fn = lambda k, count, yy: samplers.flow_map_sample(
               fm, params, self.noise(key_noise, count, i * n), grid, yy)
-          out = guidance.best_of_n(jax.random.fold_in(key_run, i), sample_fn, reward_fn, 1, n,
+          out = selection.best_of_n(jax.random.fold_in(key_run, i), sample_fn, reward_fn, 1, n,
                                    temperature=temperature,
                                    select=options_.get('select', 'importance'),
                                    labels=y, base_nfe=steps)   # y: row i's label, shape [1]
@@ -442,7 +442,7 @@ class Model:
         return x, None, ess, None, check
       if method == 'guidance':
         times = options_.pop('times', None) or tuple(np.linspace(0.0, 1.0, steps + 1).tolist())
-        out = guidance.guided_sample(self.noise(key_noise, chunk, first), flow_map=flow_map,
+        out = reward_guidance.guided_sample(self.noise(key_noise, chunk, first), flow_map=flow_map,
                                      velocity=velocity, interpolant=interpolant, reward=reward_fn,
                                      temperature=temperature, times=times, labels=labels, **options_)
         nfe.append(int(out.nfe))

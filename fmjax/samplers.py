@@ -5,7 +5,7 @@ array) or uniform with `num_steps` steps; a uniform step count may be a traced i
 single compilation serves every k (the few-step sweep, `fmjax.evaluation.plan`, relies on it).
 `flow_map_steps` is the one k-step loop x_{i+1} = X_{t_i, t_{i+1}}(x_i): the plain sampler
 below, reward fine-tuning (`fmjax.steering.finetune.k_step_sample`) and look-ahead guidance
-(`fmjax.steering.guidance.guided_sample`, which adds its control in a per-step hook) run on it.
+(`fmjax.steering.reward_guidance.guided_sample`, which adds its control in a per-step hook) run on it.
 `make_flow_map_sampler` / `make_ode_sampler` return `jax.jit` functions that compile once per
 (batch shape, number of steps). NFE (network function evaluations) are reported beside the
 samples so that flow maps and ODE solvers can be compared at equal cost.
@@ -122,7 +122,7 @@ def flow_map_steps(jump: JumpFn, x0, times=None, labels=None, *, num_steps=None,
   return x if step_hook is None else (x, carry)
 
 
-def guided(fn, labels, null_label, guidance_scale, *, guidance_input: bool = False,
+def classifier_free_guidance(fn, labels, null_label, guidance_scale, *, guidance_input: bool = False,
            guidance_interval=(0.0, 1.0)):
   """Classifier-free guidance of f(*arrays, labels): f_null + w (f_c - f_null), in one batched call.
 
@@ -161,11 +161,11 @@ def flow_map_sample(flow_map, params, x0, times=None, labels=None, *, num_steps=
   Boffi et al. 2406.07507, Sec. 2: a k-step flow-map sampler; k = 1 jumps from noise to
   data in one evaluation. The grid is `times` (len(times) - 1 steps) or, with `num_steps`
   = k, the uniform grid i / k; k may be a traced integer (one compilation for every k).
-  guidance_input, guidance_interval: see `guided` (networks conditioned on the guidance scale).
+  guidance_input, guidance_interval: see `classifier_free_guidance` (networks conditioned on the guidance scale).
   """
-  v = guided(lambda s, t, x, y: flow_map.v(params, s, t, x, y), labels, null_label,
+  v = classifier_free_guidance(lambda s, t, x, y: flow_map.v(params, s, t, x, y), labels, null_label,
              guidance_scale, guidance_input=guidance_input, guidance_interval=guidance_interval)
-  # The labels are inside v (guided batches them with the null label), so the jump ignores them.
+  # The labels are inside v (classifier_free_guidance batches them with the null label), so the jump ignores them.
   return flow_map_steps(lambda s, t, x, _: x + expand(t - s, x) * v(s, t, x), x0, times,
                         num_steps=num_steps)
 
@@ -220,7 +220,7 @@ def flow_map_ode_sample(flow_map, params, x0, num_steps, method: str = 'heun', l
                         guidance_interval=(0.0, 1.0)):
   """`ode_sample` on the map's own velocity b_t = v_{t,t} (Boffi et al. 2406.07507, Sec. 2: the
   diagonal of a flow map is a flow-matching model), guided like `flow_map_sample`."""
-  velocity = guided(lambda t, x, y: flow_map.velocity(params, t, x, y), labels, null_label,
+  velocity = classifier_free_guidance(lambda t, x, y: flow_map.velocity(params, t, x, y), labels, null_label,
                     guidance_scale, guidance_input=guidance_input,
                     guidance_interval=guidance_interval)
   return ode_sample(velocity, x0, num_steps, method)

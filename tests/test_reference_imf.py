@@ -56,7 +56,7 @@ def init_net(key):
 def apply(p, a, b, x, labels=None, head='average'):
   """net(a, b, x | c, omega, start, end): (1 - 1/omega, start, end) @ W enters the hidden layer
   (through a per-row bias of the gradient tests' MLP); head 'velocity' is the auxiliary output,
-  'both' the pair (the networks' contract: fmjax.models.guidance.HEADS)."""
+  'both' the pair (the networks' contract: fmjax.models.guidance_embedding.HEADS)."""
   if head == 'both':
     return apply(p, a, b, x, labels, 'average'), apply(p, a, b, x, labels, 'velocity')
   labels, g = conditioning.split(labels)

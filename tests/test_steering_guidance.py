@@ -1,4 +1,4 @@
-"""Best-of-N and look-ahead guidance (fmjax.steering.guidance) against closed forms, and the
+"""Best-of-N and look-ahead guidance (fmjax.steering.reward_guidance) against closed forms, and the
 steering interfaces (--mode=steer, fmjax.load(dir).steer, config.steer validation)."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 
 from fmjax import configs, interpolants
 from fmjax.data.toy import ExactFlowMap, GaussianMixtureTarget, GaussianTarget
-from fmjax.steering import guidance, lookahead, rewards, tilted
+from fmjax.steering import lookahead, reward_guidance, rewards, selection, tilted
 
 from train_testlib import ROOT, env_with_devices
 
@@ -72,7 +72,7 @@ def test_keep_vs_drop_jacobian_on_a_gaussian():
 
 def _guided(target, reward, temperature, k, **options):
   flow_map, velocity = _closures(target)
-  return lambda x0: guidance.guided_sample(
+  return lambda x0: reward_guidance.guided_sample(
       x0, flow_map=flow_map, velocity=velocity, interpolant=LINEAR, reward=reward,
       temperature=temperature, times=np.linspace(0.0, 1.0, k + 1), **options).samples
 
@@ -152,27 +152,27 @@ def test_nfe_is_the_number_of_network_calls():
   for look, keep, stop, want in [('flow_map', True, 1.0, 8 + 2 * 7), ('flow_map', False, 1.0, 8 + 7),
                                  ('denoiser', True, 0.5, 8 + 2 * 3), ('naive', True, 1.0, 8)]:
     calls.update(map=0, velocity=0)
-    out = guidance.guided_sample(x0, flow_map=counted_map, velocity=counted_velocity,
+    out = reward_guidance.guided_sample(x0, flow_map=counted_map, velocity=counted_velocity,
                                  interpolant=LINEAR, reward=reward, temperature=1.0,
                                  times=np.linspace(0, 1, 9), lookahead=look, keep_jacobian=keep,
                                  guidance_stop=stop)
     guided = (want - 8) // (2 if keep and look != 'naive' else 1)
     # Forward calls: the 8 jumps plus one look-ahead per guided step (a vjp adds its backward).
     assert calls['map'] + calls['velocity'] == 8 + (0 if look == 'naive' else guided)
-    assert out.nfe == want == guidance.guided_nfe(np.linspace(0, 1, 9), LINEAR, lookahead=look,
+    assert out.nfe == want == reward_guidance.guided_nfe(np.linspace(0, 1, 9), LINEAR, lookahead=look,
                                                   keep_jacobian=keep, guidance_stop=stop)
-  assert guidance.best_of_n(jax.random.PRNGKey(0), lambda k, n, y: GAUSS.sample(k, n), reward, 4, 6,
+  assert selection.best_of_n(jax.random.PRNGKey(0), lambda k, n, y: GAUSS.sample(k, n), reward, 4, 6,
                             temperature=1.0, base_nfe=3).nfe == 18
 
 
 def test_guided_sample_jits_with_static_options():
   flow_map, velocity = _closures(GAUSS)
   reward = rewards.quadratic(jnp.array([2.0, 1.0]), 1.0)
-  fn = jax.jit(lambda x0: guidance.guided_sample(
+  fn = jax.jit(lambda x0: reward_guidance.guided_sample(
       x0, flow_map=flow_map, velocity=velocity, interpolant=LINEAR, reward=reward,
       temperature=0.5, times=(0.0, 0.5, 1.0)).samples)
   x0 = jax.random.normal(jax.random.PRNGKey(0), (5, 2))
-  eager = guidance.guided_sample(x0, flow_map=flow_map, velocity=velocity, interpolant=LINEAR,
+  eager = reward_guidance.guided_sample(x0, flow_map=flow_map, velocity=velocity, interpolant=LINEAR,
                                  reward=reward, temperature=0.5, times=(0.0, 0.5, 1.0)).samples
   np.testing.assert_allclose(fn(x0), eager, rtol=1e-5, atol=1e-5)
 
@@ -184,7 +184,7 @@ def test_best_of_n_importance_resampling_tends_to_the_tilted_mixture():
   sample_fn = lambda key, n, labels: GMM.sample(key, n)
   key = jax.random.PRNGKey(1)
   errors = {}
-  run = lambda n, select: jax.jit(lambda k: guidance.best_of_n(   # jitted: eager ops compile one by one
+  run = lambda n, select: jax.jit(lambda k: selection.best_of_n(   # jitted: eager ops compile one by one
       k, sample_fn, reward, 2000, n, temperature=lam, select=select))(key)
   for n in (1, 4, 32):
     out = run(n, 'importance')
@@ -202,11 +202,11 @@ def test_bad_options_give_one_clear_error():
   kw = dict(flow_map=flow_map, velocity=velocity, interpolant=LINEAR,
             reward=rewards.quadratic(0.0, 1.0), times=(0.0, 1.0))
   with pytest.raises(ValueError, match='temperature must be a positive'):
-    guidance.guided_sample(jnp.zeros((2, 2)), temperature=0.0, **kw)
+    reward_guidance.guided_sample(jnp.zeros((2, 2)), temperature=0.0, **kw)
   with pytest.raises(ValueError, match='unknown look-ahead'):
-    guidance.guided_sample(jnp.zeros((2, 2)), temperature=1.0, lookahead='x', **kw)
+    reward_guidance.guided_sample(jnp.zeros((2, 2)), temperature=1.0, lookahead='x', **kw)
   with pytest.raises(ValueError, match='unknown guidance schedule'):
-    guidance.guided_sample(jnp.zeros((2, 2)), temperature=1.0, schedule='cos', **kw)
+    reward_guidance.guided_sample(jnp.zeros((2, 2)), temperature=1.0, schedule='cos', **kw)
 
 
 @pytest.mark.parametrize('key, value, message', [

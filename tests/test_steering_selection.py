@@ -1,4 +1,4 @@
-"""Best-of-N, the guidance drift and the closed-form tilted targets (fmjax.steering.guidance,
+"""Best-of-N, the guidance drift and the closed-form tilted targets (fmjax.steering.reward_guidance,
 fmjax.steering.tilted) against independent answers at temperatures != 1: selection frequencies
 against softmax(r / lambda) by brute-force counts, labels of class-conditional candidates,
 hard constraints and NaN rewards, one guided flow-map step by hand, and the tilted mixture
@@ -11,7 +11,7 @@ import pytest
 
 from fmjax import interpolants
 from fmjax.data.toy import GaussianMixtureTarget, GaussianTarget
-from fmjax.steering import guidance, rewards, tilted
+from fmjax.steering import reward_guidance, rewards, selection, tilted
 
 LINEAR = interpolants.linear()
 # Five fixed candidates (1-D rows) with distinct rewards r = -(x - 1)^2 / 2.
@@ -33,7 +33,7 @@ def test_importance_selection_frequencies_are_softmax_r_over_lambda(lam):
   softmax(r / lambda) to 4.5 binomial standard errors; argmax always takes the best; ess is
   (sum w)^2 / (n sum w^2) of those weights."""
   num, n = 20000, CANDIDATES.size
-  out = jax.jit(lambda k: guidance.best_of_n(k, _fixed_candidates, _reward, num, n,
+  out = jax.jit(lambda k: selection.best_of_n(k, _fixed_candidates, _reward, num, n,
                                              temperature=lam, select='importance'))(
       jax.random.PRNGKey(0))
   r = -0.5 * (CANDIDATES.astype(np.float64) - 1.0) ** 2
@@ -44,7 +44,7 @@ def test_importance_selection_frequencies_are_softmax_r_over_lambda(lam):
   assert freq.sum() == pytest.approx(1.0)
   assert np.all(np.abs(freq - w) < 4.5 * np.sqrt(w * (1 - w) / num)), (freq, w)
   np.testing.assert_allclose(out.ess, [1 / (n * np.sum(w**2))], rtol=1e-5)
-  best = jax.jit(lambda k: guidance.best_of_n(k, _fixed_candidates, _reward, 7, n,
+  best = jax.jit(lambda k: selection.best_of_n(k, _fixed_candidates, _reward, 7, n,
                                               temperature=lam, select='argmax'))(jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.asarray(best.samples)[:, 0], 1.0)
   np.testing.assert_array_equal(np.asarray(out.reward_check), [0, num * n, 0, num])
@@ -61,7 +61,7 @@ def test_importance_best_of_n_tends_to_the_tilted_mixture(lam):
   lambda (the self-normalization bias is O(1 / n); measured errors <= 0.02 at 4000 outputs)."""
   center = np.array([1.0, 1.0])
   q = tilted.tilt_gaussian_mixture(MIXTURE, center, 1.5, lam)
-  out = jax.jit(lambda k: guidance.best_of_n(
+  out = jax.jit(lambda k: selection.best_of_n(
       k, lambda key, count, y: MIXTURE.sample(key, count), rewards.quadratic(center, 1.5), 4000, 64,
       temperature=lam, select='importance'))(jax.random.PRNGKey(1))
   np.testing.assert_allclose(tilted.mode_masses(q, out.samples), q.weights, atol=0.03)
@@ -78,7 +78,7 @@ def test_best_of_n_candidates_keep_their_rows_labels():
   labels = jnp.array([3, 0, 8, 5, 1, 7, 2, 6, 4])
   sample_fn = lambda key, count, y: (10.0 * y[:, None] + jax.random.normal(key, (count, 1)))
   for select in ('importance', 'argmax'):
-    out = jax.jit(lambda k, y: guidance.best_of_n(k, sample_fn, _reward, 9, 4, temperature=0.37,
+    out = jax.jit(lambda k, y: selection.best_of_n(k, sample_fn, _reward, 9, 4, temperature=0.37,
                                                   select=select, labels=y))(jax.random.PRNGKey(2), labels)
     np.testing.assert_array_equal(np.round(np.asarray(out.samples)[:, 0] / 10), labels)
 
@@ -89,17 +89,17 @@ def test_best_of_n_hard_constraint_and_nan():
   sample_fn = lambda key, count, y: jax.random.normal(key, (count, 1)) - 0.5
   constrained = lambda x, labels=None: jnp.where(x[:, 0] >= 0, -x[:, 0], -jnp.inf)
   for select in ('importance', 'argmax'):
-    out = jax.jit(lambda k: guidance.best_of_n(k, sample_fn, constrained, 501, 16, temperature=2.5,
+    out = jax.jit(lambda k: selection.best_of_n(k, sample_fn, constrained, 501, 16, temperature=2.5,
                                                select=select))(jax.random.PRNGKey(3))
     assert np.all(np.asarray(out.samples) >= 0)
   # Outside jit (eager): the errors at once.
   with pytest.raises(ValueError, match=r'best_of_n: \d+ of 101 groups have no sample with a finite'):
-    guidance.best_of_n(jax.random.PRNGKey(3), sample_fn, constrained, 101, 1, temperature=2.5)
+    selection.best_of_n(jax.random.PRNGKey(3), sample_fn, constrained, 101, 1, temperature=2.5)
   nan_reward = lambda x, labels=None: jnp.where(x[:, 0] > 1.5, jnp.nan, x[:, 0])
   with pytest.raises(ValueError, match=r'best_of_n: the reward \(or its gradient\) was NaN or \+inf '
                                        r'for \d+ of 1616 rows'):
-    guidance.best_of_n(jax.random.PRNGKey(3), sample_fn, nan_reward, 101, 16, temperature=2.5)
-  out = jax.jit(lambda k: guidance.best_of_n(k, sample_fn, nan_reward, 501, 16,
+    selection.best_of_n(jax.random.PRNGKey(3), sample_fn, nan_reward, 101, 16, temperature=2.5)
+  out = jax.jit(lambda k: selection.best_of_n(k, sample_fn, nan_reward, 501, 16,
                                              temperature=2.5))(jax.random.PRNGKey(3))
   x = np.asarray(sample_fn(jax.random.split(jax.random.PRNGKey(3))[0], 501 * 16, None))
   assert int(out.reward_check[0]) == int(np.sum(x[:, 0] > 1.5)) > 0
@@ -116,7 +116,7 @@ def test_one_guided_flow_map_step_by_hand():
   target = GaussianTarget(jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
   center, reward_std, lam, scale = np.array([2.0, 1.0]), 0.8, 0.37, 1.3
   x0 = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (7, 2)), np.float64)
-  out = jax.jit(lambda x: guidance.guided_sample(
+  out = jax.jit(lambda x: reward_guidance.guided_sample(
       x, flow_map=lambda s, t, x, y=None: target.flow_map(LINEAR, s, t, x),
       velocity=lambda t, x, y=None: target.velocity(LINEAR, t, x), interpolant=LINEAR,
       reward=rewards.quadratic(center, reward_std), temperature=lam, times=(0.0, 0.5, 1.0),
@@ -139,7 +139,7 @@ def test_guidance_nan_reward_is_an_error():
   nan_reward = lambda x, labels=None: jnp.where(jnp.arange(x.shape[0]) == 1, jnp.nan, x[:, 0])
   with pytest.raises(ValueError, match=r'guidance: the reward \(or its gradient\) was NaN or \+inf '
                                        r'for 1 of 5 rows'):
-    guidance.guided_sample(jnp.ones((5, 2)), reward=nan_reward, **kw)
+    reward_guidance.guided_sample(jnp.ones((5, 2)), reward=nan_reward, **kw)
 
 
 # ------------------------------------------------------------------ tilted.py by quadrature

@@ -7,7 +7,7 @@ from flax import nnx
 
 from fmjax import conditioning
 from fmjax.models import embeddings
-from fmjax.models import guidance as guidance_lib
+from fmjax.models import guidance_embedding as guidance_lib
 
 
 class MLP(nnx.Module):

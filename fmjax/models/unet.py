@@ -32,7 +32,7 @@ from flax import nnx
 from fmjax import conditioning
 from fmjax.models import attention as attention_lib
 from fmjax.models import embeddings
-from fmjax.models import guidance as guidance_lib
+from fmjax.models import guidance_embedding as guidance_lib
 
 _SKIP_SCALE = math.sqrt(0.5)
 _zeros = nnx.initializers.zeros_init()

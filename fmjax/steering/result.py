@@ -81,3 +81,9 @@ class SteerResult(NamedTuple):
     if self.log_weights is None:
       return None
     return jax.nn.softmax(self.log_weights)
+
+
+def check_positive(name: str, value) -> None:
+  """One message for a temperature, scale or step that must be a positive finite number."""
+  if isinstance(value, bool) or not float(value) > 0 or not np.isfinite(float(value)):
+    raise ValueError(f'{name} must be a positive number, got {value!r}.')

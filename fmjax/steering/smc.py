@@ -67,7 +67,7 @@ import numpy as np
 
 from fmjax.interpolants import Interpolant
 from fmjax.steering import lookahead as lookahead_lib
-from fmjax.steering.guidance import strength   # one schedule convention for guidance and SMC
+from fmjax.steering.reward_guidance import strength   # one schedule convention for guidance and SMC
 from fmjax.steering.resampling import ess_fraction, systematic_resample
 from fmjax.steering.result import SteerResult, merge_checks, raise_on_bad_rewards, reward_check
 

@@ -1,8 +1,5 @@
-"""Best-of-N and look-ahead gradient guidance toward q(x) ∝ p(x) exp(r(x) / lambda).
-
-Best-of-N (the honest baseline): draw n base samples per output and keep the best (argmax) or
-resample one by the weights exp(r / lambda) (sampling-importance-resampling; as n -> inf its law
-tends to q).
+"""Look-ahead reward-gradient guidance toward q(x) ∝ p(x) exp(r(x) / lambda) (best-of-N, the
+baseline, is fmjax.steering.selection; classifier-free guidance is fmjax.samplers.classifier_free_guidance).
 
 Guided sampling. With x0 ~ N(0, I) independent of x1 ~ q, the tilted marginals are
 q_t = p_t h_t / Z with h_t(x) = E_p[exp(r(x1) / lambda) | I_t = x], so score_q = score_p + grad log h_t.
@@ -49,11 +46,11 @@ import numpy as np
 from fmjax import samplers
 from fmjax.interpolants import Interpolant, expand
 from fmjax.steering import lookahead as lookahead_lib
-from fmjax.steering.result import SteerResult, merge_checks, raise_on_bad_rewards, reward_check
+from fmjax.steering.result import (SteerResult, check_positive, merge_checks, raise_on_bad_rewards,
+                                   reward_check)
 
 SCHEDULES = ('constant', 'linear')
 TRANSPORTS = ('flow_map', 'euler')
-SELECTIONS = ('argmax', 'importance')
 
 
 def strength(schedule: str, t: float) -> float:
@@ -76,51 +73,6 @@ def control_gain(interpolant: Interpolant, t: float) -> float:
     if float(interpolant.beta(t)) == 0:
       raise ValueError('the guidance gain is singular at beta_t = 0 (t = 0); guide at t > 0.')
     return float(interpolant.velocity_from_score(t, jnp.float32(0.0), jnp.float32(1.0)))
-
-
-def _check_positive(name, value):
-  if isinstance(value, bool) or not float(value) > 0 or not np.isfinite(float(value)):
-    raise ValueError(f'{name} must be a positive number, got {value!r}.')
-
-
-# ------------------------------------------------------------------ best-of-N
-
-
-def best_of_n(key, sample_fn, reward, num: int, n: int, *, temperature: float,
-              select: str = 'argmax', labels=None, base_nfe: int = 1) -> SteerResult:
-  """num samples, each chosen among n base samples by the reward.
-
-  sample_fn(key, count, labels) -> [count, ...] clean samples (labels repeated n times per row).
-  select='argmax': the best of n (not a sample of q; the usual baseline);
-  select='importance': one of the n drawn with probability ∝ exp(r / temperature)
-    (sampling-importance-resampling: tends to q as n grows). ess: the mean over outputs of the
-    n candidates' effective sample size as a fraction of n.
-  nfe = n * base_nfe (base_nfe: the base sampler's evaluations per sample).
-  A reward of -inf is a hard constraint: such a candidate is never picked (weight zero; argmax
-  too), and an output whose n candidates are all -inf is an error, as is a NaN or +inf reward
-  (raised here when called outside jit; under jit call `.check('best_of_n')` on the result).
-  """
-  if select not in SELECTIONS:
-    raise ValueError(f'unknown best-of-N selection {select!r}; choose one of {SELECTIONS}.')
-  _check_positive('temperature', temperature)
-  if int(n) < 1 or int(num) < 1:
-    raise ValueError(f'num and n must be >= 1, got num={num}, n={n}.')
-  key_sample, key_pick = jax.random.split(key)
-  many_labels = None if labels is None else jnp.repeat(jnp.asarray(labels), n, axis=0)
-  x = sample_fn(key_sample, num * n, many_labels)
-  r = reward(x, many_labels).reshape(num, n)
-  checked = reward_check(r.reshape(-1), r)
-  x = x.reshape((num, n) + x.shape[1:])
-  logits = r / temperature
-  if select == 'argmax':
-    pick = jnp.argmax(r, axis=1)
-  else:
-    pick = jax.random.categorical(key_pick, logits, axis=1)
-  w = jax.nn.softmax(logits, axis=1)
-  ess = jnp.mean(1.0 / jnp.sum(w**2, axis=1)) / n
-  raise_on_bad_rewards('best_of_n', checked)
-  return SteerResult(x[jnp.arange(num), pick], None, ess[None], int(n) * int(base_nfe),
-                     reward_check=checked)
 
 
 # ------------------------------------------------------------------ guided ODE
@@ -170,7 +122,7 @@ def guided_sample(x0, *, flow_map, velocity, interpolant: Interpolant, reward, t
   weights, so a hard constraint (reward -inf) is not enforced: a look-ahead outside it adds no
   control. A NaN or +inf reward or gradient is an error (as in best_of_n).
   """
-  _check_positive('temperature', temperature)
+  check_positive('temperature', temperature)
   if transport not in TRANSPORTS:
     raise ValueError(f'unknown transport {transport!r}; choose one of {TRANSPORTS}.')
   if transport == 'flow_map' and flow_map is None:
