@@ -20,7 +20,7 @@ digits (default 0-9, num / 10 samples each).
 
   python benchmarks/mnist_latent_steer.py --run runs/mnist_latent/lsd \
       --classifier_dir runs/mnist_latent/classifier --out runs/mnist_latent/eval/steering.json
-  python benchmarks/mnist_latent_steer.py ... --tiny      # 4 samples per row: a smoke run
+  python benchmarks/mnist_latent_steer.py ... --tiny      # 4 samples per row, no SMC row: a smoke run
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from fmjax.steering import classifier  # noqa: E402
 CONFIDENT = 0.9
 
 
-def rows(best_of: list[int], steps: int, particles: int):
+def rows(best_of: list[int], steps: int, particles: int, smc: bool = True):
   """(name, kwargs of Model.steer or None for plain sampling, conditional?) per row."""
   out = [('unsteered (null label), 1 step', None, False),
          ('conditional (label = digit), 1 step', None, True)]
@@ -51,8 +51,9 @@ def rows(best_of: list[int], steps: int, particles: int):
           for n in best_of]
   out.append((f'guidance, flow-map look-ahead, {steps} steps',
               dict(method='guidance', steps=steps, lookahead='flow_map'), False))
-  out.append((f'SMC, flow-map look-ahead, {steps} steps, {particles} particles',
-              dict(method='smc', steps=steps, lookahead='flow_map', num_particles=particles), False))
+  if smc:
+    out.append((f'SMC, flow-map look-ahead, {steps} steps, {particles} particles',
+                dict(method='smc', steps=steps, lookahead='flow_map', num_particles=particles), False))
   return out
 
 
@@ -95,7 +96,7 @@ def main(argv=None) -> list[dict]:
   rewards = [classifier.reward_from_model(net, d) for d in range(10)]
 
   results = []
-  for name, steer, conditional in rows(args.best_of, args.steps, args.num_particles):
+  for name, steer, conditional in rows(args.best_of, args.steps, args.num_particles, smc=not args.tiny):
     start, nfe = time.time(), 1
     confident, hits, mean_reward = [], [], []
     for digit in args.digits:

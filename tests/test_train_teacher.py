@@ -37,12 +37,12 @@ def test_python_teacher_replaces_the_conditional_velocity(tmp_path):
   state = plain.init_state()
   batch = {'x1': target.sample(jax.random.PRNGKey(1), 33)}
   key = jax.random.PRNGKey(2)
-  loss_plain, metrics_plain = plain.rule(state['params'], batch, key)
-  loss_taught, metrics_taught = taught.rule(state['params'], batch, key)
+  loss_plain, metrics_plain = jax.jit(plain.rule)(state['params'], batch, key)
+  loss_taught, metrics_taught = jax.jit(taught.rule)(state['params'], batch, key)
   # The same network, rows and times: only the regression target differs.
   options = train.from_config.loss_options(taught.config, 0)
   reference = losses.make('meanflow', taught.flow_map, taught.interpolant, teacher=teacher, **options)
-  loss_reference, _ = reference(state['params'], batch, key)
+  loss_reference, _ = jax.jit(reference)(state['params'], batch, key)
   np.testing.assert_allclose(float(loss_taught), float(loss_reference), rtol=1e-6)
   assert abs(float(loss_taught) - float(loss_plain)) > 1e-3 * abs(float(loss_plain))
   # The diagonal rows regress onto b_t(x_t), whose residual at an untrained net is far smaller
