@@ -36,17 +36,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fmjax import from_config, trained_runs
 from fmjax import samplers
 from fmjax import sharding
+from fmjax.steering import methods
 
 
-# Options of Model.steer per method (beyond key, num, reward_fn, method, temperature, steps).
-# best_of_n's N is `num_particles`, as in config.steer; `n`, its old name here, still works.
-STEER_OPTIONS = {
-    'best_of_n': ('num_particles', 'select', 'labels'),
-    'guidance': ('lookahead', 'keep_jacobian', 'guidance_scale', 'guidance_stop', 'schedule',
-                 'transport', 'times', 'labels'),
-    'smc': ('num_particles', 'lookahead', 'keep_jacobian', 'guidance_scale', 'guidance_stop',
-            'schedule', 'ess_threshold', 'noise', 'transport', 'final_resample', 'times', 'labels'),
-}
+# Options of Model.steer per method (beyond key, num, reward_fn, method, temperature, steps):
+# a view of fmjax.steering.methods, where each method's options, defaults and checks live.
+STEER_OPTIONS = {name: methods.option_names(name) + ('labels',) for name in methods.METHODS}
 
 # Default sampling chunk: this many elements of x per chunk (2^20 floats = 4 MiB of samples).
 # The network's activations, not x, bound the memory; a few hundred CIFAR-size images or a
@@ -60,12 +55,6 @@ DECODE_CHUNK_ELEMENTS = 2**24
 # for every row of a chunk: about 20 kB per row of a 2-D toy with a 256-wide MLP, so 2^16
 # elements (32768 2-D rows) stay near 1 GB where one call of 3e5 rows took 6.7 GB.
 STEER_CHUNK_ELEMENTS = 2**16
-
-
-def _check_of(out) -> jax.Array:
-  """A steering result's reward counts (fmjax.steering.result.reward_check), zeros if it has none."""
-  return (jnp.zeros(4, jnp.int32) if out.reward_check is None
-          else jnp.asarray(out.reward_check, jnp.int32))
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
@@ -293,7 +282,9 @@ class Model:
     """`num` samples steered toward q ∝ p exp(reward_fn(x) / temperature) (fmjax.steering).
 
     reward_fn(x, labels) -> [batch] floats (e.g. fmjax.steering.rewards.quadratic(c, std)).
-    method: 'best_of_n' (options num_particles = N = 8 candidates per output row, select =
+    method: a name in fmjax.steering.methods.METHODS (each method's options dataclass holds
+      its options, their defaults and checks): 'best_of_n' (options num_particles = N = 8
+      candidates per output row, select =
       'importance' | 'argmax'; steps: the base sampler's flow-map steps; `n` is accepted as the
       old name of num_particles), 'guidance' (fmjax.steering.reward_guidance.guided_sample: lookahead,
       keep_jacobian, guidance_scale, guidance_stop, schedule, transport, times) or 'smc'
@@ -319,19 +310,8 @@ class Model:
     (chunk, reward_fn, method, options).
     """
     num, steps = _count('num', num), _count('steps', steps)
-    if method not in STEER_OPTIONS:
-      raise ValueError(f'unknown steering method {method!r}; choose one of {tuple(STEER_OPTIONS)}.')
-    if method == 'best_of_n' and 'n' in options:   # the old name of best-of-N's N
-      if 'num_particles' in options:
-        raise ValueError("best_of_n: pass N once, as num_particles (n is its old name).")
-      options['num_particles'] = options.pop('n')
-    unknown = sorted(set(options) - set(STEER_OPTIONS[method]))
-    if unknown:
-      raise ValueError(f'method={method!r} takes no option(s) {unknown}; it takes '
-                       f'{STEER_OPTIONS[method]}.')
-    if isinstance(temperature, bool) or not float(temperature) > 0:
-      raise ValueError(f'temperature must be a positive number, got {temperature!r}.')
     labels = _check_labels(options.pop('labels', None), num, self.num_classes, 'steer')
+    spec, options = self._steer_options(method, temperature, options)
     if not callable(reward_fn):
       raise ValueError('reward_fn must be a callable r(x, labels) -> [batch] floats.')
     decode = self._check_decode(decode)
@@ -341,32 +321,23 @@ class Model:
         None if labels is None else jnp.asarray(labels))
     if decode:
       reward_fn = self._on_images(reward_fn)
-    group = 1
-    if method in ('smc', 'best_of_n'):
-      options.setdefault('num_particles', 8)
-      _count('num_particles', options['num_particles'])
-    if method == 'smc':
-      group = options['num_particles']
-      if num % group:
-        raise ValueError(f'num = {num} must be a multiple of num_particles = {group} (smc '
-                         'resamples within groups).')
-    if options.get('times') is not None:
-      options['times'] = tuple(float(t) for t in _check_grid(options['times'], False))
-    per_row = int(np.prod(self.example_shape)) * (options['num_particles'] if method == 'best_of_n' else 1)
+    group = options.group
+    if num % group:
+      raise ValueError(f'num = {num} must be a multiple of num_particles = {group} ({method} '
+                       'resamples within groups).')
+    per_row = int(np.prod(self.example_shape)) * options.draws_per_row
     chunk = (_count('chunk_size', chunk_size) if chunk_size is not None
              else max(1, STEER_CHUNK_ELEMENTS // per_row))
     chunk = max(group, min(chunk, num) // group * group)   # whole SMC groups
-    cache_key = (chunk, reward_fn, method, float(temperature), steps, tuple(sorted(options.items())))
+    cache_key = (chunk, reward_fn, method, steps, options)
     if cache_key not in self._steer_cache:
-      self._steer_cache[cache_key] = self._steer_fn(*cache_key)
+      self._steer_cache[cache_key] = self._steer_fn(spec.run, chunk, reward_fn, steps, options)
     fn, nfe = self._steer_cache[cache_key]
     key_noise, key_run = jax.random.split(key)
     shape = self.image_shape if decode else self.example_shape
     samples = np.empty((num,) + shape, np.float32)
-    log_weights = np.empty((num,), np.float32) if method == 'smc' else None
+    log_weights = out_labels = None   # allocated when the method returns them (smc)
     ess = []   # per output row (best_of_n) or per group (smc), padding dropped
-    # smc moves rows between particles of a group: each returned row's label is its ancestor's
-    out_labels = np.empty((num,), np.int32) if method == 'smc' and labels is not None else None
     check = np.zeros(4, np.int64)   # reward counts of the real rows: NaN/+inf rows, rows, empty groups, groups
     report = _Progress(f'steer ({method})', num, chunk, progress)
     for index, first in enumerate(range(0, num, chunk)):
@@ -376,11 +347,13 @@ class Model:
         x = self._decode(self._vae_params, x)
       stop = min(first + chunk, num)
       samples[first:stop] = np.asarray(x[:stop - first])
-      if log_weights is not None:
+      if log_w is not None:
+        log_weights = np.empty((num,), np.float32) if log_weights is None else log_weights
         log_weights[first:stop] = np.asarray(log_w[:stop - first])
       if ess_chunk is not None:
         ess.append(np.asarray(ess_chunk)[:(stop - first) // group])
-      if out_labels is not None:
+      if labels_chunk is not None:   # smc moves rows between particles: each row's ancestor's label
+        out_labels = np.empty((num,), np.int32) if out_labels is None else out_labels
         out_labels[first:stop] = np.asarray(labels_chunk[:stop - first])
       # per output row (best_of_n, guidance) or group (smc); the last chunk's padding left out
       check += np.asarray(check_chunk, np.int64)[:-(-(stop - first) // group)].sum(axis=0)
@@ -393,6 +366,24 @@ class Model:
     # nfe: a Python int, recorded while tracing
     return SteerResult(samples, log_weights, ess, nfe[0], out_labels)
 
+  @staticmethod
+  def _steer_options(method: str, temperature, options: dict):
+    """(the method's MethodSpec, its options dataclass built from temperature and **options),
+    or one clear error: an unknown method or option name, or a bad value."""
+    if method not in methods.METHODS:
+      raise ValueError(f'unknown steering method {method!r}; choose one of {tuple(methods.METHODS)}.')
+    spec = methods.METHODS[method]
+    for old, new in spec.old_names.items():
+      if old in options:
+        if new in options:
+          raise ValueError(f'{method}: pass {new} once ({old} is its old name).')
+        options[new] = options.pop(old)
+    allowed = methods.option_names(method) + ('labels',)   # a method registered later counts too
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+      raise ValueError(f'method={method!r} takes no option(s) {unknown}; it takes {allowed}.')
+    return spec, spec.options(temperature=temperature, **options)
+
   def _on_images(self, reward_fn):
     """reward_fn of decoded images as a reward of latents, one wrapper per reward_fn (so the
     steering cache keeps hitting)."""
@@ -402,70 +393,27 @@ class Model:
           lambda z, labels=None: reward_fn(decode(vae_params, z), labels))
     return self._image_rewards[reward_fn]
 
-  def _steer_fn(self, chunk, reward_fn, method, temperature, steps, options):
+  def _steer_fn(self, run_method, chunk, reward_fn, steps, options):
     """(a jitted (params, key_noise, key_run, first, labels) -> (samples, log_weights, ess per
     output row or group, smc's moved labels, reward counts per output row or group) of rows
-    first .. first + chunk - 1, its NFE per sample)."""
+    first .. first + chunk - 1 by the method's runner (methods.MethodSpec.run), its NFE per
+    sample)."""
     from fmjax import interpolants
-    from fmjax.steering import reward_guidance, selection
-    options = dict(options)
     fm = self.parameterization
     interpolant = interpolants.get(self.config.interpolant)
     nfe = []
 
-    def per_unit(fn, first_unit, units, labels, width):
-      """fn(unit index, labels of the unit or None) vmapped over `units` consecutive units
-      (output rows or SMC groups) of `width` rows: each unit's randomness is its own."""
-      index = first_unit + jnp.arange(units)
-      if labels is None:
-        return jax.vmap(lambda i: fn(i, None))(index)
-      return jax.vmap(fn)(index, labels.reshape(units, width))
-
     def run(params, key_noise, key_run, first, labels):
-      options_ = dict(options)
-      flow_map = lambda s, t, x, y=None: fm.X(params, s, t, x, y)
-      velocity = lambda t, x, y=None: fm.velocity(params, t, x, y)
-      if method == 'best_of_n':
-        n, grid = options_['num_particles'], samplers.uniform_grid(steps)
-
-        def one_row(i, y):   # output row i: candidates i n .. i n + n - 1 of the noise stream
-          sample_fn = lambda k, count, yy: samplers.flow_map_sample(
-              fm, params, self.noise(key_noise, count, i * n), grid, yy)
-          out = selection.best_of_n(jax.random.fold_in(key_run, i), sample_fn, reward_fn, 1, n,
-                                   temperature=temperature,
-                                   select=options_.get('select', 'importance'),
-                                   labels=y, base_nfe=steps)   # y: row i's label, shape [1]
-          nfe.append(int(out.nfe))
-          return out.samples[0], out.ess[0], _check_of(out)
-
-        x, ess, check = per_unit(one_row, first, chunk, labels, 1)
-        return x, None, ess, None, check
-      if method == 'guidance':
-        times = options_.pop('times', None) or tuple(np.linspace(0.0, 1.0, steps + 1).tolist())
-        out = reward_guidance.guided_sample(self.noise(key_noise, chunk, first), flow_map=flow_map,
-                                     velocity=velocity, interpolant=interpolant, reward=reward_fn,
-                                     temperature=temperature, times=times, labels=labels, **options_)
-        nfe.append(int(out.nfe))
-        # guided_sample counts the whole chunk at once: its counts sit on the chunk's first row
-        check = jnp.zeros((chunk, 4), jnp.int32).at[0].set(_check_of(out))
-        return out.samples, None, None, None, check
-      from fmjax.steering import smc   # imported when used
-      particles = options_.pop('num_particles')
-      groups = chunk // particles
-
-      def one_group(g, y):   # group g: rows g P .. g P + P - 1, its own resampling key
-        out = smc.smc_sample(jax.random.fold_in(key_run, g),
-                             self.noise(key_noise, particles, g * particles), flow_map=flow_map,
-                             velocity=velocity, interpolant=interpolant, reward=reward_fn,
-                             temperature=temperature, num_steps=steps, num_particles=particles,
-                             labels=y, **options_)
-        nfe.append(int(out.nfe))
-        moved = jnp.zeros((particles,), jnp.int32) if out.labels is None else out.labels
-        return out.samples, out.log_weights, out.ess, moved, _check_of(out)
-
-      x, log_w, ess, moved, check = per_unit(one_group, first // particles, groups, labels, particles)
-      return (x.reshape((chunk,) + x.shape[2:]), log_w.reshape(chunk), ess,
-              None if labels is None else moved.reshape(chunk), check)
+      pieces = methods.ModelPieces(
+          flow_map=lambda s, t, x, y=None: fm.X(params, s, t, x, y),
+          velocity=lambda t, x, y=None: fm.velocity(params, t, x, y),
+          sample=lambda x0, k, y=None: samplers.flow_map_sample(fm, params, x0,
+                                                                samplers.uniform_grid(k), y),
+          noise=self.noise, interpolant=interpolant)
+      out = run_method(pieces, key_noise, key_run, first, chunk, labels, reward=reward_fn,
+                     steps=steps, options=options)
+      nfe.append(out.nfe)
+      return out.samples, out.log_weights, out.ess, out.labels, out.check
 
     return jax.jit(run), nfe
 

@@ -50,6 +50,7 @@ from fmjax.data import datasets as _datasets
 from fmjax.data.datasets import IMAGE_DATASETS, LATENT_SUFFIX, TOY_DATASETS, is_latent_dataset
 from fmjax.models import embeddings
 from fmjax.steering import finetune as _finetune
+from fmjax.steering import methods as _methods
 from fmjax.steering import rewards as _rewards
 
 _TIME_FIELD_TYPES = {'name': str, 'mean': float, 'std': float, 'eps': float}   # of TimeDistribution
@@ -221,21 +222,19 @@ def base_config() -> ml_collections.ConfigDict:
   # Each run writes WORKDIR/steer/NAME/ (NAME: config.steer.name, or one made of the method and
   # the options in force, so runs with other options never overwrite each other).
   c.steer.name = ''
-  c.steer.method = 'guidance'       # 'best_of_n' | 'guidance' | 'smc'
+  c.steer.method = 'guidance'       # 'best_of_n' | 'guidance' | 'smc' (fmjax.steering.methods.METHODS)
   # fmjax.steering.rewards.NAMES (as config.finetune.reward): 'quadratic' (-|x - center|^2 /
   # (2 std^2)) | 'one_sided' (-x_0^2 1[x_0 < 0]) | 'classifier' (log p(target_class | x))
   c.steer.reward = 'quadratic'
-  c.steer.temperature = 1.0         # lambda > 0
   c.steer.num_samples = 1000
   c.steer.steps = 8                 # flow-map steps (guidance, smc) / base sampler steps (best_of_n)
-  c.steer.num_particles = 8         # smc: particles per group; best_of_n: the N (Model.steer's num_particles)
-  c.steer.lookahead = 'flow_map'    # 'flow_map' | 'denoiser' | 'naive'
-  c.steer.keep_jacobian = True      # differentiate through the look-ahead (False: cheaper, biased)
-  c.steer.guidance_scale = 1.0
-  c.steer.guidance_stop = 1.0       # no guidance at times >= this
-  c.steer.schedule = 'constant'     # 'constant' | 'linear' (1 - t)
-  c.steer.ess_threshold = 0.5       # smc: resample when ESS < this fraction of num_particles
-  c.steer.select = 'importance'     # best_of_n: 'importance' (tends to q) | 'argmax'
+  # The methods' options with their defaults, one field per name (fmjax.steering.methods: the
+  # options dataclasses document and check them): temperature (lambda > 0), num_particles (smc:
+  # particles per group; best_of_n: the N), select (best_of_n: 'importance' | 'argmax'),
+  # lookahead ('flow_map' | 'denoiser' | 'naive'), keep_jacobian, guidance_scale, guidance_stop
+  # (no guidance at times >= this), schedule ('constant' | 'linear'), ess_threshold (smc).
+  for name, default in _methods.config_fields().items():
+    c.steer[name] = default
   c.steer.center = ml_collections.FieldReference(0.0, field_type=object)   # scalar or [D]
   c.steer.std = 1.0                 # quadratic reward's sigma
   c.steer.classifier_dir = ''       # reward = 'classifier': a trained classifier's folder
@@ -248,7 +247,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _MODES = ('train', 'eval', 'sample', 'steer')
-STEER_METHODS = ('best_of_n', 'guidance', 'smc')
+STEER_METHODS = tuple(_methods.METHODS)
 STEER_REWARDS = _rewards.NAMES       # one list for --mode=steer and fine-tuning
 # Old field names kept as aliases {old: new}: both fields share one value in a fresh config
 # (base_config links them); code that merges configs field by field must treat them as one.
@@ -523,19 +522,15 @@ def validate_steer(config: ml_collections.ConfigDict) -> None:
 
   need(st.method in STEER_METHODS, f'method = {st.method!r}; choose one of {STEER_METHODS}.')
   need(st.reward in STEER_REWARDS, f'reward = {st.reward!r}; choose one of {STEER_REWARDS}.')
-  need(st.temperature > 0, f'temperature = {st.temperature} must be > 0 (the lambda of p exp(r / lambda)).')
   need(st.num_samples >= 1, f'num_samples = {st.num_samples} must be >= 1.')
   need(st.steps >= 1, f'steps = {st.steps} must be >= 1.')
-  need(st.num_particles >= 1, f'num_particles = {st.num_particles} must be >= 1.')
-  need(st.method != 'smc' or st.num_samples % st.num_particles == 0,
-       f'num_samples = {st.num_samples} must be a multiple of num_particles = {st.num_particles} '
-       '(smc resamples within groups of num_particles).')
-  need(st.lookahead in ('flow_map', 'denoiser', 'naive'),
-       f"lookahead = {st.lookahead!r}; choose 'flow_map', 'denoiser' or 'naive'.")
-  need(st.schedule in ('constant', 'linear'), f"schedule = {st.schedule!r}; choose 'constant' or 'linear'.")
-  need(0.0 <= st.guidance_stop <= 1.0, f'guidance_stop = {st.guidance_stop} must be a time in [0, 1].')
-  need(0.0 <= st.ess_threshold <= 1.0, f'ess_threshold = {st.ess_threshold} must be in [0, 1].')
-  need(st.select in ('importance', 'argmax'), f"select = {st.select!r}; choose 'importance' or 'argmax'.")
+  try:   # the method's options, checked by its dataclass: 'NAME = VALUE ...'
+    options = _methods.options_from_config(st)
+  except ValueError as e:
+    raise ConfigError(f'config.steer.{e}') from None
+  need(st.num_samples % options.group == 0,
+       f'num_samples = {st.num_samples} must be a multiple of num_particles = {options.group} '
+       f'({st.method} resamples within groups of num_particles).')
   if st.reward == 'quadratic':
     need(st.std > 0, f'std = {st.std} must be > 0 (the quadratic reward\'s width).')
     center = np.asarray(st.center, np.float64) if st.center is not None else None

@@ -31,6 +31,7 @@ of the first ENERGY_ROWS samples), with the noise floor of two exact draws besid
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ import numpy as np
 from fmjax import api, configs, logging_utils, plotting
 from fmjax.data import pipelines, toy
 from fmjax.evaluation import toy_metrics
-from fmjax.steering import rewards, tilted
+from fmjax.steering import methods, rewards, tilted
 
 # The energy distance is O(n^2) in the sample count: it uses the first this many samples.
 ENERGY_ROWS = 8192
@@ -58,16 +59,9 @@ def make_reward(config):
 
 
 def steer_options(config) -> dict:
-  """Model.steer's keyword options from config.steer, for its method."""
-  st = config.steer
-  guide = dict(lookahead=st.lookahead, keep_jacobian=bool(st.keep_jacobian),
-               guidance_scale=float(st.guidance_scale), guidance_stop=float(st.guidance_stop),
-               schedule=st.schedule)
-  if st.method == 'best_of_n':
-    return dict(num_particles=int(st.num_particles), select=st.select)
-  if st.method == 'guidance':
-    return guide
-  return dict(guide, num_particles=int(st.num_particles), ess_threshold=float(st.ess_threshold))
+  """Model.steer's keyword options (the temperature included) from config.steer, for its method:
+  its options dataclass (fmjax.steering.methods), as a dict."""
+  return dataclasses.asdict(methods.options_from_config(config.steer))
 
 
 def options_in_force(config) -> dict:
@@ -85,7 +79,7 @@ def run_name(config) -> str:
     return st.name
   options = options_in_force(config)
   parts = [st.method, st.reward, f'lambda{float(st.temperature):g}', f'steps{int(st.steps)}']
-  if st.method != 'guidance':
+  if 'num_particles' in methods.option_names(st.method):
     parts.append(f'particles{int(st.num_particles)}')
   if st.reward == 'classifier':
     parts.append(f'class{int(st.target_class)}')
@@ -150,7 +144,7 @@ def steer_metrics(config, result, reward, labels=None) -> dict:
   st = config.steer
   out = {'method': st.method, 'reward': st.reward, 'temperature': float(st.temperature),
          'steps': int(st.steps)}
-  if st.method != 'guidance':
+  if 'num_particles' in methods.option_names(st.method):
     out['num_particles'] = int(st.num_particles)
   out.update(sample_metrics(config, result.samples, reward, labels, result.nfe, result.ess))
   return out
@@ -181,8 +175,8 @@ def steer_to_workdir(config, workdir: str) -> dict:
   labels = steer_labels(config, model)
   key = jax.random.PRNGKey(int(st.seed))
   num, steps = int(st.num_samples), int(st.steps)
-  result = model.steer(key, num, reward, method=st.method, temperature=float(st.temperature),
-                       steps=steps, labels=labels, **steer_options(config))
+  result = model.steer(key, num, reward, method=st.method, steps=steps, labels=labels,
+                       **steer_options(config))
   # The unsteered base sampler on the same noise rows: Model.steer draws its starting noise with
   # the first half of split(key) (api.Model.steer's chunk_size note).
   baseline = model.sample(jax.random.split(key)[0], num, steps=steps, labels=labels)

@@ -46,11 +46,8 @@ import numpy as np
 from fmjax import samplers
 from fmjax.interpolants import Interpolant, expand
 from fmjax.steering import lookahead as lookahead_lib
-from fmjax.steering.result import (SteerResult, check_positive, merge_checks, raise_on_bad_rewards,
-                                   reward_check)
-
-SCHEDULES = ('constant', 'linear')
-TRANSPORTS = ('flow_map', 'euler')
+from fmjax.steering.methods import SCHEDULES, GuidanceOptions   # the options and their checks
+from fmjax.steering.result import SteerResult, merge_checks, raise_on_bad_rewards, reward_check
 
 
 def strength(schedule: str, t: float) -> float:
@@ -86,11 +83,8 @@ def guidance_plan(times, interpolant: Interpolant, *, lookahead: str = 'flow_map
   grid = np.asarray(times, np.float64)
   if grid.ndim != 1 or grid.shape[0] < 2 or np.any(np.diff(grid) <= 0) or grid[0] < 0 or grid[-1] > 1:
     raise ValueError(f'times must be a strictly increasing grid in [0, 1], got {grid.tolist()}.')
-  if lookahead not in lookahead_lib.LOOKAHEADS:
-    raise ValueError(f'unknown look-ahead {lookahead!r}; choose one of {lookahead_lib.LOOKAHEADS}.')
-  if not 0.0 <= float(guidance_stop) <= 1.0:
-    raise ValueError(f'guidance_stop is a time in [0, 1], got {guidance_stop}.')
-  strength(schedule, 0.0)
+  GuidanceOptions(lookahead=lookahead, keep_jacobian=keep_jacobian, guidance_scale=guidance_scale,
+                  guidance_stop=guidance_stop, schedule=schedule)   # one ValueError on a bad option
   grad_nfe = lookahead_lib.lookahead_nfe(lookahead) * (2 if keep_jacobian else 1)
   rows = []
   for s, t in zip(grid[:-1], grid[1:]):
@@ -122,9 +116,7 @@ def guided_sample(x0, *, flow_map, velocity, interpolant: Interpolant, reward, t
   weights, so a hard constraint (reward -inf) is not enforced: a look-ahead outside it adds no
   control. A NaN or +inf reward or gradient is an error (as in best_of_n).
   """
-  check_positive('temperature', temperature)
-  if transport not in TRANSPORTS:
-    raise ValueError(f'unknown transport {transport!r}; choose one of {TRANSPORTS}.')
+  GuidanceOptions(temperature=temperature, transport=transport)   # the rest: guidance_plan below
   if transport == 'flow_map' and flow_map is None:
     raise ValueError("transport='flow_map' needs a flow_map(s, t, x, labels).")
   if (transport == 'euler' or lookahead == 'denoiser') and velocity is None:

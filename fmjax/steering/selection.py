@@ -9,9 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmjax.steering.result import SteerResult, check_positive, raise_on_bad_rewards, reward_check
-
-SELECTIONS = ('argmax', 'importance')
+from fmjax.steering.methods import BestOfNOptions   # the options and their checks
+from fmjax.steering.result import SteerResult, raise_on_bad_rewards, reward_check
 
 
 def best_of_n(key, sample_fn, reward, num: int, n: int, *, temperature: float,
@@ -28,11 +27,9 @@ def best_of_n(key, sample_fn, reward, num: int, n: int, *, temperature: float,
   too), and an output whose n candidates are all -inf is an error, as is a NaN or +inf reward
   (raised here when called outside jit; under jit call `.check('best_of_n')` on the result).
   """
-  if select not in SELECTIONS:
-    raise ValueError(f'unknown best-of-N selection {select!r}; choose one of {SELECTIONS}.')
-  check_positive('temperature', temperature)
   if int(n) < 1 or int(num) < 1:
     raise ValueError(f'num and n must be >= 1, got num={num}, n={n}.')
+  BestOfNOptions(temperature=temperature, num_particles=int(n), select=select)   # one ValueError on a bad option
   key_sample, key_pick = jax.random.split(key)
   many_labels = None if labels is None else jnp.repeat(jnp.asarray(labels), n, axis=0)
   x = sample_fn(key_sample, num * n, many_labels)

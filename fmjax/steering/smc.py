@@ -67,11 +67,10 @@ import numpy as np
 
 from fmjax.interpolants import Interpolant
 from fmjax.steering import lookahead as lookahead_lib
+from fmjax.steering.methods import SMCOptions   # the options and their checks
 from fmjax.steering.reward_guidance import strength   # one schedule convention for guidance and SMC
 from fmjax.steering.resampling import ess_fraction, systematic_resample
 from fmjax.steering.result import SteerResult, merge_checks, raise_on_bad_rewards, reward_check
-
-TRANSPORTS = ('flow_map', 'euler')
 
 
 class SMCOutput(NamedTuple):
@@ -120,28 +119,15 @@ def _take(tree, idx):
   return jax.tree_util.tree_map(lambda a: None if a is None else a[idx], tree)
 
 
-def _check(x0, num_particles, num_steps, temperature, ess_threshold, noise, lookahead, transport,
-           guidance_stop, schedule, flow_map, velocity):
+def _check(x0, num_particles, num_steps, flow_map, velocity, lookahead, transport):
+  """The inputs beyond the options (SMCOptions checks those): shapes and the networks."""
   if x0.ndim < 2:
     raise ValueError(f'x0 must be a batch [num, ...] of noise, got shape {x0.shape}.')
-  if num_particles < 1 or x0.shape[0] % num_particles:
+  if x0.shape[0] % num_particles:
     raise ValueError(f'x0 has {x0.shape[0]} rows: that must be a positive multiple of '
                      f'num_particles={num_particles} (resampling happens within groups of that size).')
   if int(num_steps) < 1:
     raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
-  if not float(temperature) > 0:
-    raise ValueError(f'temperature (lambda) must be > 0, got {temperature}.')
-  if not 0.0 <= float(ess_threshold) <= 1.0:
-    raise ValueError(f'ess_threshold is a fraction of the particles in [0, 1], got {ess_threshold}.')
-  if not float(noise) >= 0:
-    raise ValueError(f'noise (the eps_t scale) must be >= 0, got {noise}.')
-  if lookahead not in lookahead_lib.LOOKAHEADS:
-    raise ValueError(f'unknown look-ahead {lookahead!r}; choose one of {lookahead_lib.LOOKAHEADS}.')
-  if transport not in TRANSPORTS:
-    raise ValueError(f'unknown transport {transport!r}; choose one of {TRANSPORTS}.')
-  if not 0.0 <= float(guidance_stop) <= 1.0:
-    raise ValueError(f'guidance_stop is a time in [0, 1], got {guidance_stop}.')
-  strength(schedule, 0.0)
   if velocity is None:
     raise ValueError('smc_sample needs velocity(t, x, labels) (the score comes from it).')
   if flow_map is None and (lookahead == 'flow_map' or transport == 'flow_map'):
@@ -162,8 +148,11 @@ def smc(key, x0, *, flow_map, velocity, interpolant: Interpolant, reward, temper
   control_clip: cap on the control's step h |u| in noise stds (None: uncapped).
   times: an optional increasing grid from 0 to 1 (num_steps + 1 points; default uniform).
   """
-  _check(x0, num_particles, num_steps, temperature, ess_threshold, noise, lookahead, transport,
-         guidance_stop, schedule, flow_map, velocity)
+  SMCOptions(temperature=temperature, num_particles=num_particles, lookahead=lookahead,
+             keep_jacobian=keep_jacobian, guidance_scale=guidance_scale, guidance_stop=guidance_stop,
+             schedule=schedule, ess_threshold=ess_threshold, noise=noise, transport=transport,
+             final_resample=final_resample)   # one ValueError on a bad option
+  _check(x0, num_particles, num_steps, flow_map, velocity, lookahead, transport)
   num = x0.shape[0]
   groups = num // num_particles
   grid = np.linspace(0.0, 1.0, num_steps + 1) if times is None else np.asarray(times, np.float64)
