@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-from fmjax import checkpointing
 
 from train_testlib import ROOT, env_with_devices, wait_for_first_checkpoint
 

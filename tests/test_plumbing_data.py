@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from fmjax import configs, sharding
+from fmjax import sharding
 from fmjax.data import mnist5k, pipelines
 
 from test_data import _mnist_config
