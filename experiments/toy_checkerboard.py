@@ -13,7 +13,13 @@ Run:
 ARG = RULE (default lsd).
 """
 
+import os
+import sys
+
 from fmjax import configs
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # toy_common.py beside this file
+import toy_common  # pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
@@ -21,7 +27,7 @@ def get_config(arg=None):
   c.data.name = 'checkerboard'
   c.data.dim = 2
   c.data.scale = 1.0
-  configs.set_toy_rule(c, arg or 'lsd')
+  toy_common.set_toy_rule(c, arg or 'lsd')
   c.train.num_steps = 3000
   c.train.batch_size = 512
   c.train.log_every = 500

@@ -13,16 +13,22 @@ Run:
 ARG = RULE[,DIM] with RULE any fmjax.losses name (default lsd), DIM default 2.
 """
 
+import os
+import sys
+
 from fmjax import configs
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # toy_common.py beside this file
+import toy_common  # pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
-  rule, dim = configs.rule_and_dim(arg, default_dim=2)
+  rule, dim = toy_common.rule_and_dim(arg, default_dim=2)
   c = configs.base_config()
   c.data.name = 'gaussian'
   c.data.dim = dim
   c.data.scale = 2.0
-  configs.set_toy_rule(c, rule)
+  toy_common.set_toy_rule(c, rule)
   c.train.num_steps = 1000
   c.train.batch_size = 256
   c.train.log_every = 100

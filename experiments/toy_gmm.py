@@ -16,11 +16,17 @@ ARG = RULE[,DIM]. The target is read from the config (a public interface):
   config.interpolant, config.loss.name, config.train.num_steps, config.train.batch_size.
 """
 
+import os
+import sys
+
 from fmjax import configs
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # toy_common.py beside this file
+import toy_common  # pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
-  rule, dim = configs.rule_and_dim(arg, default_dim=2)
+  rule, dim = toy_common.rule_and_dim(arg, default_dim=2)
   c = configs.base_config()
   c.data.name = 'gmm'
   c.data.dim = dim
@@ -32,7 +38,7 @@ def get_config(arg=None):
     c.data.stds = (0.4,) * 8
     c.data.weights = (1.0,) * 8
   c.interpolant = 'linear'
-  configs.set_toy_rule(c, rule)
+  toy_common.set_toy_rule(c, rule)
   c.train.num_steps = 3000
   c.train.batch_size = 512
   c.train.log_every = 250

@@ -11,17 +11,23 @@ Run:
 ARG = RULE[,DIM] (default lsd, 16). Same public fields as experiments/toy_gmm.py.
 """
 
+import os
+import sys
+
 from fmjax import configs
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # toy_common.py beside this file
+import toy_common  # pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
-  rule, dim = configs.rule_and_dim(arg, default_dim=16)
+  rule, dim = toy_common.rule_and_dim(arg, default_dim=16)
   c = configs.base_config()
   c.data.name = 'gmm'
   c.data.dim = dim
   c.data.num_components = 8
   c.data.seed = 0            # random means from this seed (config.data.means stays None)
-  configs.set_toy_rule(c, rule)
+  toy_common.set_toy_rule(c, rule)
   c.train.num_steps = 5000
   c.train.batch_size = 512
   c.train.log_every = 250

@@ -101,6 +101,30 @@ def test_bad_time_distribution_and_unknown_loss():
     configs.resolve(config)
 
 
+def test_a_run_config_is_resolved_once(tmp_path):
+  """main resolves the run's config; what receives it (train.Setup, from_config) uses it as it
+  is, while a changed config and a record resolved as one are resolved again."""
+  from fmjax import train   # pylint: disable=import-outside-toplevel
+  config = configs.base_config()
+  config.loss.name = 'meanflow'
+  config.loss_defaults.meanflow = {'weighting': 'none'}
+  resolved = main.prepare(config, str(tmp_path), 'train')
+  assert configs.resolve(resolved) is resolved
+  assert train.Setup(resolved, str(tmp_path)).config is resolved
+  # Changed after resolution: resolved again (the network option comes back from its default).
+  hidden = resolved.model.hidden
+  resolved.model.hidden = None
+  again = configs.resolve(resolved)
+  assert again is not resolved and again.model.hidden == hidden and again.loss.weighting == 'none'
+  # A record resolved for loading (a rule this process does not know) is no run config.
+  record = configs.base_config()
+  record.loss.name = 'users_own_rule'
+  loaded = configs.resolve(record, recorded=True)
+  assert configs.resolve(loaded, recorded=True) is loaded
+  with pytest.raises(configs.ConfigError, match="Unknown loss 'users_own_rule'"):
+    configs.resolve(loaded)
+
+
 def test_resolve_options_fills_every_default():
   settings = losses.resolve_options('shortcut', {})
   # RULES defaults, fixed options and the builder's signature defaults, all in force.
