@@ -1,9 +1,17 @@
 """Opening a trained run: its checkpoint and recorded config -> the flow map and parameters.
 
-The one opener of a trained workdir: `fmjax.load` (sampling and steering), the distillation
-teacher and the base model of reward fine-tuning all come through `load_trained`; the network
-is rebuilt with fmjax.from_config exactly as it was trained, from the config stored with the
-checkpoint (no experiment file needed).
+The one opener of a trained workdir for reading is `restore_run`: the read-only checkpoint
+manager, the step choice, the one "No checkpoint in ...; train first" message, the restore and
+the manager's close. Every reader goes through it:
+  --mode=eval     restores sharded onto the training mesh, checked against the current config
+                  (fmjax.cli.evaluate);
+  load_trained    restores replicated and rebuilds the flow map with fmjax.from_config exactly
+                  as it was trained, from the config stored with the checkpoint (no experiment
+                  file needed): `fmjax.load` (--mode=sample, --mode=steer), the base model of
+                  reward fine-tuning and the distillation teacher (`load_teacher`).
+`chosen_step` reads which step that would be without restoring (the console line of
+--mode=sample/steer). Training's resume (fmjax.train) is not a reader: it keeps its own
+writable manager.
 """
 
 from __future__ import annotations
@@ -17,6 +25,43 @@ from fmjax import checkpointing, configs, train_state
 from fmjax.data import datasets
 from fmjax.from_config import build_flow_map, build_interpolant, build_network
 from fmjax.steering import finetune
+
+
+def restore_run(workdir: str, step: int | None = None, *, abstract_state: Any = None,
+                config: ml_collections.ConfigDict | None = None, also_safe=(),
+                step_option: str = '--config.train.restore_step') -> checkpointing.Restored:
+  """Restores `workdir`'s checkpoint at `step` (the latest if None or negative) for reading;
+  `.step` of the result is the step chosen.
+
+  abstract_state: the shardings to restore onto (--mode=eval: the training mesh's, so a pod
+  never gathers the parameters on one host); None restores every array replicated over this
+  process's devices. config / also_safe: checked against the saved config before any array is
+  read (checkpointing.restore). The manager is read-only (nothing created or cleaned) and
+  closed whatever happens.
+  Raises checkpointing.CheckpointError when the workdir has no checkpoint, `step` was not
+  saved, or the step is damaged (the message names `step_option` to pick an older step).
+  """
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  try:
+    chosen = checkpointing.choose_step(manager, workdir, step)
+    if chosen is None:
+      raise checkpointing.CheckpointError(
+          f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with '
+          f'--mode=train (`python -m fmjax.main --config=... --workdir={workdir}`).')
+    return checkpointing.restore(manager, workdir, chosen, abstract_state, config,
+                                 step_option=step_option, also_safe=also_safe)
+  finally:
+    manager.close()
+
+
+def chosen_step(workdir: str, step: int | None = None) -> int | None:
+  """The step `restore_run(workdir, step)` would restore (None: no checkpoint), read without
+  restoring anything (for the console line that names the weights before they load)."""
+  manager = checkpointing.make_manager(workdir, read_only=True)
+  try:
+    return checkpointing.choose_step(manager, workdir, step)
+  finally:
+    manager.close()
 
 
 @dataclasses.dataclass
@@ -45,16 +90,8 @@ def load_trained(workdir: str, step: int | None = None, ema: int | None = None, 
   Raises checkpointing.CheckpointError for a missing step or a damaged checkpoint; its
   message names `step_option` as the way to pick an older step.
   """
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    chosen = checkpointing.choose_step(manager, workdir, step)
-    if chosen is None:
-      raise checkpointing.CheckpointError(
-          f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train with '
-          f'`python -m fmjax.main --config=... --workdir={workdir}` first.')
-    restored = checkpointing.restore(manager, workdir, chosen, step_option=step_option)
-  finally:
-    manager.close()
+  restored = restore_run(workdir, step, step_option=step_option)
+  chosen = restored.step
   # The checkpoint records the example shape and classes, so the data need not be at hand
   # (arrays registered only in the training process, a folder on another machine).
   datasets.remember_recorded(restored.config.get('data', {}), restored.meta, workdir)

@@ -133,6 +133,20 @@ def test_eval_and_sample_run_without_the_training_overrides(run_copy, mode, caps
   assert 'EMA copy 0 (decay 0.9 with warm-up: 0.4 at the last update) of step 6' in out
 
 
+def test_eval_mode_evaluates_the_restore_step_it_is_given(run_copy, capsys):
+  """--config.train.restore_step=3 evaluates the older of the two checkpoints (3 and 6); a
+  step that was never saved is named with the saved ones."""
+  cli = _experiment_defaults()
+  cli.train.restore_step = 4
+  with pytest.raises(checkpointing.CheckpointError, match=r'No checkpoint for step 4 .*saved steps: \[3, 6\]'):
+    fmjax.main.run(cli, run_copy, 'eval', overrides=['train.restore_step'])
+  cli.train.restore_step = 3
+  result = fmjax.main.run(cli, run_copy, 'eval', overrides=['train.restore_step'])
+  assert result['step'] == 3
+  line = next(l for l in capsys.readouterr().out.splitlines() if '--mode=eval with the' in l)
+  assert line.startswith('fmjax: --mode=eval with the EMA copy 0 (decay 0.9') and line.endswith(' of step 3.')
+
+
 def test_a_changed_training_field_is_named(run):
   workdir, _ = run
   cli = _experiment_defaults()
@@ -170,6 +184,10 @@ def test_an_old_record_without_newer_fields_still_evaluates(run_copy):
 def test_no_record_says_to_train_first(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='No checkpoint in .*train first with --mode=train'):
     fmjax.main.run(_config(), str(tmp_path), 'eval', overrides=['eval.num_samples'])
+  # fmjax.load (and teachers) say the same, with the command to run.
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=f'No checkpoint in .*train first with --mode=train .*--workdir={tmp_path}`'):
+    trained_runs.load_trained(str(tmp_path))
 
 
 # ----------------------------------------------------------------------- ctrl-C

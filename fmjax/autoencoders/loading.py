@@ -154,6 +154,18 @@ def _rename_legacy(tensors: dict, expected: dict, source: str) -> tuple[dict, di
 # Folders.
 
 
+def read_config_fields(config_path: str) -> dict:
+  """The JSON object of a config.json; kl.ConfigError when it is not valid JSON or not an object."""
+  with open(config_path) as f:
+    try:
+      fields = json.load(f)
+    except json.JSONDecodeError as e:
+      raise kl.ConfigError(f'{config_path} is not valid JSON: {e}') from None
+  if not isinstance(fields, dict):
+    raise kl.ConfigError(f'{config_path} must hold a JSON object of autoencoder config fields.')
+  return fields
+
+
 def read_folder(folder) -> tuple[kl.AutoencoderConfig, dict]:
   """(config, float32 numpy parameter pytree) of a diffusers AutoencoderKL folder."""
   folder = os.fspath(folder)
@@ -172,14 +184,7 @@ def read_folder(folder) -> tuple[kl.AutoencoderConfig, dict]:
     raise AutoencoderNotFoundError(f'{folder}: missing {absent} (has {present[:10]}); '
                                    f'{_folder_contract(folder)}.{hint}')
   config_path = os.path.join(folder, CONFIG_NAME)
-  with open(config_path) as f:
-    try:
-      fields = json.load(f)
-    except json.JSONDecodeError as e:
-      raise kl.ConfigError(f'{config_path} is not valid JSON: {e}') from None
-  if not isinstance(fields, dict):
-    raise kl.ConfigError(f'{config_path} must hold a JSON object of AutoencoderKL config fields.')
-  config = kl.AutoencoderConfig.from_dict(fields, source=config_path)
+  config = kl.AutoencoderConfig.from_dict(read_config_fields(config_path), source=config_path)
   weights_path = os.path.join(folder, WEIGHTS_NAME)
   try:
     tensors = safetensors.numpy.load_file(weights_path)
@@ -190,6 +195,9 @@ def read_folder(folder) -> tuple[kl.AutoencoderConfig, dict]:
 
 def load(folder, *, dtype='float32', mesh=None, batch_size: int | None = None) -> vae_lib.Autoencoder:
   """The Autoencoder of a diffusers AutoencoderKL folder (config.json + safetensors weights).
+
+  The loader registered for `_class_name` 'AutoencoderKL': `fmjax.autoencoders.load` (the
+  registry's) reads any registered kind and checks what it returns; this reads only this one.
 
   Args:
     folder: the folder (for a Stable Diffusion pipeline, its vae/ subfolder).

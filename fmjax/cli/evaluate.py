@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from fmjax import checkpointing, logging_utils, train, train_state
+from fmjax import logging_utils, train, train_state, trained_runs
 from fmjax.cli import RUN_MODE_FIELDS
 from fmjax.evaluation import evaluator
 
@@ -18,16 +18,13 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
                                  setup.flow_map, autoencoder=setup.autoencoder)
   evaluate.check_ready()
   with jax.set_mesh(setup.mesh):
-    manager = checkpointing.make_manager(workdir, read_only=True)
-    try:
-      step = checkpointing.choose_step(manager, workdir, config.train.restore_step)
-      if step is None:
-        raise checkpointing.CheckpointError(
-            f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with --mode=train.')
-      restored = checkpointing.restore(manager, workdir, step, setup.abstract_state, config,
-                                       also_safe=RUN_MODE_FIELDS)
-    finally:
-      manager.close()
+    # Sharded onto the training mesh (a pod evaluates without gathering the parameters on one
+    # host), after checking the saved config against this one: only the run-mode fields may
+    # differ.
+    restored = trained_runs.restore_run(workdir, config.train.restore_step,
+                                        abstract_state=setup.abstract_state, config=config,
+                                        also_safe=RUN_MODE_FIELDS)
+    step = restored.step
     logger = logging_utils.MetricsLogger(workdir, config.train.num_steps, step, jsonl=False)
     logger.info('fmjax: --mode=eval with the ' + train_state.describe_weights(
         tuple(config.optim.ema_decays), config.eval.ema_index, step,

@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from fmjax import api, checkpointing, logging_utils, plotting, train_state
+from fmjax import api, logging_utils, plotting, train_state, trained_runs
 
 
 def weights_line(config, workdir: str, ema_index: int | None = None) -> str:
@@ -16,12 +16,8 @@ def weights_line(config, workdir: str, ema_index: int | None = None) -> str:
   decays = tuple(config.optim.ema_decays)
   if ema_index is None:
     ema_index = 0 if decays else -1
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  try:
-    restore_step = config.train.restore_step
-    step = checkpointing.choose_step(manager, workdir, None if restore_step < 0 else restore_step)
-  finally:
-    manager.close()
+  restore_step = config.train.restore_step
+  step = trained_runs.chosen_step(workdir, None if restore_step < 0 else restore_step)
   if step is None:
     return ''
   return train_state.describe_weights(decays, ema_index, step, bool(config.optim.get('ema_warmup')))
