@@ -258,7 +258,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _MODES = ('train', 'eval', 'sample', 'steer')
-STEER_METHODS = tuple(_methods.METHODS)
 STEER_REWARDS = _rewards.NAMES       # one list for --mode=steer and fine-tuning
 # Old field names kept as aliases {old: new}: both fields share one value in a fresh config
 # (base_config links them); code that merges configs field by field must treat them as one.
@@ -549,7 +548,8 @@ def validate_steer(config: ml_collections.ConfigDict) -> None:
     if not cond:
       raise ConfigError(f'config.steer.{msg}')
 
-  need(st.method in STEER_METHODS, f'method = {st.method!r}; choose one of {STEER_METHODS}.')
+  known = tuple(_methods.METHODS)   # read now: a method added to the registry counts
+  need(st.method in known, f'method = {st.method!r}; choose one of {known}.')
   need(st.reward in STEER_REWARDS, f'reward = {st.reward!r}; choose one of {STEER_REWARDS}.')
   need(st.num_samples >= 1, f'num_samples = {st.num_samples} must be >= 1.')
   need(st.steps >= 1, f'steps = {st.steps} must be >= 1.')

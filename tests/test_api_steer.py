@@ -168,3 +168,34 @@ def test_smc_returns_each_rows_ancestor_label(model):
                     num_particles=4, chunk_size=8, labels=labels)
   assert out.labels is not None and out.labels.shape == (12,)
   np.testing.assert_array_equal(out.labels, 2)
+
+
+def test_a_new_method_is_an_options_class_a_runner_and_one_registry_line(model, monkeypatch):
+  """The extension point: plain k-step sampling as a method. Model.steer and config.steer's
+  validation find it in the registry; its rows follow steer's noise stream (noise row i of
+  split(key)[0]), so it equals Model.sample with that key, chunked or not."""
+  import dataclasses
+  from fmjax import configs
+  from fmjax.steering import methods
+
+  @dataclasses.dataclass(frozen=True)
+  class PlainOptions(methods.SteeringOptions):
+    """No options beyond the temperature (which plain sampling ignores)."""
+
+  def run_plain(pieces, key_noise, key_run, first, chunk, labels, *, reward, steps, options):
+    del key_run, reward, options
+    x = pieces.sample(pieces.noise(key_noise, chunk, first), steps, labels)
+    return methods.Steered(x, None, None, None, jnp.zeros((chunk, 4), jnp.int32), steps)
+
+  monkeypatch.setitem(methods.METHODS, 'plain', methods.MethodSpec(PlainOptions, run_plain))
+  key, labels = jax.random.PRNGKey(3), _labels(7)
+  out = model.steer(key, 7, reward, method='plain', steps=2, labels=labels, chunk_size=3)
+  expected = model.sample(jax.random.split(key)[0], 7, steps=2, labels=labels)
+  np.testing.assert_allclose(out.samples, expected, atol=1e-5)
+  assert out.nfe == 2 and out.log_weights is None
+  config = configs.base_config()
+  config.steer.method = 'plain'
+  configs.validate_steer(config)
+  config.steer.method = 'plane'
+  with pytest.raises(configs.ConfigError, match=r"method = 'plane'; choose one of \('best_of_n', 'guidance', 'smc', 'plain'\)"):
+    configs.validate_steer(config)
