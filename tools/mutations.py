@@ -539,7 +539,28 @@ LIFECYCLE_MUTATIONS = [
              "    first_step, started = step, time.time()\n    log_every = train.log_every\n",
              tests=LIFECYCLE, alone=True),
 ]
-MUTATIONS += STEERING_MUTATIONS + API_MUTATIONS + PLUMBING_MUTATIONS + LIFECYCLE_MUTATIONS
+# The extension points and the one-resolution rule (docs/architecture.md).
+ARCHITECTURE_MUTATIONS = [
+    mutation('architecture: a resolved config is resolved again', 'fmjax/configs.py',
+             '  if known and (not known[1] or recorded) and known[0] == _fingerprint(config):',
+             '  if False:', tests=['tests/test_configs.py'], alone=True),
+    mutation('architecture: a config changed after resolution is taken as resolved', 'fmjax/configs.py',
+             '  if known and (not known[1] or recorded) and known[0] == _fingerprint(config):',
+             '  if known and (not known[1] or recorded):', tests=['tests/test_configs.py'], alone=True),
+    mutation('architecture: a record resolved for loading passes as a run config', 'fmjax/configs.py',
+             '  if known and (not known[1] or recorded) and known[0] == _fingerprint(config):',
+             '  if known and known[0] == _fingerprint(config):', tests=['tests/test_configs.py'], alone=True),
+    mutation("architecture: the autoencoder's _class_name ignored", 'fmjax/autoencoders/registry.py',
+             "  name = fields.get('_class_name', DEFAULT_CLASS_NAME)\n",
+             "  name = DEFAULT_CLASS_NAME\n", tests=['tests/test_autoencoder_registry.py'], alone=True),
+    mutation('architecture: --mode=eval restores the latest step whatever restore_step says',
+             'fmjax/cli/evaluate.py', 'restore_run(workdir, config.train.restore_step,',
+             'restore_run(workdir, None,', tests=['tests/test_lifecycle.py'], alone=True),
+    mutation('architecture: config.steer.method checked against the methods known at import',
+             'fmjax/configs.py', '  known = tuple(_methods.METHODS)',
+             "  known = ('best_of_n', 'guidance', 'smc')", tests=['tests/test_api_steer.py'], alone=True),
+]
+MUTATIONS += STEERING_MUTATIONS + API_MUTATIONS + PLUMBING_MUTATIONS + LIFECYCLE_MUTATIONS + ARCHITECTURE_MUTATIONS
 
 
 def run(mutation: Mutation, scratch: str) -> list[str]:

@@ -1,0 +1,196 @@
+r"""Pod-scale memory plan without a pod: each device's memory for the trainer's DiT step under
+FSDP and data parallelism, from XLA's memory analysis of the step compiled for N fake CPU devices.
+
+The step is the trainer's own (`fmjax.train.Setup`: the experiment's config, donated and sharded
+state, EMA, the non-finite guard), lowered against the abstract state and compiled, never run:
+nothing of the state is allocated, so DiT-XL/2 plans fit on a laptop. Per row:
+
+  state GiB     parameters + Adam moments + EMA copies on one device, summed from each array's
+                shard shape under its sharding (the FSDP size rule of fmjax.sharding): exact
+  XLA args GiB  XLA's argument size of the per-device program (state + batch shard): a
+                cross-check of the line above
+  temp GiB      XLA's temporary buffers of the per-device program (activations kept for the
+                backward pass, jvp tangents, gradients, fusion scratch)
+  peak GiB      args + outputs not aliased to the donated arguments + temp
+  fits          the chip classes whose HBM holds peak with 10 % to spare
+
+Caveat, measured nowhere else: the plan is compiled by the CPU backend. State and argument bytes
+are the same on any backend; temporaries are not (TPU and GPU compilers fuse and rematerialize
+differently, pad to their tile layouts, and a real run adds runtime buffers), so `temp` is an
+estimate of the order, not a promise: confirm the rows that fit narrowly on the device.
+
+  python benchmarks/memory_plan.py --devices 8 --meshes 8x1,1x8 --rules meanflow,imf,lsd --size XL
+  python benchmarks/memory_plan.py --devices 64 --meshes 64x1,8x8,1x64 --rules meanflow,imf --size XL
+  python benchmarks/memory_plan.py --devices 64 --meshes 8x8 --rules lsd --size B,M,L,XL   # largest LSD DiT
+  python benchmarks/memory_plan.py --tiny --devices 8 --meshes 8x1,1x8 --rules lsd       # CI size (seconds)
+
+Meshes are DATAxFSDP (their product is --devices). Batches: the experiments' global batches
+(MeanFlow and LSD 256, iMF 1024), or --batch. Rows print as they finish; --out writes the
+Markdown table, --json the rows.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _fake_devices(argv) -> int:
+  """--devices N, read before jax is imported: the CPU backend then shows N devices."""
+  n = 8
+  for i, arg in enumerate(argv):
+    if arg.startswith('--devices='):
+      n = int(arg.split('=', 1)[1])
+    elif arg == '--devices' and i + 1 < len(argv):
+      n = int(argv[i + 1])
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={n}').strip()
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  return n
+
+
+if __name__ == '__main__':
+  _fake_devices(sys.argv[1:])
+
+# pylint: disable=wrong-import-position
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from fmjax import benchmarking, models, sharding as sharding_lib, train  # noqa: E402
+import train_throughput as throughput  # noqa: E402
+
+GIB = 2**30
+# HBM per chip, GiB (vendors' specifications).
+CHIPS = {'TPU v5e': 16, 'TPU v4': 32, 'TPU v6e': 32, 'H100': 80, 'TPU v5p': 95, 'H200': 141}
+HEADROOM = 0.9          # a row fits a chip when peak <= 90 % of its HBM
+BATCH = {'meanflow': 256, 'lsd': 256, 'imf': 1024}   # the experiments' global batches
+TINY_FSDP_MIN_SIZE = 2**8   # --tiny: shard the tiny network's arrays too, as the large ones are
+
+
+def parse_mesh(text: str, devices: int) -> tuple[int, int]:
+  data, fsdp = (int(v) for v in text.lower().split('x'))
+  if data * fsdp != devices:
+    raise ValueError(f'mesh {text}: DATA x FSDP = {data * fsdp}, not the {devices} devices.')
+  return data, fsdp
+
+
+def shard_bytes(abstract_tree) -> int:
+  """Bytes one device holds of a pytree of ShapeDtypeStructs with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def fits(peak_bytes: float) -> list[str]:
+  return [name for name, gib in CHIPS.items() if peak_bytes <= HEADROOM * gib * GIB]
+
+
+def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tiny: bool = False,
+             workdir: str = '/tmp/fmjax_memory_plan') -> dict:
+  """One row: the step of the DiT-SIZE/2 experiment with `rule`, on a DATA x FSDP mesh."""
+  preset = f'dit-{size}'
+  throughput.PRESETS.setdefault(preset, ('imagenet256_dit', f'meanflow,{size}', (32, 32, 4), 256))
+  batch = batch or BATCH.get(rule, 256)
+  config, shape = throughput.rule_config(preset, rule, tiny=tiny, batch=batch)
+  with config.unlocked():
+    config.sharding.data, config.sharding.fsdp = mesh
+    if tiny:
+      config.sharding.fsdp_min_size = TINY_FSDP_MIN_SIZE
+  setup = train.Setup(config, workdir,
+                      make_source=lambda c, m: throughput.SyntheticSource(c, m, shape))
+  start = time.perf_counter()
+  with jax.set_mesh(setup.mesh):
+    batch_arrays = setup.source.batch(0)
+    stop = sharding_lib.per_device_flags(False, setup.mesh)
+    lowered = setup.train_step.lower(setup.abstract_state, batch_arrays, stop)
+  compiled = lowered.compile(models.FAST_COMPILE if tiny else None)
+  memory = compiled.memory_analysis()
+  params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(setup.abstract_state['params']))
+  args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
+  alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+  peak = args + out - alias + temp
+  return {'model': f'DiT-{size}/2' if not tiny else 'DiT (tiny)', 'rule': rule,
+          'mesh': f'{mesh[0]}x{mesh[1]}', 'batch': int(setup.config.train.batch_size),
+          'batch_per_device': int(setup.config.train.batch_size) // (mesh[0] * mesh[1]),
+          'params_m': params / 1e6, 'dtype': setup.config.model.dtype,
+          'state_bytes': shard_bytes(setup.abstract_state),
+          'batch_bytes': shard_bytes({'b': batch_arrays, 'stop': stop}),
+          'arg_bytes': args, 'out_bytes': out, 'alias_bytes': alias, 'temp_bytes': temp,
+          'peak_bytes': peak, 'fits': fits(peak), 'compile_s': time.perf_counter() - start}
+
+
+HEADER = ('model', 'rule', 'mesh DATAxFSDP', 'batch (per device)', 'params M', 'state GiB',
+          'XLA args GiB', 'temp GiB', 'peak GiB', 'fits (<= 90 % of HBM)', 'compile s')
+
+
+def cells(r: dict) -> list[str]:
+  if 'error' in r:
+    return [r['model'], r['rule'], r['mesh'], '', '', '', '', '', '', r['error'], '']
+  return [r['model'], r['rule'], r['mesh'], f"{r['batch']} ({r['batch_per_device']})",
+          f"{r['params_m']:.0f}", f"{r['state_bytes'] / GIB:.2f}", f"{r['arg_bytes'] / GIB:.2f}",
+          f"{r['temp_bytes'] / GIB:.2f}", f"{r['peak_bytes'] / GIB:.2f}",
+          ', '.join(r['fits']) or 'none', f"{r['compile_s']:.0f}"]
+
+
+def largest_per_chip(rows: list[dict], rule: str = 'lsd') -> dict[str, str]:
+  """For each chip class: the largest model (by parameters) whose `rule` row fits it."""
+  best = {}
+  for r in sorted((r for r in rows if r.get('rule') == rule and 'error' not in r),
+                  key=lambda r: r['params_m']):
+    for chip in r['fits']:
+      best[chip] = f"{r['model']} ({r['mesh']}, batch {r['batch']})"
+  return {chip: best.get(chip, 'none') for chip in CHIPS}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--devices', type=int, default=8, help='fake CPU devices (set before jax starts)')
+  parser.add_argument('--meshes', default='8x1,1x8', help='DATAxFSDP,... (products = --devices)')
+  parser.add_argument('--rules', default='meanflow,imf,lsd')
+  parser.add_argument('--size', default='XL', help='DiT sizes of experiments/imagenet256_dit.py: B,M,L,XL')
+  parser.add_argument('--batch', type=int, default=0, help='global batch (0: the experiment\'s)')
+  parser.add_argument('--tiny', action='store_true', help='the tiny DiT, fast compile: a smoke run')
+  parser.add_argument('--out', default='', help='Markdown table')
+  parser.add_argument('--json', default='', help='the rows as JSON')
+  args = parser.parse_args(argv)
+  if jax.device_count() != args.devices:
+    sys.exit(f'memory_plan: jax sees {jax.device_count()} devices, not --devices={args.devices} '
+             '(run it as a script, so that it sets XLA_FLAGS before jax starts).')
+  meshes = [parse_mesh(m, args.devices) for m in args.meshes.split(',')]
+  rows = []
+  print(benchmarking.markdown_table(HEADER, []), flush=True)
+  for size in args.size.split(','):
+    for rule in args.rules.split(','):
+      for mesh in meshes:
+        try:
+          row = plan_row(size, rule, mesh, batch=args.batch, tiny=args.tiny)
+        except Exception as e:   # noqa: BLE001 -- a row that cannot compile is reported, not fatal
+          row = {'model': f'DiT-{size}/2', 'rule': rule, 'mesh': f'{mesh[0]}x{mesh[1]}',
+                 'error': f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}
+        rows.append(row)
+        print(benchmarking.markdown_row(cells(row)), flush=True)
+  text = [f'{args.devices} fake CPU devices (jax {jax.__version__}); peak = args + outputs not '
+          'aliased + temp, per device.', '', benchmarking.markdown_table(HEADER, [cells(r) for r in rows])]
+  if any(r.get('rule') == 'lsd' for r in rows):
+    text += ['', 'Largest DiT whose LSD step fits, per chip class:', '']
+    text += [benchmarking.markdown_table(('chip', 'HBM GiB', 'largest LSD DiT'),
+                                         [[c, str(CHIPS[c]), m] for c, m in largest_per_chip(rows).items()])]
+  if args.out:
+    benchmarking.write(args.out, '\n'.join(text) + '\n')
+  if args.json:
+    benchmarking.write(args.json, json.dumps(rows, indent=1) + '\n')
+  return rows
+
+
+if __name__ == '__main__':
+  main()

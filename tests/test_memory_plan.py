@@ -1,0 +1,63 @@
+"""benchmarks/memory_plan.py at its CI size: the tiny DiT's LSD step compiled for 8 fake CPU
+devices, fully sharded (FSDP 8). The per-device numbers must add up: XLA's argument size
+is exactly the state shards plus the batch shard, the donated state is aliased whole, and FSDP
+keeps a fraction of the replicated state on each device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+
+@pytest.fixture(scope='module')
+def rows(tmp_path_factory):
+  out = tmp_path_factory.mktemp('memory_plan')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_plan.py'), '--tiny',
+                  '--devices', '8', '--meshes', '1x8', '--rules', 'lsd', '--batch', '16',
+                  '--json', str(out / 'rows.json'), '--out', str(out / 'plan.md')],
+                 check=True, cwd=ROOT, env={**env, 'PYTHONPATH': ROOT}, capture_output=True, text=True)
+  with open(out / 'rows.json') as f:
+    return {r['mesh']: r for r in json.load(f)}
+
+
+def test_per_device_bytes_add_up(rows):
+  for r in rows.values():
+    assert 'error' not in r, r
+    assert r['batch'] == 16 and r['batch_per_device'] == 2
+    # 16 x 8 x 8 x 4 float32 inputs and int32 labels split over 8 devices, and each device's
+    # int32 stop flag.
+    assert r['batch_bytes'] == 16 * 8 * 8 * 4 * 4 // 8 + 16 * 4 // 8 + 4
+    assert r['arg_bytes'] == r['state_bytes'] + r['batch_bytes']
+    assert r['alias_bytes'] == r['state_bytes']                # the donated state, in place
+    assert r['peak_bytes'] == r['arg_bytes'] + r['out_bytes'] - r['alias_bytes'] + r['temp_bytes']
+    assert r['temp_bytes'] > 0
+
+
+def test_fsdp_shards_the_state(rows):
+  # Replicated, every device would hold params, two Adam moments and one EMA copy of ~77k
+  # float32 parameters (plus a few scalars); FSDP keeps an eighth of the arrays large enough to
+  # shard, and the small ones whole.
+  r = rows['1x8']
+  replicated = 4 * 4 * r['params_m'] * 1e6
+  assert replicated / 8 < r['state_bytes'] < replicated / 6
+
+
+def test_largest_per_chip_picks_the_largest_fitting_model():
+  import memory_plan   # pylint: disable=import-outside-toplevel
+  rows = [{'model': 'small', 'rule': 'lsd', 'mesh': '1x8', 'batch': 256, 'params_m': 100,
+           'fits': ['TPU v5e', 'H100']},
+          {'model': 'large', 'rule': 'lsd', 'mesh': '1x8', 'batch': 256, 'params_m': 600,
+           'fits': ['H100']},
+          {'model': 'huge', 'rule': 'meanflow', 'mesh': '1x8', 'batch': 256, 'params_m': 900,
+           'fits': ['H100', 'TPU v5e']}]
+  best = memory_plan.largest_per_chip(rows)
+  assert best['H100'].startswith('large') and best['TPU v5e'].startswith('small')
+  assert best['TPU v4'] == 'none'
+  assert memory_plan.fits(0.9 * 16 * 2**30) == list(memory_plan.CHIPS)
+  assert 'TPU v5e' not in memory_plan.fits(0.9 * 16 * 2**30 + 1)
