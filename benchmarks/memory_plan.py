@@ -55,7 +55,6 @@ if __name__ == '__main__':
 # pylint: disable=wrong-import-position
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402

@@ -19,7 +19,6 @@ run. Registrations live in this process: register in the experiment file or scri
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from typing import Any, Callable, Protocol, runtime_checkable
 
