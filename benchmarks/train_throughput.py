@@ -81,16 +81,17 @@ def experiment_config(name: str, arg: str):
 
 
 def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, dtype: str = '',
-                attention: str = ''):
+                attention: str = '', size: str = ''):
   """(config, example shape) of one row: the preset's experiment with `rule` in force (and
-  `attention`, an implementation of fmjax.models.attention, when given)."""
+  `attention`, an implementation of fmjax.models.attention, when given). `size` replaces a
+  DiT preset's network size (B, M, L, XL of experiments/imagenet256_dit.py)."""
   experiment, arg, shape, default_batch = PRESETS[preset]
   is_dit = experiment == 'imagenet256_dit'
   base_rule = rule.split('+')[0]
   if is_dit:
     # The DiT experiment defines meanflow and imf; the other rules run on the meanflow config
     # (same network, parameterization and time conditioning).
-    size = arg.split(',')[1]
+    size = size or arg.split(',')[1]
     c = experiment_config(experiment, f'{"imf" if base_rule == "imf" else "meanflow"},{size}')
   else:
     c = experiment_config(experiment, base_rule if base_rule in ('lsd', 'meanflow', 'sct') else
@@ -179,9 +180,9 @@ class Row:
   state and times the step."""
 
   def __init__(self, preset: str, rule: str, *, attention: str = '', tiny=False, batch=0, dtype='',
-               workdir='/tmp/fmjax_throughput'):
+               workdir='/tmp/fmjax_throughput', size: str = ''):
     config, self.shape = rule_config(preset, rule, tiny=tiny, batch=batch, dtype=dtype,
-                                     attention=attention)
+                                     attention=attention, size=size)
     self.tiny = tiny
     self.setup = train.Setup(config, workdir,
                              make_source=lambda c, mesh: SyntheticSource(c, mesh, self.shape))

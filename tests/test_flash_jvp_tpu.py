@@ -1,0 +1,79 @@
+"""The TPU (Mosaic) variant of the fused jvp attention kernel, run on CPU in Pallas' TPU interpret
+mode, against float64 attention written out from full matrices; its block-shape errors; and its
+lowering to Mosaic for TPU (done on CPU: no TPU is needed to lower, only to compile and run)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.models import flash_jvp_tpu
+from test_flash_jvp import _naive64
+
+
+def _inputs(b, nq, nk, h, d, seed=0, dtype=jnp.float32):
+  """q, k, v, dq, dk, dv with nq queries and nk keys."""
+  keys = jax.random.split(jax.random.key(seed), 6)
+  shapes = [(b, nq, h, d), (b, nk, h, d), (b, nk, h, d)] * 2
+  return [jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes)]
+
+
+# (batch, queries, keys, heads, head_dim), blocks. Sequence lengths that are and are not multiples
+# of the blocks (200 keys: two key blocks, the second with 56 masked keys; 72 queries: one block of
+# the whole sequence), head dims 64 and 72 (both padded to 128), Nq != Nk both ways.
+@pytest.mark.parametrize('shape,blocks', [((2, 128, 128, 2, 64), (128, 128)),
+                                          ((2, 200, 200, 2, 72), (128, 128)),
+                                          ((2, 72, 200, 3, 64), (128, 128)),
+                                          ((1, 256, 100, 2, 72), (64, 128))])
+def test_kernel_matches_float64_naive_in_tpu_interpret_mode(shape, blocks):
+  args = _inputs(*shape)
+  o, do, lse = flash_jvp_tpu.attention_and_tangent(*args, block_q=blocks[0], block_k=blocks[1],
+                                                   interpret=True)
+  ro, rdo, rlse = _naive64(*args)
+  assert o.shape == do.shape == args[0].shape and lse.shape == (shape[0], shape[3], shape[1])
+  np.testing.assert_allclose(o, ro, atol=2e-6)
+  np.testing.assert_allclose(do, rdo, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(lse, rlse, atol=2e-6)
+
+
+def test_kernel_in_bfloat16_accumulates_in_float32():
+  args = _inputs(2, 160, 160, 2, 64, seed=1, dtype=jnp.bfloat16)
+  o, do, lse = flash_jvp_tpu.attention_and_tangent(*args, interpret=True)
+  ro, rdo, rlse = _naive64(*args)
+  assert o.dtype == do.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(o, np.float32), ro, atol=3e-2)
+  np.testing.assert_allclose(np.asarray(do, np.float32), rdo, atol=6e-2, rtol=3e-2)
+  np.testing.assert_allclose(lse, rlse, atol=3e-2)
+
+
+@pytest.mark.parametrize('blocks,message', [((128, 64), 'block_k=64 .* multiple of 128'),
+                                            ((12, 128), 'block_q=12 .* multiple of 8')])
+def test_blocks_off_the_tpu_tiling_are_refused_before_any_work(blocks, message):
+  """200 tokens are longer than both blocks, so the blocks tile the sequence and must follow
+  the (8, 128) rule; the error comes while tracing, before any padding or kernel."""
+  args = _inputs(1, 200, 200, 1, 64)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda *a: flash_jvp_tpu.attention_and_tangent(
+        *a, block_q=blocks[0], block_k=blocks[1]), *args)
+
+
+def test_shapes_are_checked():
+  q, k = _inputs(1, 16, 24, 1, 8)[:2]
+  with pytest.raises(ValueError, match='do not match'):
+    flash_jvp_tpu.attention_and_tangent(q, k, k, q, k, q)
+
+
+def test_short_sequences_are_one_padded_block():
+  assert flash_jvp_tpu.tpu_block_sizes(72, 72, 128, 128) == (72, 128)
+  assert flash_jvp_tpu.tpu_block_sizes(4000, 300, 256, 512) == (256, 384)
+
+
+@pytest.mark.parametrize('shape,dtype', [((2, 200, 72, 2, 72), jnp.float32),
+                                         ((1, 256, 256, 2, 64), jnp.bfloat16)])
+def test_lowers_to_mosaic_for_tpu(shape, dtype):
+  """The Pallas TPU lowering (block shapes against the (8, 128) tiling, every op of the kernel
+  body) accepts the kernel; interpret mode checks neither."""
+  args = _inputs(*shape, dtype=dtype)
+  lowered = jax.jit(lambda *a: flash_jvp_tpu.attention_and_tangent(*a)).trace(*args).lower(
+      lowering_platforms=('tpu',))
+  assert 'tpu_custom_call' in lowered.as_text()
