@@ -10,7 +10,10 @@ the measured wall time (median of --repeats runs after one warm-up). The three m
 what the flow-map rules need: the forward pass, `jax.jvp` (d/dt of the network: the
 Lagrangian/Eulerian tangents), and `jax.grad` of a loss on the forward output, on the jvp's
 primal with its tangent stop-gradiented (MeanFlow, iMF, sCT, ESD), and on the jvp output
-(LSD-type rules that backpropagate through the tangent). Prints a markdown table and writes it to --out.
+(LSD-type rules that backpropagate through the tangent). For that last mode, 'flash' is the fused
+backward kernel (fmjax.models.flash_jvp_backward, tangent_backward='kernel') and
+'flash-bwd-blockwise' the same flash attention with the pure-JAX blockwise backward (flash
+attention's default until the kernel is timed on a GPU), measured in that mode only. Prints a markdown table and writes it to --out.
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ def _mib(x):
 # the fused jvp kernel 6 matmuls (q k^T, dq k^T, q dk^T, w v, w dS v, w dv) = 12, run beside the
 # primal kernel (4): jvp = 16. Used for the fused kernel's TFLOP/s, where XLA cannot count
 # inside a custom call.
-ANALYTIC_UNITS = {'forward': 4, 'jvp': 16, 'forward+jvp': 16}
+# grad(jvp) of a loss on dO alone: the jvp kernel (12) plus the fused backward's two kernels, 10
+# matmuls per tile over key blocks and 8 over query blocks (18): 30.
+ANALYTIC_UNITS = {'forward': 4, 'jvp': 16, 'forward+jvp': 16, 'grad(jvp)': 30}
+# Implementations measured in some modes only (the others would repeat another column).
+ONLY_MODES = {'flash-bwd-blockwise': ('grad(jvp)',)}
 
 
 def _safe_measure(fn, args, repeats, flops_fn=None):
@@ -92,8 +99,8 @@ def main():
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--impls', default=None,
-                      help='comma list of naive,blockwise,flash,cudnn (default: naive,blockwise '
-                           'on CPU; all four on GPU)')
+                      help='comma list of naive,blockwise,flash,flash-bwd-blockwise,cudnn (default: '
+                           'naive,blockwise on CPU; all five on GPU)')
   parser.add_argument('--interpret', action='store_true',
                       help="run the fused kernel in Pallas' interpreter (CPU smoke test)")
   parser.add_argument('--out', default='attention_jvp.md')
@@ -101,11 +108,15 @@ def main():
 
   gpu = jax.default_backend() == 'gpu'
   names = (args.impls.split(',') if args.impls else
-           ['naive', 'blockwise', 'flash', 'cudnn'] if gpu else ['naive', 'blockwise'])
+           ['naive', 'blockwise', 'flash', 'flash-bwd-blockwise', 'cudnn'] if gpu
+           else ['naive', 'blockwise'])
   dtype = jnp.dtype(args.dtype)
   impls = {'naive': attention.naive_attention,
            'blockwise': attention.attention_fn('blockwise', block_size=args.block_size),
-           'flash': attention.attention_fn('flash', interpret=args.interpret),
+           'flash': attention.attention_fn('flash', interpret=args.interpret, tangent_backward='kernel'),
+           # The pre-kernel backward, as measured before (flash_attention's default block_size).
+           'flash-bwd-blockwise': attention.attention_fn('flash', interpret=args.interpret,
+                                                         tangent_backward='blockwise'),
            # cuDNN's fused attention: forward and reverse mode only (custom_vjp: no jvp).
            'cudnn': lambda q, k, v: jax.nn.dot_product_attention(
                q, k, v, implementation='cudnn' if dtype != jnp.float32 else None)}
@@ -141,7 +152,7 @@ def main():
     one_block = _modes(attention.attention_fn('blockwise', block_size=n))
     for name, attend in impls.items():
       for mode, fn in _modes(attend).items():
-        if name == 'cudnn' and 'jvp' in mode:
+        if (name == 'cudnn' and 'jvp' in mode) or mode not in ONLY_MODES.get(name, (mode,)):
           continue
         results[name, mode] = _safe_measure(fn, inputs, args.repeats,
                                             one_block[mode] if name == 'blockwise' else None)

@@ -560,7 +560,40 @@ ARCHITECTURE_MUTATIONS = [
              'fmjax/configs.py', '  known = tuple(_methods.METHODS)',
              "  known = ('best_of_n', 'guidance', 'smc')", tests=['tests/test_api_steer.py'], alone=True),
 ]
+# The fused backward of attention's tangent (fmjax/models/flash_jvp_backward.py), one term each.
+# The kernel-level tests (the end-to-end and reference-checking ones add minutes, not coverage).
+FLASH_BACKWARD_TESTS = ['tests/test_flash_jvp_backward.py::test_six_gradients_match_float64_formulas',
+                        'tests/test_flash_jvp_backward.py::test_padded_keys_stay_masked_when_every_score_is_far_below_zero']
+_FLASH_BACKWARD = 'fmjax/models/flash_jvp_backward.py'
+FLASH_BACKWARD_MUTATIONS = [
+    mutation('flash backward: H without - delta', _FLASH_BACKWARD,
+             '+ _dot_t(g, dv) - delta[:, None])', '+ _dot_t(g, dv))',
+             tests=FLASH_BACKWARD_TESTS, alone=True),
+    mutation('flash backward: H without + B', _FLASH_BACKWARD,
+             'ds_centered * a_centered + _dot_t(g, dv) - delta', 'ds_centered * a_centered - delta',
+             tests=FLASH_BACKWARD_TESTS, alone=True),
+    mutation('flash backward: dS centred by alpha instead of mu', _FLASH_BACKWARD,
+             'ds_centered = ds - mu[:, None]', 'ds_centered = ds - alpha[:, None]',
+             tests=FLASH_BACKWARD_TESTS, alone=True),
+    mutation('flash backward: grad k without the E^T dq term', _FLASH_BACKWARD,
+             'acc_k = acc_k + _dot(h.astype(q.dtype).T, q) + _dot(e.astype(dq.dtype).T, dq)',
+             'acc_k = acc_k + _dot(h.astype(q.dtype).T, q)', tests=FLASH_BACKWARD_TESTS, alone=True),
+    mutation('flash backward: grad q without the E dk term', _FLASH_BACKWARD,
+             'acc_q = acc_q + _dot(h.astype(k.dtype), k) + _dot(e.astype(dk.dtype), dk)',
+             'acc_q = acc_q + _dot(h.astype(k.dtype), k)', tests=FLASH_BACKWARD_TESTS, alone=True),
+    mutation('flash backward: grad v from P instead of dP', _FLASH_BACKWARD,
+             'acc_v = acc_v + _dot(dp.astype(g.dtype).T, g)', 'acc_v = acc_v + _dot(p.astype(g.dtype).T, g)',
+             tests=FLASH_BACKWARD_TESTS, alone=True),
+    mutation('flash backward: padded keys not masked', _FLASH_BACKWARD,
+             '  if valid is not None:\n    s = jnp.where(valid[None, :], s, _MASKED)\n'
+             '    ds = jnp.where(valid[None, :], ds, 0.0)\n', '',
+             tests=FLASH_BACKWARD_TESTS, alone=True),
+    mutation('flash backward: the key kernel skips the last query block', _FLASH_BACKWARD,
+             'jax.lax.fori_loop(0, num_q_blocks, body', 'jax.lax.fori_loop(0, num_q_blocks - 1, body',
+             tests=FLASH_BACKWARD_TESTS, alone=True),
+]
 MUTATIONS += STEERING_MUTATIONS + API_MUTATIONS + PLUMBING_MUTATIONS + LIFECYCLE_MUTATIONS + ARCHITECTURE_MUTATIONS
+MUTATIONS += FLASH_BACKWARD_MUTATIONS
 
 
 def run(mutation: Mutation, scratch: str) -> list[str]:

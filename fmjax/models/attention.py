@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import linear_call
+from jax.custom_derivatives import SymbolicZero, linear_call
 
 ATTENTION_IMPLEMENTATIONS = ('naive', 'blockwise', 'flash', 'auto')
 
@@ -212,6 +212,10 @@ class FlashOptions(NamedTuple):
   primal: str = 'auto'            # 'auto' | 'xla' | 'cudnn': who computes O and its reverse mode
   tangent_gradient: str = 'exact'  # 'exact' | 'zero': reverse mode of the tangent dO
   block_size: int = 128           # blocks of the blockwise path behind the exact tangent gradient
+  tangent_backward: str = 'blockwise'  # 'blockwise' | 'kernel': who transposes the exact gradient
+  kernel: str = 'triton'          # 'triton' (flash_jvp, GPUs) | 'tpu' (flash_jvp_tpu, Mosaic)
+  num_warps: int | None = None    # Triton launch options of the forward kernel (None: by head dim)
+  num_stages: int = 2
 
 
 def _primal_attention(q, k, v, opts: FlashOptions):
@@ -229,10 +233,16 @@ def _primal_attention(q, k, v, opts: FlashOptions):
 
 def _fused_tangent(opts, residuals, linear):
   """dO, linear in (dq, dk, dv), from the fused Pallas kernel (its O output is a by-product)."""
-  from fmjax.models import flash_jvp   # jax.experimental.pallas imported only when used
+  # jax.experimental.pallas is imported only when used.
   (q, k, v), (dq, dk, dv) = residuals, linear
+  if opts.kernel == 'tpu':
+    from fmjax.models import flash_jvp_tpu
+    return flash_jvp_tpu.attention_and_tangent(q, k, v, dq, dk, dv, block_q=opts.block_q,
+                                               block_k=opts.block_k, interpret=opts.interpret)[1]
+  from fmjax.models import flash_jvp
   return flash_jvp.attention_and_tangent(q, k, v, dq, dk, dv, block_q=opts.block_q,
-                                         block_k=opts.block_k, interpret=opts.interpret)[1]
+                                         block_k=opts.block_k, interpret=opts.interpret,
+                                         num_warps=opts.num_warps, num_stages=opts.num_stages)[1]
 
 
 def _fused_tangent_transpose(opts, residuals, cotangent):
@@ -257,18 +267,59 @@ def _tangent(q, k, v, dq, dk, dv, opts):
                      functools.partial(_fused_tangent_transpose, opts), (q, k, v), (dq, dk, dv))
 
 
-@_tangent.defjvp
+def _tangent_of_tangent(opts, present, residuals, linear):
+  """The derivative of dO along the tangents of (q, k, v, dq, dk, dv) (only those flagged in
+  `present`, the others are zero): the jvp of the blockwise tangent. Forward mode only (jvp of
+  jvp); reverse mode runs `_tangent_of_tangent_transpose`."""
+  linear = iter(linear)
+  full = tuple(next(linear) if p else jnp.zeros_like(x) for p, x in zip(present, residuals[:6]))
+  return jax.jvp(functools.partial(_blockwise_tangent, opts), residuals[:6], full)[1]
+
+
+def _tangent_of_tangent_transpose(opts, present, residuals, cotangent):
+  """Its transpose, the vjp of dO w.r.t. the inputs flagged in `present`, by the fused backward
+  kernels (fmjax.models.flash_jvp_backward)."""
+  from fmjax.models import flash_jvp_backward
+  grads = flash_jvp_backward.tangent_vjp(*residuals, cotangent.astype(residuals[0].dtype),
+                                         block_q=opts.block_q, block_k=opts.block_k,
+                                         interpret=opts.interpret)
+  return tuple(g.astype(x.dtype) for g, x, p in zip(grads, residuals[:6], present) if p)
+
+
+def _instantiate(tangents):
+  return tuple(jnp.zeros(t.shape, t.dtype) if isinstance(t, SymbolicZero) else t for t in tangents)
+
+
+# symbolic_zeros: linear_call's transpose needs every linear input to be a linear variable, so
+# the tangents of inputs that are not differentiated (zero) must be left out of it, not filled in.
+@functools.partial(_tangent.defjvp, symbolic_zeros=True)
 def _tangent_jvp(opts, primals, tangents):
   """Derivative of the tangent itself (reverse mode of a loss on dO, e.g. LSD's default).
 
-  'exact': the jvp of the blockwise tangent (fmjax's O(seq)-memory pure-JAX path), which
-  reverse mode transposes; when the loss stops the gradient of dO (MeanFlow, iMF, sCT, ESD)
-  this linear piece receives a zero cotangent and is never evaluated. 'zero': declare dO
-  constant (only correct for such rules)."""
-  out = _tangent(*primals, opts)
-  if opts.tangent_gradient == 'zero':
+  'exact' with tangent_backward='kernel' (default): one forward kernel call gives dO and the
+  residuals (O, logsumexp, mu); the derivative is a linear_call whose transpose, what reverse
+  mode runs, is the fused backward (fmjax.models.flash_jvp_backward), memory O(seq).
+  tangent_backward='blockwise': the jvp of the blockwise tangent (the pure-JAX path), which
+  reverse mode transposes. Either way, when the loss stops the gradient of dO (MeanFlow, iMF,
+  sCT, ESD) the linear piece receives a zero cotangent and is never evaluated. 'zero': declare
+  dO constant (only correct for such rules). On the kernel path this rule's dO comes straight
+  from the kernel, so a third derivative through the tangent is not defined there ('blockwise'
+  keeps it differentiable)."""
+  present = tuple(not isinstance(t, SymbolicZero) for t in tangents)
+  if opts.tangent_gradient == 'zero' or not any(present):
+    out = _tangent(*primals, opts)
     return out, jnp.zeros_like(out)
-  return out, jax.jvp(functools.partial(_blockwise_tangent, opts), primals, tangents)[1]
+  if opts.tangent_backward == 'blockwise':
+    out = _tangent(*primals, opts)
+    return out, jax.jvp(functools.partial(_blockwise_tangent, opts), primals, _instantiate(tangents))[1]
+  from fmjax.models import flash_jvp
+  o, out, lse, mu = flash_jvp.attention_tangent_and_statistics(
+      *primals, block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret)
+  tangent_out = linear_call(functools.partial(_tangent_of_tangent, opts, present),
+                            functools.partial(_tangent_of_tangent_transpose, opts, present),
+                            (*primals, o, out, lse, mu),
+                            tuple(t for t, p in zip(tangents, present) if p))
+  return out, tangent_out
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -283,9 +334,11 @@ def _flash_jvp(opts, primals, tangents):
   return _flash(q, k, v, opts), _tangent(q, k, v, dq, dk, dv, opts)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 64,
-                    block_k: int = 64, interpret: bool | None = None, primal: str = 'auto',
-                    tangent_gradient: str = 'exact', block_size: int = 128) -> jax.Array:
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | None = None,
+                    block_k: int | None = None, interpret: bool | None = None, primal: str = 'auto',
+                    tangent_gradient: str = 'exact', block_size: int = 128,
+                    tangent_backward: str = 'blockwise', kernel: str = 'auto',
+                    num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v with a fused forward and a fused jvp.
 
   - forward and its reverse mode: a fused kernel with its own backward (`primal`: cuDNN on GPU
@@ -294,34 +347,66 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
     O(seq) per (batch, head);
   - reverse mode of the output, also inside a jvp: attention's own backward (the tangent map is
     linear in (dq, dk, dv) and transposes to the vjp);
-  - reverse mode of the tangent: `tangent_gradient='exact'` (default; the blockwise path, run
-    only when a loss actually backpropagates through dO) or 'zero'.
-  `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU); the
-  default, None, interprets off GPU (correct but slow: the kernel is written for GPUs).
+  - reverse mode of the tangent: `tangent_gradient='exact'` (default; run only when a loss
+    actually backpropagates through dO) or 'zero'. The exact gradient comes from the pure-JAX
+    blockwise path (`tangent_backward='blockwise'`, default, blocks of `block_size`; the path
+    measured on an H100) or from fused Pallas kernels ('kernel', fmjax.models.flash_jvp_backward;
+    tested in interpret mode, not yet compiled or timed on a GPU); both have memory O(seq).
+  `kernel`: 'triton' (fmjax.models.flash_jvp, GPUs), 'tpu' (fmjax.models.flash_jvp_tpu, Pallas
+  TPU) or 'auto' (default: 'tpu' on a TPU backend, else 'triton'). The fused backward is
+  Triton-only. Blocks: given, or the autotuned ones cached for this shape and device
+  (fmjax.models.flash_autotune; Triton), else 64 x 64 (Triton) or 128 x 128 (TPU: key blocks
+  must be multiples of 128).
+  `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU; Pallas'
+  TPU interpret mode for 'tpu'); the default, None, interprets when the backend is not the
+  kernel's own (correct but slow).
   """
   _check_shapes(q, k, v)
   if primal not in ('auto', 'xla', 'cudnn'):
     raise ValueError(f"flash_attention: primal must be 'auto', 'xla' or 'cudnn', got {primal!r}.")
   if tangent_gradient not in ('exact', 'zero'):
     raise ValueError(f"flash_attention: tangent_gradient must be 'exact' or 'zero', got {tangent_gradient!r}.")
+  if tangent_backward not in ('kernel', 'blockwise'):
+    raise ValueError("flash_attention: tangent_backward must be 'kernel' (fused Pallas backward) or "
+                     f"'blockwise' (pure-JAX path), got {tangent_backward!r}.")
+  if kernel not in ('auto', 'triton', 'tpu'):
+    raise ValueError(f"flash_attention: kernel must be 'auto', 'triton' or 'tpu', got {kernel!r}.")
+  backend = jax.default_backend()
+  if kernel == 'auto':
+    kernel = 'tpu' if backend == 'tpu' else 'triton'
+  if kernel == 'tpu' and tangent_backward == 'kernel':
+    raise ValueError("flash_attention: tangent_backward='kernel' (the fused backward) is written "
+                     "for Triton only; use tangent_backward='blockwise' with kernel='tpu'.")
   if interpret is None:
-    interpret = jax.default_backend() != 'gpu'
-  opts = FlashOptions(int(block_q), int(block_k), bool(interpret), primal, tangent_gradient,
-                      int(block_size))
+    interpret = backend != {'triton': 'gpu', 'tpu': 'tpu'}[kernel]
+  launch = {'block_q': block_q, 'block_k': block_k, 'num_warps': num_warps, 'num_stages': num_stages}
+  if kernel == 'triton' and not interpret and None in launch.values():
+    # Blocks tuned on this device kind for this shape (a cache read, no timing at trace time).
+    from fmjax.models import flash_autotune
+    tuned = flash_autotune.tuned_blocks((q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3]),
+                                        q.dtype, kernel='jvp') or {}
+    launch = {name: tuned.get(name) if value is None else value for name, value in launch.items()}
+  default_block = 128 if kernel == 'tpu' else 64
+  opts = FlashOptions(int(launch['block_q'] or default_block), int(launch['block_k'] or default_block),
+                      bool(interpret), primal, tangent_gradient, int(block_size), tangent_backward,
+                      kernel, launch['num_warps'], int(launch['num_stages'] or 2))
   return _flash(q, k, v, opts)
 
 
 # From this many keys up the fused jvp was measured faster than XLA's naive attention on an H100
 # (1.43x at 1024 tokens, 1.55x at 4096: docs/bench/attention_flash_h100.md); shorter lengths were
 # not measured, so naive is kept there. Rules that backpropagate through the tangent (LSD's
-# default) are slower with the kernel at every measured length: pick 'naive' for them.
+# default) were slower with the kernel at every measured length with the blockwise backward of
+# the tangent; the fused backward (tangent_backward='kernel') is not measured on a GPU yet.
+# On TPU the same threshold selects the TPU kernel; no TPU timing exists yet either, so pass
+# attention='naive' there to keep XLA's attention.
 AUTO_MIN_FLASH_TOKENS = 1024
 
 
 def auto_attention(q, k, v, *, min_flash_tokens: int = AUTO_MIN_FLASH_TOKENS, **flash_options):
-  """Naive attention for short sequences or off GPU, `flash_attention` on GPU from
+  """Naive attention for short sequences or off GPU and TPU, `flash_attention` there from
   `min_flash_tokens` keys up (the choice is static: made from shapes and the backend)."""
-  if jax.default_backend() == 'gpu' and k.shape[1] >= min_flash_tokens:
+  if jax.default_backend() in ('gpu', 'tpu') and k.shape[1] >= min_flash_tokens:
     return flash_attention(q, k, v, **flash_options)
   return naive_attention(q, k, v)
 

@@ -51,9 +51,10 @@ def _dot_t(a, b):
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_ref, *,
+def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_ref, *mu_ref,
                 scale: float, block_k: int, kv_len: int, num_k_blocks: int):
-  """One (query block, batch, head) program: walk all key blocks once (see module docstring)."""
+  """One (query block, batch, head) program: walk all key blocks once (see module docstring).
+  With a fourth output ref, also writes mu_i = sum_j P_ij dS_ij (what the reverse mode needs)."""
   q = q_ref[...]
   dq = dq_ref[...]
   block_q, d = q.shape
@@ -84,9 +85,12 @@ def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, o_ref, do_ref, lse_
           jnp.zeros((block_q, d), f32), jnp.zeros((block_q, d), f32), jnp.zeros((block_q,), f32))
   m, l, acc, tacc, c = jax.lax.fori_loop(0, num_k_blocks, body, init)
   o = acc / l[:, None]
+  mu = c / l     # sum_j P_ij dS_ij, computed once whether or not it is written
   o_ref[...] = o.astype(o_ref.dtype)
-  do_ref[...] = (tacc / l[:, None] - (c / l)[:, None] * o).astype(do_ref.dtype)
+  do_ref[...] = (tacc / l[:, None] - mu[:, None] * o).astype(do_ref.dtype)
   lse_ref[...] = m + jnp.log(l)
+  if mu_ref:
+    mu_ref[0][...] = mu
 
 
 def _pad_to(x, seq: int, dim: int):
@@ -96,8 +100,66 @@ def _pad_to(x, seq: int, dim: int):
   return jnp.pad(x, ((0, 0), (0, seq - n), (0, 0), (0, dim - d)))
 
 
-@functools.partial(jax.jit, static_argnames=('block_q', 'block_k', 'interpret', 'num_warps',
-                                             'num_stages'))
+def compiler_params(interpret: bool, d_pad: int, num_warps: int | None, num_stages: int):
+  """Triton launch options (None in interpret mode): 4 warps up to head dim 64, 8 above."""
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu   # GPU-only import
+  params_class = getattr(plgpu, 'CompilerParams', None) or getattr(plgpu, 'TritonCompilerParams')
+  return params_class(num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages)
+
+
+def padded_sizes(nq: int, nk: int, d: int, block_q: int, block_k: int):
+  """(block_q, block_k, nq_pad, nk_pad, d_pad): blocks no larger than the (power-of-two rounded)
+  lengths, lengths padded to whole blocks, head dim to a power of two >= 16 (Triton's dots)."""
+  block_q = min(block_q, _next_power_of_2(nq))
+  block_k = min(block_k, _next_power_of_2(nk))
+  nq_pad, nk_pad = -(-nq // block_q) * block_q, -(-nk // block_k) * block_k
+  return block_q, block_k, nq_pad, nk_pad, max(16, _next_power_of_2(d))
+
+
+def check_shapes(name: str, q, k, v, dq, dk, dv):
+  if k.shape != v.shape or dk.shape != k.shape or dv.shape != v.shape or dq.shape != q.shape:
+    raise ValueError(f'{name}: shapes q {q.shape} dq {dq.shape} k {k.shape} '
+                     f'dk {dk.shape} v {v.shape} dv {dv.shape} do not match.')
+
+
+def _forward(q, k, v, dq, dk, dv, *, block_q, block_k, interpret, num_warps, num_stages,
+             with_mu: bool):
+  b, nq, h, d = q.shape
+  nk = k.shape[1]
+  check_shapes('attention_and_tangent', q, k, v, dq, dk, dv)
+  block_q, block_k, nq_pad, nk_pad, d_pad = padded_sizes(nq, nk, d, block_q, block_k)
+  dtype = q.dtype
+  q, dq = (_pad_to(x.astype(dtype), nq_pad, d_pad) for x in (q, dq))
+  k, v, dk, dv = (_pad_to(x.astype(dtype), nk_pad, d_pad) for x in (k, v, dk, dv))
+
+  kernel = functools.partial(_jvp_kernel, scale=1.0 / math.sqrt(d), block_k=block_k, kv_len=nk,
+                             num_k_blocks=nk_pad // block_k)
+  query_spec = pl.BlockSpec((None, block_q, None, d_pad), lambda i, bi, hi: (bi, i, hi, 0))
+  key_spec = pl.BlockSpec((None, nk_pad, None, d_pad), lambda i, bi, hi: (bi, 0, hi, 0))
+  row_spec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
+  row_shape = jax.ShapeDtypeStruct((b, h, nq_pad), jnp.float32)
+  outputs = pl.pallas_call(
+      kernel,
+      grid=(nq_pad // block_q, b, h),
+      in_specs=[query_spec, key_spec, key_spec, query_spec, key_spec, key_spec],
+      out_specs=[query_spec, query_spec, row_spec] + [row_spec] * with_mu,
+      out_shape=[jax.ShapeDtypeStruct((b, nq_pad, h, d_pad), dtype),
+                 jax.ShapeDtypeStruct((b, nq_pad, h, d_pad), dtype),
+                 row_shape] + [row_shape] * with_mu,
+      compiler_params=compiler_params(interpret, d_pad, num_warps, num_stages),
+      interpret=interpret,
+      name='flash_attention_jvp',
+  )(q, k, v, dq, dk, dv)
+  o, do, *rows = outputs
+  return (o[:, :nq, :, :d], do[:, :nq, :, :d]) + tuple(r[:, :, :nq] for r in rows)
+
+
+_STATIC = ('block_q', 'block_k', 'interpret', 'num_warps', 'num_stages')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def attention_and_tangent(q, k, v, dq, dk, dv, *, block_q: int = 64, block_k: int = 64,
                           interpret: bool = False, num_warps: int | None = None,
                           num_stages: int = 2):
@@ -107,40 +169,16 @@ def attention_and_tangent(q, k, v, dq, dk, dv, *, block_q: int = 64, block_k: in
   [B, H, Nq] is float32. Not differentiable itself: fmjax.models.attention.flash_attention wraps
   it with the derivative rules.
   """
-  b, nq, h, d = q.shape
-  nk = k.shape[1]
-  if k.shape != v.shape or dk.shape != k.shape or dv.shape != v.shape or dq.shape != q.shape:
-    raise ValueError(f'attention_and_tangent: shapes q {q.shape} dq {dq.shape} k {k.shape} '
-                     f'dk {dk.shape} v {v.shape} dv {dv.shape} do not match.')
-  block_q = min(block_q, _next_power_of_2(nq))
-  block_k = min(block_k, _next_power_of_2(nk))
-  nq_pad, nk_pad = -(-nq // block_q) * block_q, -(-nk // block_k) * block_k
-  d_pad = max(16, _next_power_of_2(d))        # Triton tiles want powers of two (>= 16 for dots)
-  dtype = q.dtype
-  q, dq = (_pad_to(x.astype(dtype), nq_pad, d_pad) for x in (q, dq))
-  k, v, dk, dv = (_pad_to(x.astype(dtype), nk_pad, d_pad) for x in (k, v, dk, dv))
+  return _forward(q, k, v, dq, dk, dv, block_q=block_q, block_k=block_k, interpret=interpret,
+                  num_warps=num_warps, num_stages=num_stages, with_mu=False)
 
-  kernel = functools.partial(_jvp_kernel, scale=1.0 / math.sqrt(d), block_k=block_k, kv_len=nk,
-                             num_k_blocks=nk_pad // block_k)
-  query_spec = pl.BlockSpec((None, block_q, None, d_pad), lambda i, bi, hi: (bi, i, hi, 0))
-  key_spec = pl.BlockSpec((None, nk_pad, None, d_pad), lambda i, bi, hi: (bi, 0, hi, 0))
-  lse_spec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu   # GPU-only import
-    params_class = getattr(plgpu, 'CompilerParams', None) or getattr(plgpu, 'TritonCompilerParams')
-    compiler_params = params_class(
-        num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages)
-  o, do, lse = pl.pallas_call(
-      kernel,
-      grid=(nq_pad // block_q, b, h),
-      in_specs=[query_spec, key_spec, key_spec, query_spec, key_spec, key_spec],
-      out_specs=[query_spec, query_spec, lse_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, nq_pad, h, d_pad), dtype),
-                 jax.ShapeDtypeStruct((b, nq_pad, h, d_pad), dtype),
-                 jax.ShapeDtypeStruct((b, h, nq_pad), jnp.float32)],
-      compiler_params=compiler_params,
-      interpret=interpret,
-      name='flash_attention_jvp',
-  )(q, k, v, dq, dk, dv)
-  return o[:, :nq, :, :d], do[:, :nq, :, :d], lse[:, :, :nq]
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def attention_tangent_and_statistics(q, k, v, dq, dk, dv, *, block_q: int = 64, block_k: int = 64,
+                                     interpret: bool = False, num_warps: int | None = None,
+                                     num_stages: int = 2):
+  """(O, dO, logsumexp, mu): `attention_and_tangent` plus mu_i = sum_j P_ij dS_ij [B, H, Nq]
+  (float32), the residuals of the tangent's reverse mode (fmjax.models.flash_jvp_backward).
+  The same kernel and the same FLOPs: mu is the c / l it computes anyway."""
+  return _forward(q, k, v, dq, dk, dv, block_q=block_q, block_k=block_k, interpret=interpret,
+                  num_warps=num_warps, num_stages=num_stages, with_mu=True)
