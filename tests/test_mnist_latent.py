@@ -142,3 +142,21 @@ def test_the_steering_benchmark_runs_on_the_tiny_chain(chain, tmp_path):
   assert json.loads(out.read_text())['rows'] == json.loads(json.dumps(rows))
   probs = np.array([[0.05, 0.91, 0.04], [0.5, 0.3, 0.2], [0.1, 0.85, 0.05], [0.2, 0.7, 0.1]])
   assert mnist_latent_steer.judge(probs, 1) == (0.25, 0.75)
+
+
+def test_the_digit_share_check_runs_on_the_tiny_chain(chain):
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import mnist_latent_share
+  finally:
+    sys.path.remove(os.path.join(ROOT, 'benchmarks'))
+  rows = mnist_latent_share.main([f"{chain['tmp'] / 'lmd'}::2:1.5", '--classifier_dir',
+                                  str(chain['tmp'] / 'classifier'), '--num', '6'])
+  assert len(rows) == 1 and rows[0]['steps'] == 2 and rows[0]['guidance'] == 1.5
+  assert 0.0 <= rows[0]['confident_share'] <= 1.0
+  assert mnist_latent_share.parse_spec('r:300') == ('r', 300, 1, 1.0)
+  with pytest.raises(ValueError, match='RUN'):
+    mnist_latent_share.parse_spec('r:1:2:3:4')
+  # Row i asks for digit i % 10; a row counts when p(its digit) >= 0.9.
+  probs = np.array([[0.95, 0.05], [0.5, 0.5], [0.05, 0.95]])
+  assert mnist_latent_share.confident_share(probs, np.array([0, 1, 1])) == 2 / 3
