@@ -146,9 +146,9 @@ def test_auto_attention_is_naive_off_gpu_and_names_are_checked():
 
 
 # MeanFlow is left out: iMF's loss takes MeanFlow's jvp through the same parameterization; ESD
-# too: like iMF and sCT it stops the gradient of the tangent, the path those two cover (and CI
-# time is short).
-@pytest.mark.parametrize('rule,options', [('lsd', {}), ('imf', {}), ('sct', {})])
+# and sCT too: like iMF they stop the gradient of the tangent, the path iMF covers (and CI time
+# is short).
+@pytest.mark.parametrize('rule,options', [('lsd', {}), ('imf', {})])
 def test_dit_loss_and_gradient_with_the_kernel(rule, options):
   """One DiT loss and parameter gradient per jvp rule: the kernel (interpret mode) selected
   equals naive attention. (The distillation rules lmd/emd share LSD's/ESD's jvp paths, MeanFlow iMF's.)"""

@@ -224,6 +224,8 @@ def test_both_heads_come_from_one_pass(name):
   with jax.enable_x64(False):
     apply, p = models.functional(models.build(name, num_classes=3, guidance_conditioning=True,
                                               velocity_head=True))
+    # Jitted: op by op, the U-Net's many calls below took half a minute of CI time.
+    apply = jax.jit(apply, static_argnames=('head',))
     leaves, tree = jax.tree.flatten(p)   # off the zero inits, each leaf differently
     keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
     p = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
