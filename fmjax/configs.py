@@ -209,6 +209,11 @@ def base_config() -> ml_collections.ConfigDict:
                                     # fid_stats/<data.name>_<data.split>.npz)
   c.eval.fid_reference_samples = 0  # shown in the reference command (0 = the whole split)
   c.eval.inception_weights = ''     # '' = the prepare_inception cache
+  # 'inception': FID during the sweep. 'deferred': the sweep writes each sampler's uint8 images
+  # to WORKDIR/eval_images/step_<N>/ and computes no features (a machine without the Inception
+  # weights, e.g. an accelerator with no network); score them elsewhere with
+  # python -m fmjax.evaluation.score_images WORKDIR/eval_images/step_<N> --fid_reference REF.
+  c.eval.fid_features = 'inception'
   c.eval.decode_dtype = 'float32'   # latent runs: the decoder's compute dtype ('bfloat16' is faster)
   c.eval.progress_every = 30.0      # seconds between FID progress lines (samples done, images/s)
   # Precision and recall (Kynkaanniemi et al. 2019, k = 3) when the reference file holds images
@@ -495,6 +500,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f'config.eval.guidance_interval must be (start, end) with 0 <= start <= end <= 1, got {interval}.')
   need(config.eval.fid_num_samples >= 2, 'config.eval.fid_num_samples must be >= 2.')
   need(config.eval.fid_batch_size >= 1, 'config.eval.fid_batch_size must be positive.')
+  need(config.eval.get('fid_features', 'inception') in ('inception', 'deferred'),
+       f"config.eval.fid_features = {config.eval.get('fid_features')!r}; choose 'inception' (FID "
+       "now) or 'deferred' (write the images; score them with python -m fmjax.evaluation.score_images).")
   need(config.eval.get('decode_dtype', 'float32') in ('float32', 'bfloat16'),
        f"config.eval.decode_dtype = {config.eval.get('decode_dtype')!r}; choose 'float32' or 'bfloat16'.")
   need(0.0 < config.eval.get('classifier_confidence', 0.9) <= 1.0,

@@ -17,7 +17,7 @@ import pytest
 
 from fmjax import configs, flow_maps, interpolants, logging_utils, samplers, train
 from fmjax.data import toy
-from fmjax.evaluation import assets, evaluator, fid, report, sweep, sweep_samplers
+from fmjax.evaluation import assets, evaluator, fid, report, resize, sweep, sweep_samplers
 
 
 def _tiny_toy_config():
@@ -335,6 +335,71 @@ def test_image_sweep_fid_with_injected_features(mnist_dir, tmp_path, capsys):
   out = capsys.readouterr().out
   for label in ('flow map, 1 step', 'flow map, 2 steps', 'ODE heun, 2 NFE', 'ODE heun, 4 NFE'):
     assert f'  {label}: 30/30 samples (100 %), ' in out, out
+
+
+def test_deferred_fid_writes_the_images_that_score_like_the_inline_fid(mnist_dir, tmp_path):
+  """config.eval.fid_features='deferred': no feature network, no reference at sampling time;
+  each sampler's uint8 images and requested labels land in an ADM sample batch, and
+  reference_batches scores it to the inline sweep's FID (same stand-in features)."""
+  from fmjax.evaluation import reference_batches, sample_batches
+  config = _image_config(mnist_dir, tmp_path)
+  config.eval.fid_features = 'deferred'
+  setup = train.Setup(config, str(tmp_path / 'run'))
+  evaluate = _evaluator(setup)
+  evaluate.check_ready()   # neither the weights nor the reference exist: fine when deferred
+  logger = logging_utils.MetricsLogger(setup.workdir, 0, 0, jsonl=False)
+  with jax.set_mesh(setup.mesh):
+    results = evaluate(setup.init_state(), 7, logger, final=True)
+  logger.close()
+  folder = tmp_path / 'run' / 'eval_images' / 'step_7'
+  assert results['fid_deferred'] == str(folder)
+  names = sorted(os.listdir(folder))
+  assert names == ['flow_map_1_steps.npz', 'flow_map_2_steps.npz', 'ode_heun_2_nfe.npz',
+                   'ode_heun_4_nfe.npz']
+  for row in list(results['few_step'].values()) + list(results['ode'].values()):
+    assert 'fid' not in row and row['num_samples'] == 30
+  # The untrained network returns its noise: the files hold the noise as uint8 images, in the
+  # sweep's order, with the balanced labels it asked for (padding rows dropped).
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
+  batches = list(sweep.noise_batches(key, (28, 28, 1), 30, 16, num_classes=10))
+  noise = np.concatenate([np.asarray(x0)[:valid] for x0, _, valid in batches])
+  labels = np.concatenate([np.asarray(y)[:valid] for _, y, valid in batches])
+  with np.load(folder / 'ode_heun_4_nfe.npz') as data:
+    np.testing.assert_array_equal(data['arr_0'], sweep.to_rgb_uint8(noise))
+    np.testing.assert_array_equal(data['arr_1'], labels)
+  info = sample_batches.read_info(str(folder / 'ode_heun_4_nfe.npz'))
+  assert (info['nfe'], info['steps'], info['method']) == (4, 2, 'heun')
+  assert info['provenance']['dataset'] == 'mnist5k (generated)'
+  # Scored later against statistics only (no reference images: FID, no precision/recall).
+  w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (28 * 28 * 3, 8))) / 28
+  extractor = fid.FeatureExtractor({'w': w}, batch_size=16, feature_fn=_fake_features)
+  rng = np.random.default_rng(5)
+  real = rng.normal(size=(50, 8)) + 0.3
+  same = {'resize': resize.RESIZE_MODE, 'feature_extractor': fid.extractor_id()}
+  fid.save_statistics(str(tmp_path / 'ref.npz'),
+                      fid.statistics(real, dataset='mnist5k', split='train', **same))
+  row = reference_batches.evaluate_batches(str(tmp_path / 'ref.npz'), str(folder / 'flow_map_2_steps.npz'),
+                                           extractor, batch_size=16)
+  by_hand = fid.fid(fid.statistics(_fake_features({'w': w}, sweep.to_rgb_uint8(noise))),
+                    fid.statistics(real))
+  np.testing.assert_allclose(row['fid'], by_hand, rtol=1e-6)
+  assert row['num_samples'] == 30 and row['nfe'] == 2 and 'precision' not in row
+  # The recorded provenance is checked: a reference of another autoencoder is refused.
+  writer = sample_batches.SampleBatchWriter(str(tmp_path / 'other'), {'autoencoder': 'vae-a'})
+  writer(sweep_samplers.SamplerSpec('flow_map', 1, 1), sweep.to_rgb_uint8(noise[:8]), labels[:8])
+  writer.close()
+  fid.save_statistics(str(tmp_path / 'ref_b.npz'), fid.statistics(
+      real, dataset='mnist5k', split='train', autoencoder='vae-b', **same))
+  with pytest.raises(ValueError, match='autoencoder'):
+    reference_batches.evaluate_batches(str(tmp_path / 'ref_b.npz'), writer.paths[0], extractor,
+                                       batch_size=16)
+
+
+def test_a_bad_fid_features_value_says_what_to_choose(mnist_dir, tmp_path):
+  config = _image_config(mnist_dir, tmp_path)
+  config.eval.fid_features = 'later'
+  with pytest.raises(configs.ConfigError, match="choose 'inception'.*'deferred'"):
+    configs.validate(config)
 
 
 def test_an_adm_reference_batch_gives_fid_and_precision_recall_of_the_first_samples(mnist_dir, tmp_path):

@@ -63,6 +63,11 @@ def fid_enabled(config) -> bool:
                                     or configs.is_latent_dataset(config.data.name))
 
 
+def deferred(config) -> bool:
+  """FID on, with the sweep writing images for `score_images` instead of computing features."""
+  return fid_enabled(config) and config.eval.get('fid_features', 'inception') == 'deferred'
+
+
 def reference_command(config, out: str | None = None) -> str:
   data_dir = config.data.data_dir or '~/tensorflow_datasets'
   count = (f' --num_samples {config.eval.fid_reference_samples}'
@@ -83,8 +88,8 @@ def reference_command(config, out: str | None = None) -> str:
 
 def check_fid_ready(config) -> None:
   """Raises MissingFIDAssetsError before any training when FID is on and an input is missing."""
-  if not fid_enabled(config):
-    return
+  if not fid_enabled(config) or deferred(config):
+    return   # deferred: the images are scored later, where the weights and statistics are
   missing = []
   weights = weights_path(config)
   if not os.path.exists(weights):

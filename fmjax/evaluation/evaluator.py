@@ -44,6 +44,7 @@ from fmjax.evaluation import fid
 from fmjax.evaluation import inception
 from fmjax.evaluation import sweep_samplers
 from fmjax.evaluation import reference_batches
+from fmjax.evaluation import sample_batches
 from fmjax.evaluation import report
 from fmjax.evaluation import resize
 from fmjax.evaluation import sweep
@@ -111,7 +112,7 @@ class Evaluator:
     if self.toy:
       results, samples, reference = self._toy(params, key)
     else:
-      results, samples = self._images(params, key)
+      results, samples = self._images(params, key, step)
       reference = None
     results = {'step': step, **results}
     if self.toy and self.target_note:
@@ -153,8 +154,9 @@ class Evaluator:
 
   # ------------------------------------------------------------------------- images
 
-  def _images(self, params, key):
-    """FID per sampler when enabled, else just config.eval.grid_size^2 samples for the grids."""
+  def _images(self, params, key, step: int):
+    """FID per sampler when enabled (or, deferred, its images written for `reference_batches` to
+    score), else just config.eval.grid_size^2 samples for the grids."""
     config = self.config
     shape, num_classes = tuple(self.source.example_shape), self.source.num_classes
     batch_sharding = sharding.batch_sharding(self.mesh)
@@ -170,26 +172,41 @@ class Evaluator:
     batch -= batch % jax.device_count()
     if not batch:
       raise ValueError(f'config.eval.fid_batch_size must be at least the {jax.device_count()} devices.')
-    feature_fn = self._features(batch)
+    deferred = assets.deferred(config)
+    feature_fn = None if deferred else self._features(batch)
     noise = lambda: sweep.noise_batches(key, shape, config.eval.fid_num_samples, batch,
                                         num_classes=num_classes, sharding=batch_sharding)
     provenance = {'dataset': f'{config.data.name} (generated)', 'split': 'samples'}
-    if getattr(feature_fn, 'feature_fn', None) is inception.features:
+    if deferred or getattr(feature_fn, 'feature_fn', None) is inception.features:
       provenance.update(resize=resize.RESIZE_MODE, feature_extractor=fid.extractor_id())
     if self.latent:
       provenance['autoencoder'] = self.autoencoder.digest
       crop = (getattr(self.source, 'latent_info', None) or {}).get('crop')
       if crop:
         provenance['crop'] = crop
-    reference, reference_features = self._reference_inputs(feature_fn)
-    return sweep.image_sweep(self.sample_fns, params, noise, feature_fn, reference,
+    sink = None
+    if deferred:
+      reference, reference_features = None, None
+      folder = os.path.join(self.workdir, 'eval_images', f'step_{step}')
+      sink = sample_batches.SampleBatchWriter(folder, provenance)
+    else:
+      reference, reference_features = self._reference_inputs(feature_fn)
+    results, kept = sweep.image_sweep(self.sample_fns, params, noise, feature_fn, reference,
                              config.eval.fid_num_samples, keep=grid, provenance=provenance,
                              log=_main_print, progress=_main_print,
                              progress_every=float(config.eval.get('progress_every', 30.0)),
                              reference_features=reference_features,
                              precision_recall_samples=config.eval.get('precision_recall_samples', 0),
                              class_probs=self._class_probs(),
-                             confidence=config.eval.get('classifier_confidence', 0.9))
+                             confidence=config.eval.get('classifier_confidence', 0.9),
+                             image_sink=sink)
+    if sink is not None:
+      sink.close()
+      results['fid_deferred'] = folder
+      _main_print(f'  FID deferred: {len(sink.paths)} sample batches in {folder}; score them with\n'
+                  f'    python -m fmjax.evaluation.reference_batches {assets.reference_path(config)} '
+                  f'{folder}/*.npz')
+    return results, kept
 
   def _class_probs(self):
     """Host images -> class probabilities of config.eval.classifier_dir's classifier, or None."""

@@ -166,43 +166,84 @@ def describe(ref: Reference) -> str:
 
 def evaluate_batches(reference_path: str, sample_path: str, feature_fn, *, batch_size: int = 200,
                      k: int = 3) -> dict:
-  """The ADM evaluator's FID, precision and recall for a sample batch against a reference batch.
+  """The ADM evaluator's FID, precision and recall for a sample batch against a reference.
 
-  Both files in the ADM layout (`arr_0` uint8 images; the reference may carry `mu`/`sigma`,
-  which FID then uses). `feature_fn`: uint8 [b, H, W, 3] -> [b, 2048] (a `fid.FeatureExtractor`).
+  The sample batch in the ADM layout (`arr_0` uint8 images). The reference in any layout: an
+  ADM batch with images (FID against its `mu`/`sigma` when it has them, precision and recall
+  against its images' features), or statistics only (fmjax, TTUR: FID alone).
+  `feature_fn`: uint8 [b, H, W, 3] -> [b, 2048] (a `fid.FeatureExtractor`).
   No Inception Score: fmjax's weights end at pool3 (`inception_score`).
   """
+  ref = read_reference(reference_path)
+  ref_features = (reference_features(ref, feature_fn, batch_size=batch_size)
+                  if ref.num_images else None)
+  return score_sample_batch(ref, ref_features, sample_path, feature_fn, batch_size=batch_size, k=k)
+
+
+def score_sample_batch(ref: Reference, ref_features: np.ndarray | None, sample_path: str, feature_fn,
+                       *, batch_size: int = 200, k: int = 3) -> dict:
+  """`evaluate_batches` with the reference read (and its features computed) once, for scoring
+  many sample batches (e.g. a deferred sweep's, `sample_batches`) against it."""
   from fmjax.evaluation import precision_recall  # pylint: disable=import-outside-toplevel
-  ref, sample = read_reference(reference_path), read_reference(sample_path)
-  ref_features = reference_features(ref, feature_fn, batch_size=batch_size)
+  from fmjax.evaluation import sample_batches  # pylint: disable=import-outside-toplevel
+  sample = read_reference(sample_path)
+  if not sample.num_images:
+    raise ValueError(f'{sample_path} holds no images ({sample.layout} layout: {sample.keys}); a '
+                     f'sample batch holds uint8 RGB images in {ADM_IMAGES}')
+  info = sample_batches.read_info(sample_path)
   sample_features = reference_features(sample, feature_fn, batch_size=batch_size)
   ref_stats = reference_statistics(ref, ref_features)
-  sample_stats = fid.statistics(sample_features, dataset=os.path.basename(sample_path),
-                                split='samples', resize=resize.RESIZE_MODE,
-                                feature_extractor=ref_stats.provenance.get('feature_extractor'))
-  pr = precision_recall.precision_recall(ref_features, sample_features, k)
-  return {'fid': fid.fid(sample_stats, ref_stats), 'precision': pr['precision'],
-          'recall': pr['recall'], 'k': k, 'num_reference': ref.num_images,
-          'num_samples': sample.num_images,
-          'fid_reference_stats': 'file mu/sigma' if ref.stats is not None else 'arr_0 features'}
+  # A deferred sweep's batch records its own provenance (resize, extractor, autoencoder, crop),
+  # which fid.fid checks against the reference's.
+  provenance = {'dataset': os.path.basename(sample_path), 'split': 'samples',
+                'resize': resize.RESIZE_MODE,
+                'feature_extractor': ref_stats.provenance.get('feature_extractor'),
+                **info.get('provenance', {})}
+  sample_stats = fid.statistics(sample_features, **provenance)
+  row = {'samples': sample_path, 'fid': fid.fid(sample_stats, ref_stats),
+         'num_reference': ref.num_images if ref.num_images else ref_stats.provenance.get('count'),
+         'num_samples': sample.num_images,
+         'fid_reference_stats': 'file mu/sigma' if ref.stats is not None else 'arr_0 features'}
+  if info:
+    row.update(sampler=info.get('sampler'), nfe=info.get('nfe'), steps=info.get('steps'))
+  if ref_features is not None:
+    pr = precision_recall.precision_recall(ref_features, sample_features, k)
+    row.update(precision=pr['precision'], recall=pr['recall'], k=k)
+  return row
 
 
 def main(argv=None):
-  """python -m fmjax.evaluation.reference_batches REF.npz SAMPLES.npz [--batch_size 200]"""
+  """python -m fmjax.evaluation.reference_batches REF.npz SAMPLES.npz [SAMPLES2.npz ...]"""
   import argparse  # pylint: disable=import-outside-toplevel
   from fmjax.evaluation import inception  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(description='FID, precision and recall of an ADM-layout '
-                                   'sample batch against a reference batch (no IS: see docs)')
-  parser.add_argument('reference')
-  parser.add_argument('samples')
+  parser = argparse.ArgumentParser(description='FID (and, against a reference batch with images, '
+                                   'precision and recall) of ADM-layout sample batches, e.g. those '
+                                   "a sweep with config.eval.fid_features='deferred' wrote (no IS: "
+                                   'see docs)')
+  parser.add_argument('reference', help='reference: an ADM batch, fmjax reference_stats or TTUR stats')
+  parser.add_argument('samples', nargs='+', help='ADM-layout sample batches (arr_0 uint8 images)')
   parser.add_argument('--batch_size', type=int, default=200)
   parser.add_argument('--weights', default=None, help='Inception checkpoint (default: the cache)')
+  parser.add_argument('--out', default='', help='also write the rows to this JSON file')
   args = parser.parse_args(argv)
-  for path in (args.reference, args.samples):
-    print(describe(read_reference(path)))  # layout errors before loading the network
+  # Layout errors (and missing files) before loading the network.
+  ref = read_reference(args.reference)
+  print(describe(ref))
+  for path in args.samples:
+    sample = read_reference(path)
+    if not sample.num_images:
+      parser.error(f'{path} holds no images ({sample.layout} layout): a sample batch holds uint8 '
+                   f'RGB images in {ADM_IMAGES}.')
   extractor = fid.FeatureExtractor(inception.load_params(args.weights), batch_size=args.batch_size)
-  print(json.dumps(evaluate_batches(args.reference, args.samples, extractor,
-                                    batch_size=args.batch_size)))
+  ref_features = reference_features(ref, extractor, batch_size=args.batch_size) if ref.num_images else None
+  rows = []
+  for path in args.samples:
+    rows.append(score_sample_batch(ref, ref_features, path, extractor, batch_size=args.batch_size))
+    print(json.dumps(rows[-1]), flush=True)
+    if args.out:   # rewritten after each batch: a long CPU scoring run keeps what it finished
+      with open(args.out, 'w') as f:
+        json.dump(rows, f, indent=1)
+  return rows
 
 
 if __name__ == '__main__':

@@ -209,7 +209,9 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
                 reference_features: np.ndarray | None = None,
                 precision_recall_samples: int = 0, class_probs: Callable | None = None,
                 confidence: float = 0.9, progress: Callable[[str], None] | None = None,
-                progress_every: float = 30.0) -> tuple[dict, dict]:
+                progress_every: float = 30.0,
+                image_sink: Callable[[Any, np.ndarray, np.ndarray | None], None] | None = None
+                ) -> tuple[dict, dict]:
   """FID of every sampler against `reference` (`fid.Statistics`), streaming over batches.
 
   Args:
@@ -233,6 +235,10 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
     progress, progress_every: called on the main process only, at most every `progress_every`
       seconds and after a sampler's last batch, with a line saying how many samples of the
       sampler are done and at how many images per second (a long FID run shows it is alive).
+    image_sink: called per batch with (spec, the host-local finite samples as the uint8 RGB
+      images the feature function would see, their requested labels or None); with
+      `feature_fn=None` it is the only consumer (deferred FID: `score_images` computes the
+      features later) and the rows carry no 'fid'.
   Returns (results, {spec: first `keep` samples}). Non-finite images get no features: FID is of
   the finite ones (`num_samples` of them), NaN with fewer than two.
   """
@@ -241,7 +247,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
   results = {'few_step': {}, 'ode': {}}
   kept = {}
   for spec, fn in sample_fns.items():
-    acc, grid, started, kept_features = None, [], time.time(), []
+    acc, count, grid, started, kept_features = None, 0, [], time.time(), []
     judged = {'confident': 0, 'predicted': None, 'requested': None}
     done, last_line = 0, started
     for x0, labels, valid in noise():
@@ -253,13 +259,21 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       if keep and sum(len(g) for g in grid) < keep:
         grid.append(local[:keep])   # process 0 holds the first rows of every batch
       finite = np.all(np.isfinite(local.reshape(len(local), -1)), axis=1)
-      features = np.asarray(feature_fn(to_rgb_uint8(local[finite], value_range)))
-      acc = acc or fid.FeatureStats(features.shape[1])
-      acc.update(features)
-      if with_pr and sum(len(f) for f in kept_features) < precision_recall_samples:
+      images = to_rgb_uint8(local[finite], value_range)
+      requested = (None if labels is None
+                   else np.asarray(sharding.host_local_rows(labels))[:len(local)][finite])
+      if image_sink is not None:
+        image_sink(spec, images, requested)
+      if feature_fn is None:
+        count += int(sharding.concat_across_processes(np.array([len(images)])).sum())
+      else:
+        features = np.asarray(feature_fn(images))
+        acc = acc or fid.FeatureStats(features.shape[1])
+        acc.update(features)
+        count = acc.count
+      if with_pr and feature_fn is not None and sum(len(f) for f in kept_features) < precision_recall_samples:
         kept_features.append(features)
-      if class_probs is not None and labels is not None:
-        requested = sharding.host_local_rows(labels)[:len(local)][finite]
+      if class_probs is not None and requested is not None:
         count_classes(judged, np.asarray(class_probs(local[finite])), requested, confidence)
       done += valid
       now = time.time()
@@ -267,9 +281,12 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
           and (now - last_line >= progress_every or done >= num_samples)):
         last_line = now
         progress(progress_line(spec.label, done, int(num_samples), now - started))
-    score = (fid.fid(fid.statistics(acc, **(provenance or {})), reference)
-             if acc.count >= 2 else float('nan'))
-    row = _row(spec, fid=score, num_samples=acc.count, nonfinite=int(num_samples) - acc.count)
+    if feature_fn is None:
+      row = _row(spec, num_samples=count, nonfinite=int(num_samples) - count)
+    else:
+      score = (fid.fid(fid.statistics(acc, **(provenance or {})), reference)
+               if acc is not None and acc.count >= 2 else float('nan'))
+      row = _row(spec, fid=score, num_samples=count, nonfinite=int(num_samples) - count)
     if with_pr:
       sample_features = np.concatenate(kept_features)[:precision_recall_samples]
       pr = (precision_recall.precision_recall(reference_features, sample_features)
@@ -283,13 +300,15 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
     if keep:
       kept[spec] = np.concatenate(grid)[:keep]
     if log is not None:
-      log(f'  {spec.label}: FID {row["fid"]:.4g} ({acc.count} samples'
+      log(f'  {spec.label}: ' + (f'FID {row["fid"]:.4g} ' if 'fid' in row else 'images kept, FID deferred ')
+          + f'({count} samples'
           + (f', {row["nonfinite"]} non-finite left out' if row['nonfinite'] else '')
           + (f', precision {row["precision"]:.3f}, recall {row["recall"]:.3f}' if with_pr else '')
           + (f', {100 * row["confident_share"]:.1f} % confidently the requested class, class TV '
              f'{row["class_tv"]:.3f}' if 'class_tv' in row else '')
           + f', {time.time() - started:.0f} s)')
-  results['fid_reference'] = dict(reference.provenance)
+  if reference is not None:
+    results['fid_reference'] = dict(reference.provenance)
   results['fid_num_samples'] = int(num_samples)
   return results, kept
 
