@@ -216,6 +216,10 @@ class FlashOptions(NamedTuple):
   kernel: str = 'triton'          # 'triton' (flash_jvp, GPUs) | 'tpu' (flash_jvp_tpu, Mosaic)
   num_warps: int | None = None    # Triton launch options of the forward kernel (None: by head dim)
   num_stages: int = 2
+  # Blocks of the fused backward kernels (tangent_backward='kernel'). Their own: they hold more
+  # tiles than the forward kernel, so the forward's tuned blocks can exceed the GPU's shared
+  # memory there (128 x 64 at head dim 128 asked an H100 for 278 KiB of its 227).
+  backward_block: int = 64
 
 
 def _primal_attention(q, k, v, opts: FlashOptions):
@@ -281,7 +285,7 @@ def _tangent_of_tangent_transpose(opts, present, residuals, cotangent):
   kernels (fmjax.models.flash_jvp_backward)."""
   from fmjax.models import flash_jvp_backward
   grads = flash_jvp_backward.tangent_vjp(*residuals, cotangent.astype(residuals[0].dtype),
-                                         block_q=opts.block_q, block_k=opts.block_k,
+                                         block_q=opts.backward_block, block_k=opts.backward_block,
                                          interpret=opts.interpret)
   return tuple(g.astype(x.dtype) for g, x, p in zip(grads, residuals[:6], present) if p)
 
@@ -314,7 +318,8 @@ def _tangent_jvp(opts, primals, tangents):
     return out, jax.jvp(functools.partial(_blockwise_tangent, opts), primals, _instantiate(tangents))[1]
   from fmjax.models import flash_jvp
   o, out, lse, mu = flash_jvp.attention_tangent_and_statistics(
-      *primals, block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret)
+      *primals, block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret,
+      num_warps=opts.num_warps, num_stages=opts.num_stages)
   tangent_out = linear_call(functools.partial(_tangent_of_tangent, opts, present),
                             functools.partial(_tangent_of_tangent_transpose, opts, present),
                             (*primals, o, out, lse, mu),
@@ -338,7 +343,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
                     block_k: int | None = None, interpret: bool | None = None, primal: str = 'auto',
                     tangent_gradient: str = 'exact', block_size: int = 128,
                     tangent_backward: str = 'blockwise', kernel: str = 'auto',
-                    num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    backward_block: int = 64) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v with a fused forward and a fused jvp.
 
   - forward and its reverse mode: a fused kernel with its own backward (`primal`: cuDNN on GPU
@@ -356,7 +362,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
   TPU) or 'auto' (default: 'tpu' on a TPU backend, else 'triton'). The fused backward is
   Triton-only. Blocks: given, or the autotuned ones cached for this shape and device
   (fmjax.models.flash_autotune; Triton), else 64 x 64 (Triton) or 128 x 128 (TPU: key blocks
-  must be multiples of 128).
+  must be multiples of 128). The fused backward kernels take square blocks of `backward_block`
+  (default 64) whatever the forward's: they hold more tiles per block.
   `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU; Pallas'
   TPU interpret mode for 'tpu'); the default, None, interprets when the backend is not the
   kernel's own (correct but slow).
@@ -389,7 +396,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
   default_block = 128 if kernel == 'tpu' else 64
   opts = FlashOptions(int(launch['block_q'] or default_block), int(launch['block_k'] or default_block),
                       bool(interpret), primal, tangent_gradient, int(block_size), tangent_backward,
-                      kernel, launch['num_warps'], int(launch['num_stages'] or 2))
+                      kernel, launch['num_warps'], int(launch['num_stages'] or 2), int(backward_block))
   return _flash(q, k, v, opts)
 
 
