@@ -226,6 +226,11 @@ def load(workdir: str) -> tuple[CNN, dict]:
                           + retrain) from None
   model = nnx.eval_shape(lambda: make_model(options))
   graphdef, abstract = nnx.split(model, nnx.Param)
+  # Restored onto this process's devices, whatever the saving ones were (a classifier trained on
+  # a CPU judges samples on a GPU): without a target sharding Orbax refuses another topology.
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ('devices',)),
+                                          jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(params_dir, abstract)
