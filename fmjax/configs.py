@@ -91,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 0            # > 0: class-conditional training (labels fed to the network)
   c.data.shuffle_seed = 0
   c.data.worker_count = 0           # grain worker processes (0 = in the main process)
+  # Image and latent sets whose decoded examples take at most this many GiB (per process) are
+  # read into memory once at start instead of decoded on every read (0 = never).
+  c.data.in_memory_gib = 2.0
+  # grain threads that read examples ahead of the training step. Their per-example work is Python
+  # (the GIL): 4 read mnist5k latents about 2.7x faster than grain's default of 16 on 2 cores.
+  c.data.read_threads = 4
 
   # Latent datasets: the autoencoder folder (diffusers layout: config.json +
   # diffusion_pytorch_model.safetensors, e.g. stabilityai/sd-vae-ft-ema) that encoded them. Its
@@ -442,6 +448,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data = config.data
   problem = _datasets.name_problem(data.name, data.data_dir)   # no data is read
   need(problem is None, f'config.data.name = {data.name!r}; {problem}')
+  need(data.get('in_memory_gib', 0.0) >= 0, f"config.data.in_memory_gib = {data.get('in_memory_gib')}; "
+       'give the GiB up to which a set is read into memory (0 = never).')
+  need(int(data.get('read_threads', 4)) >= 1, f"config.data.read_threads = {data.get('read_threads')}; "
+       'at least 1 thread reads the examples.')
   need(not config.get('autoencoder') or is_latent_dataset(data.name),
        f'config.autoencoder is set but config.data.name = {data.name!r} is not a latent dataset '
        f'(a name ending in {LATENT_SUFFIX!r}); clear --config.autoencoder for pixel data.')

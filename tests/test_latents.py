@@ -504,6 +504,39 @@ def test_the_draw_is_a_function_of_seed_and_position_and_resumes(constant_latent
   assert not np.array_equal(np.asarray(other.batch(0)['x1']), np.asarray(batches[0]['x1']))
 
 
+def test_in_memory_reads_give_the_batches_of_decoded_reads(constant_latents):
+  """config.data.in_memory_gib: a set small enough is decoded once into arrays; the batches,
+  draws and resumed stream are those of reading the ArrayRecord files every time."""
+  from fmjax.data import datasets
+  config = _config(constant_latents, 'const_latents', batch_size=8, num_classes=4)
+  mesh = sharding.make_mesh()
+  config.data.in_memory_gib = 0.0
+  decoded = pipelines.ImageSource(config, mesh)
+  config.data.in_memory_gib = 1.0
+  cached = pipelines.ImageSource(config, mesh)
+  assert cached.in_memory and not decoded.in_memory
+  for step in range(6):    # 48 reads of 32 examples: into the second epoch
+    a, b = decoded.batch(step), cached.batch(step)
+    for key in ('x1', 'labels'):
+      np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+  assert cached.get_state() == decoded.get_state()
+  # The size limit holds: 32 examples of 4 x 8 x 8 x 4 floats (+ label, index) are ~129 KiB.
+  opened = datasets.open_split('const_latents', constant_latents, 'train')
+  assert isinstance(datasets.in_memory(opened.source, 2**17 + 2**10), datasets.StackedExamples)
+  assert datasets.in_memory(opened.source, 2**17) is opened.source
+  assert datasets.in_memory(opened.source, 0) is opened.source
+  # The benchmark behind the docs' pipeline numbers runs on it (one batch per variant).
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+  try:
+    import data_throughput
+  finally:
+    sys.path.pop(0)
+  assert data_throughput.batches_per_second(config, 1.0, 2, 1) > 0
+  config.data.read_threads = 0
+  with pytest.raises(configs.ConfigError, match='read_threads'):
+    configs.validate(config)
+
+
 def test_built_datasets_are_found_by_name_and_read_for_training(built):
   config = _config(built['data_dir'], f'imagenet{RES}_latents', batch_size=4, num_classes=3)
   source = pipelines.make_source(config, sharding.make_mesh())
