@@ -92,8 +92,10 @@ def test_flash_attention_every_mode_matches_naive():
       return jnp.sum(jnp.cos(o) * do) + jnp.sum(do**2)
     return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(q, k, v, dq, dk, dv)
 
+  blockwise = functools.partial(FLASH, tangent_backward='blockwise')   # the default is the kernel
   for got, want in ((on_output(FLASH), on_output(attention.naive_attention)),
                     (through_tangent(FLASH, False), through_tangent(attention.naive_attention, False)),
+                    (through_tangent(blockwise, False), through_tangent(attention.naive_attention, False)),
                     (through_tangent(FLASH, True), through_tangent(attention.naive_attention, True))):
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
