@@ -594,6 +594,31 @@ FLASH_BACKWARD_MUTATIONS = [
 ]
 MUTATIONS += STEERING_MUTATIONS + API_MUTATIONS + PLUMBING_MUTATIONS + LIFECYCLE_MUTATIONS + ARCHITECTURE_MUTATIONS
 MUTATIONS += FLASH_BACKWARD_MUTATIONS
+# This session's plumbing: deferred FID, the in-memory input pipeline, the classifier's restore,
+# the backward kernels' own blocks.
+SWEEP_TESTS = ['tests/test_sweep.py']
+SESSION_MUTATIONS = [
+    mutation('deferred FID: the sink gets every row, non-finite ones too', 'fmjax/evaluation/sweep.py',
+             'images = to_rgb_uint8(local[finite], value_range)', 'images = to_rgb_uint8(local, value_range)',
+             tests=SWEEP_TESTS, alone=True),
+    mutation('deferred FID: labels not written with the images', 'fmjax/evaluation/sample_batches.py',
+             '    if labels is not None:\n      self._labels.append', '    if False:\n      self._labels.append',
+             tests=SWEEP_TESTS, alone=True),
+    mutation("deferred FID: the sample batch's provenance is not checked", 'fmjax/evaluation/reference_batches.py',
+             "                **info.get('provenance', {})}", '                }',
+             tests=SWEEP_TESTS, alone=True),
+    mutation('in-memory pipeline: examples stacked in another order', 'fmjax/data/datasets.py',
+             "return StackedExamples({name: np.stack([np.asarray(v) for v in values])",
+             "return StackedExamples({name: np.stack([np.asarray(v) for v in values][::-1])",
+             tests=LATENT_TESTS, alone=True),
+    mutation('classifier: restored without a target sharding', 'fmjax/steering/classifier.py',
+             'abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)',
+             'pass', tests=['tests/test_classifier.py'], alone=True),
+    mutation("flash backward: the kernels take the forward's blocks", 'fmjax/models/attention.py',
+             'block_q=opts.backward_block, block_k=opts.backward_block,',
+             'block_q=opts.block_q, block_k=opts.block_k,', tests=['tests/test_flash_jvp_backward.py'], alone=True),
+]
+MUTATIONS += SESSION_MUTATIONS
 
 
 def run(mutation: Mutation, scratch: str) -> list[str]:
