@@ -43,6 +43,7 @@ SAFE_FIELDS = (
     'train.keep_checkpoints', 'train.keep_every', 'train.async_checkpointing',
     'train.max_nonfinite_in_a_row', 'train.loss_log_file', 'train.restore_step',
     'eval', 'sample', 'steer', 'sharding', 'data.worker_count', 'data.data_dir',
+    'data.in_memory_gib', 'data.read_threads',
     'loss_defaults', 'model_defaults',
     # The autoencoder's folder may move; its digest is checked against the latent dataset's.
     'autoencoder',

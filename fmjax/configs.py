@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = 'train'
   c.data.num_classes = 0            # > 0: class-conditional training (labels fed to the network)
   c.data.shuffle_seed = 0
-  c.data.worker_count = 0           # grain worker processes (0 = in the main process)
+  c.data.worker_count = 0           # grain worker processes: only 0 (reads run in threads, read_threads)
   # Image and latent sets whose decoded examples take at most this many GiB (per process) are
   # read into memory once at start instead of decoded on every read (0 = never).
   c.data.in_memory_gib = 2.0
@@ -450,6 +450,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(problem is None, f'config.data.name = {data.name!r}; {problem}')
   need(data.get('in_memory_gib', 0.0) >= 0, f"config.data.in_memory_gib = {data.get('in_memory_gib')}; "
        'give the GiB up to which a set is read into memory (0 = never).')
+  need(int(data.get('worker_count', 0)) == 0, f"config.data.worker_count = {data.get('worker_count')}: "
+       'reading in worker processes is not implemented; examples are read by config.data.read_threads '
+       'threads in the training process (and small sets from memory, config.data.in_memory_gib).')
   need(int(data.get('read_threads', 4)) >= 1, f"config.data.read_threads = {data.get('read_threads')}; "
        'at least 1 thread reads the examples.')
   need(not config.get('autoencoder') or is_latent_dataset(data.name),

@@ -535,6 +535,9 @@ def test_in_memory_reads_give_the_batches_of_decoded_reads(constant_latents):
   config.data.read_threads = 0
   with pytest.raises(configs.ConfigError, match='read_threads'):
     configs.validate(config)
+  config.data.read_threads, config.data.worker_count = 4, 2
+  with pytest.raises(configs.ConfigError, match='worker_count = 2: reading in worker processes'):
+    configs.validate(config)
 
 
 def test_built_datasets_are_found_by_name_and_read_for_training(built):
