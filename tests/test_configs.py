@@ -259,7 +259,7 @@ def test_resume_refuses_what_changes_training_and_allows_safe_keys(tmp_path):
   # A checkpoint from before the input pipeline's keys existed resumes and evaluates.
   older = json.loads(json.dumps(saved))
   del older['data']['in_memory_gib'], older['data']['read_threads']
-  checkpointing.check_compatible(older, experiment('toy_gmm', 'meanflow'), str(tmp_path))
+  checkpointing.check_compatible(older, same, str(tmp_path))
   # The case that failed once: another target resumed silently.
   other = experiment('toy_gmm', 'meanflow')
   other.data.scale = 3.0
