@@ -253,7 +253,7 @@ def test_resume_refuses_what_changes_training_and_allows_safe_keys(tmp_path):
   same = experiment('toy_gmm')
   same.loss.name = 'meanflow'
   same.train.num_steps, same.train.log_every, same.eval.num_samples = 99, 7, 10
-  same.sharding.fsdp, same.data.worker_count = 2, 3
+  same.sharding.fsdp = 2
   same.data.in_memory_gib, same.data.read_threads = 0.5, 8
   checkpointing.check_compatible(saved, same, str(tmp_path))
   # A checkpoint from before the input pipeline's keys existed resumes and evaluates.
