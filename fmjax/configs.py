@@ -218,7 +218,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 'inception': FID during the sweep. 'deferred': the sweep writes each sampler's uint8 images
   # to WORKDIR/eval_images/step_<N>/ and computes no features (a machine without the Inception
   # weights, e.g. an accelerator with no network); score them elsewhere with
-  # python -m fmjax.evaluation.score_images WORKDIR/eval_images/step_<N> --fid_reference REF.
+  # python -m fmjax.evaluation.reference_batches REF.npz WORKDIR/eval_images/step_<N>/*.npz.
   c.eval.fid_features = 'inception'
   c.eval.decode_dtype = 'float32'   # latent runs: the decoder's compute dtype ('bfloat16' is faster)
   c.eval.progress_every = 30.0      # seconds between FID progress lines (samples done, images/s)
@@ -515,7 +515,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.eval.fid_batch_size >= 1, 'config.eval.fid_batch_size must be positive.')
   need(config.eval.get('fid_features', 'inception') in ('inception', 'deferred'),
        f"config.eval.fid_features = {config.eval.get('fid_features')!r}; choose 'inception' (FID "
-       "now) or 'deferred' (write the images; score them with python -m fmjax.evaluation.score_images).")
+       "now) or 'deferred' (write the images; score them with python -m fmjax.evaluation.reference_batches).")
   need(config.eval.get('decode_dtype', 'float32') in ('float32', 'bfloat16'),
        f"config.eval.decode_dtype = {config.eval.get('decode_dtype')!r}; choose 'float32' or 'bfloat16'.")
   need(0.0 < config.eval.get('classifier_confidence', 0.9) <= 1.0,

@@ -64,7 +64,7 @@ def fid_enabled(config) -> bool:
 
 
 def deferred(config) -> bool:
-  """FID on, with the sweep writing images for `score_images` instead of computing features."""
+  """FID on, with the sweep writing sample batches for `reference_batches` to score instead of computing features."""
   return fid_enabled(config) and config.eval.get('fid_features', 'inception') == 'deferred'
 
 

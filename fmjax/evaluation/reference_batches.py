@@ -180,16 +180,22 @@ def evaluate_batches(reference_path: str, sample_path: str, feature_fn, *, batch
   return score_sample_batch(ref, ref_features, sample_path, feature_fn, batch_size=batch_size, k=k)
 
 
+def read_sample_batch(path: str) -> Reference:
+  """`read_reference` of a sample batch, which must hold images."""
+  sample = read_reference(path)
+  if not sample.num_images:
+    raise ValueError(f'{path} holds no images ({sample.layout} layout: {sample.keys}); a '
+                     f'sample batch holds uint8 RGB images in {ADM_IMAGES}')
+  return sample
+
+
 def score_sample_batch(ref: Reference, ref_features: np.ndarray | None, sample_path: str, feature_fn,
                        *, batch_size: int = 200, k: int = 3) -> dict:
   """`evaluate_batches` with the reference read (and its features computed) once, for scoring
   many sample batches (e.g. a deferred sweep's, `sample_batches`) against it."""
   from fmjax.evaluation import precision_recall  # pylint: disable=import-outside-toplevel
   from fmjax.evaluation import sample_batches  # pylint: disable=import-outside-toplevel
-  sample = read_reference(sample_path)
-  if not sample.num_images:
-    raise ValueError(f'{sample_path} holds no images ({sample.layout} layout: {sample.keys}); a '
-                     f'sample batch holds uint8 RGB images in {ADM_IMAGES}')
+  sample = read_sample_batch(sample_path)
   info = sample_batches.read_info(sample_path)
   sample_features = reference_features(sample, feature_fn, batch_size=batch_size)
   ref_stats = reference_statistics(ref, ref_features)
@@ -230,10 +236,10 @@ def main(argv=None):
   ref = read_reference(args.reference)
   print(describe(ref))
   for path in args.samples:
-    sample = read_reference(path)
-    if not sample.num_images:
-      parser.error(f'{path} holds no images ({sample.layout} layout): a sample batch holds uint8 '
-                   f'RGB images in {ADM_IMAGES}.')
+    try:
+      read_sample_batch(path)
+    except ValueError as e:
+      parser.error(str(e))
   extractor = fid.FeatureExtractor(inception.load_params(args.weights), batch_size=args.batch_size)
   ref_features = reference_features(ref, extractor, batch_size=args.batch_size) if ref.num_images else None
   rows = []

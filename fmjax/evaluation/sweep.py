@@ -237,13 +237,13 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       sampler are done and at how many images per second (a long FID run shows it is alive).
     image_sink: called per batch with (spec, the host-local finite samples as the uint8 RGB
       images the feature function would see, their requested labels or None); with
-      `feature_fn=None` it is the only consumer (deferred FID: `score_images` computes the
-      features later) and the rows carry no 'fid'.
+      `feature_fn=None` it is the only consumer (deferred FID: `reference_batches` computes
+      the features later) and the rows carry no 'fid'.
   Returns (results, {spec: first `keep` samples}). Non-finite images get no features: FID is of
   the finite ones (`num_samples` of them), NaN with fewer than two.
   """
   from fmjax.evaluation import precision_recall   # pylint: disable=import-outside-toplevel
-  with_pr = reference_features is not None and precision_recall_samples > 0
+  with_pr = feature_fn is not None and reference_features is not None and precision_recall_samples > 0
   results = {'few_step': {}, 'ode': {}}
   kept = {}
   for spec, fn in sample_fns.items():
@@ -265,13 +265,13 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
       if image_sink is not None:
         image_sink(spec, images, requested)
       if feature_fn is None:
-        count += int(sharding.concat_across_processes(np.array([len(images)])).sum())
+        count += len(images)   # this process's rows; summed over processes after the loop
       else:
         features = np.asarray(feature_fn(images))
         acc = acc or fid.FeatureStats(features.shape[1])
         acc.update(features)
         count = acc.count
-      if with_pr and feature_fn is not None and sum(len(f) for f in kept_features) < precision_recall_samples:
+      if with_pr and sum(len(f) for f in kept_features) < precision_recall_samples:
         kept_features.append(features)
       if class_probs is not None and requested is not None:
         count_classes(judged, np.asarray(class_probs(local[finite])), requested, confidence)
@@ -282,6 +282,7 @@ def image_sweep(sample_fns: dict, params, noise: Callable[[], Iterator], feature
         last_line = now
         progress(progress_line(spec.label, done, int(num_samples), now - started))
     if feature_fn is None:
+      count = int(sharding.concat_across_processes(np.array([count])).sum())
       row = _row(spec, num_samples=count, nonfinite=int(num_samples) - count)
     else:
       score = (fid.fid(fid.statistics(acc, **(provenance or {})), reference)
