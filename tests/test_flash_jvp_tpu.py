@@ -80,15 +80,17 @@ def test_lowers_to_mosaic_for_tpu(shape, dtype):
 
 def test_flash_attention_runs_the_tpu_kernel_by_name_and_checks_the_options(monkeypatch):
   """kernel='tpu' (what kernel='auto' picks on a TPU backend) runs this module's kernel: the jvp
-  and the gradient of a loss through the tangent (blockwise backward) equal naive attention's;
-  the fused backward and unknown kernel names are refused."""
+  and the gradient of a loss through the tangent by the blockwise path equal naive attention's
+  (the fused TPU backward's own test is in test_flash_jvp_backward_tpu); unknown kernel names
+  are refused."""
   from fmjax.models import attention
   calls = []
   kernel = flash_jvp_tpu.attention_and_tangent
   monkeypatch.setattr(flash_jvp_tpu, 'attention_and_tangent',
                       lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
   q, k, v, dq, dk, dv = _inputs(1, 40, 40, 1, 16, seed=11)
-  attend = lambda a, b, c: attention.flash_attention(a, b, c, kernel='tpu', interpret=True)
+  attend = lambda a, b, c: attention.flash_attention(a, b, c, kernel='tpu', interpret=True,
+                                                     tangent_backward='blockwise')
   out, tangent = jax.jvp(attend, (q, k, v), (dq, dk, dv))
   ref_out, ref_tangent = jax.jvp(attention.naive_attention, (q, k, v), (dq, dk, dv))
   np.testing.assert_allclose(out, ref_out, atol=1e-5)
@@ -96,7 +98,5 @@ def test_flash_attention_runs_the_tpu_kernel_by_name_and_checks_the_options(monk
   assert calls and calls[0]['block_q'] == calls[0]['block_k'] == 128   # the TPU default blocks
   grad = lambda f: jax.grad(lambda a: jnp.sum(jax.jvp(f, (a, k, v), (dq, dk, dv))[1] ** 2))(q)
   np.testing.assert_allclose(grad(attend), grad(attention.naive_attention), atol=1e-4, rtol=1e-4)
-  with pytest.raises(ValueError, match='Triton only'):
-    attention.flash_attention(q, k, v, kernel='tpu', tangent_backward='kernel')
   with pytest.raises(ValueError, match="kernel must be 'auto', 'triton' or 'tpu'"):
     attention.flash_attention(q, k, v, kernel='mosaic')

@@ -567,13 +567,13 @@ FLASH_BACKWARD_TESTS = ['tests/test_flash_jvp_backward.py::test_six_gradients_ma
 _FLASH_BACKWARD = 'fmjax/models/flash_jvp_backward.py'
 FLASH_BACKWARD_MUTATIONS = [
     mutation('flash backward: H without - delta', _FLASH_BACKWARD,
-             '+ _dot_t(g, dv) - delta[:, None])', '+ _dot_t(g, dv))',
+             '+ _dot_t(g, dv) - delta)', '+ _dot_t(g, dv))',
              tests=FLASH_BACKWARD_TESTS, alone=True),
     mutation('flash backward: H without + B', _FLASH_BACKWARD,
              'ds_centered * a_centered + _dot_t(g, dv) - delta', 'ds_centered * a_centered - delta',
              tests=FLASH_BACKWARD_TESTS, alone=True),
     mutation('flash backward: dS centred by alpha instead of mu', _FLASH_BACKWARD,
-             'ds_centered = ds - mu[:, None]', 'ds_centered = ds - alpha[:, None]',
+             'ds_centered = ds - mu ', 'ds_centered = ds - alpha ',
              tests=FLASH_BACKWARD_TESTS, alone=True),
     mutation('flash backward: grad k without the E^T dq term', _FLASH_BACKWARD,
              'acc_k = acc_k + _dot(h.astype(q.dtype).T, q) + _dot(e.astype(dq.dtype).T, dq)',
@@ -585,8 +585,8 @@ FLASH_BACKWARD_MUTATIONS = [
              'acc_v = acc_v + _dot(dp.astype(g.dtype).T, g)', 'acc_v = acc_v + _dot(p.astype(g.dtype).T, g)',
              tests=FLASH_BACKWARD_TESTS, alone=True),
     mutation('flash backward: padded keys not masked', _FLASH_BACKWARD,
-             '  if valid is not None:\n    s = jnp.where(valid[None, :], s, _MASKED)\n'
-             '    ds = jnp.where(valid[None, :], ds, 0.0)\n', '',
+             '  if valid is not None:\n    s = jnp.where(valid, s, _MASKED)\n'
+             '    ds = jnp.where(valid, ds, 0.0)\n', '',
              tests=FLASH_BACKWARD_TESTS, alone=True),
     mutation('flash backward: the key kernel skips the last query block', _FLASH_BACKWARD,
              'jax.lax.fori_loop(0, num_q_blocks, body', 'jax.lax.fori_loop(0, num_q_blocks - 1, body',
@@ -615,10 +615,55 @@ SESSION_MUTATIONS = [
              'abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)',
              'pass', tests=['tests/test_classifier.py'], alone=True),
     mutation("flash backward: the kernels take the forward's blocks", 'fmjax/models/attention.py',
-             'block_q=opts.backward_block, block_k=opts.backward_block,',
-             'block_q=opts.block_q, block_k=opts.block_k,', tests=['tests/test_flash_jvp_backward.py'], alone=True),
+             'block_q=opts.backward_block,\n                                           block_k=opts.backward_block,',
+             'block_q=opts.block_q,\n                                           block_k=opts.block_k,',
+             tests=['tests/test_flash_jvp_backward.py'], alone=True),
 ]
 MUTATIONS += SESSION_MUTATIONS
+# The TPU (Mosaic) backward of the tangent (fmjax/models/flash_jvp_backward_tpu.py), one term or
+# step each; the tile's own terms are shared with the Triton kernels (FLASH_BACKWARD_MUTATIONS).
+FLASH_BACKWARD_TPU_TESTS = ['tests/test_flash_jvp_backward_tpu.py']
+_FLASH_BACKWARD_TPU = 'fmjax/models/flash_jvp_backward_tpu.py'
+FLASH_BACKWARD_TPU_MUTATIONS = [
+    mutation('TPU backward: grad k without the E^T dq term', _FLASH_BACKWARD_TPU,
+             'acc_k[...] += _dot(h.T.astype(q.dtype), q) + _dot(e_t, dq)',
+             'acc_k[...] += _dot(h.T.astype(q.dtype), q)', tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: grad dk from dq instead of q', _FLASH_BACKWARD_TPU,
+             'acc_dk[...] += _dot(e_t, q)', 'acc_dk[...] += _dot(e_t, dq)',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: grad v from P instead of dP', _FLASH_BACKWARD_TPU,
+             'acc_v[...] += _dot(dp.T.astype(g.dtype), g)', 'acc_v[...] += _dot(p.T.astype(g.dtype), g)',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: grad dv from dP instead of P', _FLASH_BACKWARD_TPU,
+             'acc_dv[...] += _dot(p.T.astype(g.dtype), g)', 'acc_dv[...] += _dot(dp.T.astype(g.dtype), g)',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: grad q without the E dk term', _FLASH_BACKWARD_TPU,
+             'acc_q[...] += _dot(h.astype(k.dtype), k) + _dot(e, dk)',
+             'acc_q[...] += _dot(h.astype(k.dtype), k)', tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: grad dq from dk instead of k', _FLASH_BACKWARD_TPU,
+             'acc_dq[...] += _dot(e, k)', 'acc_dq[...] += _dot(e, dk)',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: grad k and dk not scaled by 1/sqrt(d)', _FLASH_BACKWARD_TPU,
+             'grad_k_ref[...] = (scale * acc_k[...])', 'grad_k_ref[...] = (acc_k[...])',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: key accumulators not zeroed at the first query block', _FLASH_BACKWARD_TPU,
+             '      acc[...] = jnp.zeros(acc.shape, jnp.float32)', '      pass',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: padded keys not masked', _FLASH_BACKWARD_TPU,
+             '  return keys < kv_len', '  return None', tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU backward: alpha and delta swapped', _FLASH_BACKWARD_TPU,
+             'for x in (lse, mu, row_statistic(g, o), row_statistic(g, do)))',
+             'for x in (lse, mu, row_statistic(g, do), row_statistic(g, o)))',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation('TPU forward: mu written unnormalized (sum w dS instead of / l)', 'fmjax/models/flash_jvp_tpu.py',
+             '      mu_ref[...] = mu', '      mu_ref[...] = c_ref[...]',
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+    mutation("TPU backward: flash_attention(kernel='tpu') runs the Triton backward", 'fmjax/models/attention.py',
+             "  if opts.kernel == 'tpu':\n    from fmjax.models import flash_jvp_backward_tpu",
+             "  if False:\n    from fmjax.models import flash_jvp_backward_tpu",
+             tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
+]
+MUTATIONS += FLASH_BACKWARD_TPU_MUTATIONS
 
 
 def run(mutation: Mutation, scratch: str) -> list[str]:

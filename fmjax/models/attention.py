@@ -282,11 +282,20 @@ def _tangent_of_tangent(opts, present, residuals, linear):
 
 def _tangent_of_tangent_transpose(opts, present, residuals, cotangent):
   """Its transpose, the vjp of dO w.r.t. the inputs flagged in `present`, by the fused backward
-  kernels (fmjax.models.flash_jvp_backward)."""
-  from fmjax.models import flash_jvp_backward
-  grads = flash_jvp_backward.tangent_vjp(*residuals, cotangent.astype(residuals[0].dtype),
-                                         block_q=opts.backward_block, block_k=opts.backward_block,
-                                         interpret=opts.interpret)
+  kernels (fmjax.models.flash_jvp_backward; flash_jvp_backward_tpu for kernel='tpu', with the
+  forward's blocks: its tiles sit in VMEM, not in a GPU's shared memory)."""
+  cotangent = cotangent.astype(residuals[0].dtype)
+  if opts.kernel == 'tpu':
+    from fmjax.models import flash_jvp_backward_tpu
+    # The TPU interpret mode's callbacks are ordered effects, which a linear_call transpose
+    # cannot carry: interpreted here, the kernels run in Pallas' generic interpreter.
+    grads = flash_jvp_backward_tpu.tangent_vjp(*residuals, cotangent, block_q=opts.block_q,
+                                               block_k=opts.block_k,
+                                               interpret='generic' if opts.interpret else False)
+  else:
+    from fmjax.models import flash_jvp_backward
+    grads = flash_jvp_backward.tangent_vjp(*residuals, cotangent, block_q=opts.backward_block,
+                                           block_k=opts.backward_block, interpret=opts.interpret)
   return tuple(g.astype(x.dtype) for g, x, p in zip(grads, residuals[:6], present) if p)
 
 
@@ -316,10 +325,15 @@ def _tangent_jvp(opts, primals, tangents):
   if opts.tangent_backward == 'blockwise':
     out = _tangent(*primals, opts)
     return out, jax.jvp(functools.partial(_blockwise_tangent, opts), primals, _instantiate(tangents))[1]
-  from fmjax.models import flash_jvp
-  o, out, lse, mu = flash_jvp.attention_tangent_and_statistics(
-      *primals, block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret,
-      num_warps=opts.num_warps, num_stages=opts.num_stages)
+  if opts.kernel == 'tpu':
+    from fmjax.models import flash_jvp_tpu
+    o, out, lse, mu = flash_jvp_tpu.attention_tangent_and_statistics(
+        *primals, block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret)
+  else:
+    from fmjax.models import flash_jvp
+    o, out, lse, mu = flash_jvp.attention_tangent_and_statistics(
+        *primals, block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret,
+        num_warps=opts.num_warps, num_stages=opts.num_stages)
   tangent_out = linear_call(functools.partial(_tangent_of_tangent, opts, present),
                             functools.partial(_tangent_of_tangent_transpose, opts, present),
                             (*primals, o, out, lse, mu),
@@ -358,13 +372,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
     kernels (`tangent_backward='kernel'`, fmjax.models.flash_jvp_backward; on an H100 1.40x
     faster than naive attention at 4,096 tokens and 8x faster than the blockwise path) or from
     the pure-JAX blockwise path ('blockwise', blocks of `block_size`); both have memory O(seq).
-    'auto' (default): the kernels with the Triton kernel, the blockwise path on TPU.
-  `kernel`: 'triton' (fmjax.models.flash_jvp, GPUs), 'tpu' (fmjax.models.flash_jvp_tpu, Pallas
-  TPU) or 'auto' (default: 'tpu' on a TPU backend, else 'triton'). The fused backward is
-  Triton-only. Blocks: given, or the autotuned ones cached for this shape and device
-  (fmjax.models.flash_autotune; Triton), else 64 x 64 (Triton) or 128 x 128 (TPU: key blocks
-  must be multiples of 128). The fused backward kernels take square blocks of `backward_block`
-  (default 64) whatever the forward's: they hold more tiles per block.
+    'auto' (default): the kernels.
+  `kernel`: 'triton' (fmjax.models.flash_jvp and flash_jvp_backward, GPUs), 'tpu'
+  (fmjax.models.flash_jvp_tpu and flash_jvp_backward_tpu, Pallas TPU; tested in TPU interpret
+  mode and lowered to Mosaic on CPU, not yet compiled or timed on a TPU) or 'auto' (default:
+  'tpu' on a TPU backend, else 'triton'). Blocks: given, or the autotuned ones cached for this
+  shape and device (fmjax.models.flash_autotune; Triton), else 64 x 64 (Triton) or 128 x 128
+  (TPU: key blocks must be multiples of 128). The Triton backward kernels take square blocks of
+  `backward_block` (default 64) whatever the forward's: they hold more tiles per block, in
+  shared memory; the TPU backward takes the forward's blocks (both multiples of 128 there).
   `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU; Pallas'
   TPU interpret mode for 'tpu'); the default, None, interprets when the backend is not the
   kernel's own (correct but slow).
@@ -383,10 +399,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
   if kernel == 'auto':
     kernel = 'tpu' if backend == 'tpu' else 'triton'
   if tangent_backward == 'auto':
-    tangent_backward = 'blockwise' if kernel == 'tpu' else 'kernel'
-  if kernel == 'tpu' and tangent_backward == 'kernel':
-    raise ValueError("flash_attention: tangent_backward='kernel' (the fused backward) is written "
-                     "for Triton only; use tangent_backward='blockwise' with kernel='tpu'.")
+    tangent_backward = 'kernel'
   if interpret is None:
     interpret = backend != {'triton': 'gpu', 'tpu': 'tpu'}[kernel]
   launch = {'block_q': block_q, 'block_k': block_k, 'num_warps': num_warps, 'num_stages': num_stages}
@@ -408,8 +421,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
 # not measured, so naive is kept there. Through the tangent (LSD's default) the fused backward
 # is 1.40x faster than naive at 4,096 tokens and 1.34x at 8,192, with 25-51 MiB of temporaries
 # against 7.5-30 GiB (docs/bench/attention_flash_h100.md); at 1,024 it is not measured.
-# On TPU the same threshold selects the TPU kernel; no TPU timing exists yet either, so pass
-# attention='naive' there to keep XLA's attention.
+# On TPU the same threshold selects the TPU kernels (forward and backward); no TPU timing exists
+# yet, so pass attention='naive' there to keep XLA's attention.
 AUTO_MIN_FLASH_TOKENS = 1024
 
 

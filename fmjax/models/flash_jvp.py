@@ -15,8 +15,8 @@ block: six matmuls (q k^T, dq k^T, q dk^T, w v, (w dS) v, w dv) on tiles in on-c
 nothing of size [seq, seq] is ever written, so memory is O(seq) (plus the outputs).
 
 The kernel runs on the Pallas Triton GPU backend, and on every backend in Pallas' interpret
-mode (`interpret=True`, what the CPU tests use). A TPU variant is not provided: the algorithm is
-the same, but the Mosaic TPU block shapes and layouts differ; see docs/networks.md.
+mode (`interpret=True`, what the CPU tests use). Its TPU variant, with Mosaic's block shapes and
+layout, is fmjax.models.flash_jvp_tpu.
 
 Shapes: [batch, seq, heads, head_dim] like the rest of fmjax.models.attention. Sequence lengths
 that are not multiples of the blocks are zero-padded, and padded keys masked; head dimensions

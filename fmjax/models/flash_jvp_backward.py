@@ -42,19 +42,27 @@ from jax.experimental import pallas as pl
 from fmjax.models.flash_jvp import _MASKED, _dot, _dot_t, _pad_to, check_shapes, compiler_params, padded_sizes
 
 
-def _tile(q, k, v, dq, dk, dv, g, lse, mu, alpha, delta, valid, scale):
-  """The [block_q, block_k] tiles P, dP, E, H of one (query block, key block) pair (float32)."""
+def tile(q, k, v, dq, dk, dv, g, lse, mu, alpha, delta, valid, scale):
+  """The [block_q, block_k] tiles P, dP, E, H of one (query block, key block) pair (float32).
+
+  The row statistics lse, mu, alpha, delta come as columns that broadcast against the tile
+  ([block_q, 1] here; lane-broadcast [block_q, block_k] in the TPU kernels), `valid` (keys that
+  are not padding) as a mask that broadcasts against it, or None when no key is padded."""
   s = _dot_t(q, k) * scale
   ds = (_dot_t(dq, k) + _dot_t(q, dk)) * scale
   if valid is not None:
-    s = jnp.where(valid[None, :], s, _MASKED)
-    ds = jnp.where(valid[None, :], ds, 0.0)
-  p = jnp.exp(s - lse[:, None])
-  a_centered = _dot_t(g, v) - alpha[:, None]          # A - alpha
-  ds_centered = ds - mu[:, None]                      # dS - mu
+    s = jnp.where(valid, s, _MASKED)
+    ds = jnp.where(valid, ds, 0.0)
+  p = jnp.exp(s - lse)
+  a_centered = _dot_t(g, v) - alpha                   # A - alpha
+  ds_centered = ds - mu                               # dS - mu
   e = p * a_centered
-  h = p * (ds_centered * a_centered + _dot_t(g, dv) - delta[:, None])
+  h = p * (ds_centered * a_centered + _dot_t(g, dv) - delta)
   return p, p * ds_centered, e, h
+
+
+def _columns(*rows):
+  return tuple(r[:, None] for r in rows)
 
 
 def _key_block_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, g_ref, lse_ref, mu_ref,
@@ -65,14 +73,14 @@ def _key_block_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, g_ref, lse_re
   block_k, d = k.shape
   valid = None
   if kv_len % block_k:     # only the padded case pays for the mask
-    valid = (pl.program_id(0) * block_k + jnp.arange(block_k)) < kv_len
+    valid = ((pl.program_id(0) * block_k + jnp.arange(block_k)) < kv_len)[None, :]
 
   def body(i, carry):
     acc_k, acc_v, acc_dk, acc_dv = carry
     rows = pl.ds(i * block_q, block_q)
     q, dq, g = q_ref[rows, :], dq_ref[rows, :], g_ref[rows, :]
-    p, dp, e, h = _tile(q, k, v, dq, dk, dv, g, lse_ref[rows], mu_ref[rows], alpha_ref[rows],
-                        delta_ref[rows], valid, scale)
+    stats = _columns(lse_ref[rows], mu_ref[rows], alpha_ref[rows], delta_ref[rows])
+    p, dp, e, h = tile(q, k, v, dq, dk, dv, g, *stats, valid, scale)
     acc_v = acc_v + _dot(dp.astype(g.dtype).T, g)
     acc_dv = acc_dv + _dot(p.astype(g.dtype).T, g)
     acc_k = acc_k + _dot(h.astype(q.dtype).T, q) + _dot(e.astype(dq.dtype).T, dq)
@@ -92,7 +100,7 @@ def _query_block_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, g_ref, lse_
                         scale: float, block_k: int, kv_len: int, num_k_blocks: int):
   """One (query block, batch, head) program: walk the key blocks, accumulate grad q and dq."""
   q, dq, g = q_ref[...], dq_ref[...], g_ref[...]
-  stats = lse_ref[...], mu_ref[...], alpha_ref[...], delta_ref[...]
+  stats = _columns(lse_ref[...], mu_ref[...], alpha_ref[...], delta_ref[...])
   block_q, d = q.shape
 
   def body(j, carry):
@@ -101,8 +109,8 @@ def _query_block_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, g_ref, lse_
     k, v, dk, dv = k_ref[keys, :], v_ref[keys, :], dk_ref[keys, :], dv_ref[keys, :]
     valid = None
     if kv_len % block_k:
-      valid = (j * block_k + jnp.arange(block_k)) < kv_len
-    _, _, e, h = _tile(q, k, v, dq, dk, dv, g, *stats, valid, scale)
+      valid = ((j * block_k + jnp.arange(block_k)) < kv_len)[None, :]
+    _, _, e, h = tile(q, k, v, dq, dk, dv, g, *stats, valid, scale)
     acc_q = acc_q + _dot(h.astype(k.dtype), k) + _dot(e.astype(dk.dtype), dk)
     acc_dq = acc_dq + _dot(e.astype(k.dtype), k)
     return acc_q, acc_dq
@@ -113,13 +121,24 @@ def _query_block_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref, g_ref, lse_
   grad_dq_ref[...] = (scale * acc_dq).astype(grad_dq_ref.dtype)
 
 
-def _row_statistic(g, x):
+def row_statistic(g, x):
   """sum_d g[b, i, h, d] x[b, i, h, d] in float32 -> [B, H, N] (alpha from O, delta from dO)."""
   return jnp.einsum('bihd,bihd->bhi', g.astype(jnp.float32), x.astype(jnp.float32))
 
 
 def _pad_rows(x, n: int):
   return jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[-1])))
+
+
+def check_residuals(name: str, q, o, do, lse, mu, g):
+  """The forward's outputs and the cotangent have the shapes `tangent_vjp` needs."""
+  b, nq, h, _ = q.shape
+  if o.shape != q.shape or do.shape != q.shape or g.shape != q.shape:
+    raise ValueError(f'{name}: o {o.shape}, do {do.shape} and the cotangent g {g.shape} '
+                     f'must have the shape of q {q.shape}.')
+  if lse.shape != (b, h, nq) or mu.shape != (b, h, nq):
+    raise ValueError(f'{name}: lse {lse.shape} and mu {mu.shape} must be [batch, heads, '
+                     f'seq_q] = {(b, h, nq)}; take them from attention_tangent_and_statistics.')
 
 
 @functools.partial(jax.jit, static_argnames=('block_q', 'block_k', 'interpret', 'num_warps',
@@ -136,16 +155,11 @@ def tangent_vjp(q, k, v, dq, dk, dv, o, do, lse, mu, g, *, block_q: int = 64, bl
   b, nq, h, d = q.shape
   nk = k.shape[1]
   check_shapes('tangent_vjp', q, k, v, dq, dk, dv)
-  if o.shape != q.shape or do.shape != q.shape or g.shape != q.shape:
-    raise ValueError(f'tangent_vjp: o {o.shape}, do {do.shape} and the cotangent g {g.shape} '
-                     f'must have the shape of q {q.shape}.')
-  if lse.shape != (b, h, nq) or mu.shape != (b, h, nq):
-    raise ValueError(f'tangent_vjp: lse {lse.shape} and mu {mu.shape} must be [batch, heads, '
-                     f'seq_q] = {(b, h, nq)}; take them from attention_tangent_and_statistics.')
+  check_residuals('tangent_vjp', q, o, do, lse, mu, g)
   block_q, block_k, nq_pad, nk_pad, d_pad = padded_sizes(nq, nk, d, block_q, block_k)
   dtype = q.dtype
   # Zero padding: padded query rows have g = 0 and so contribute exactly nothing (module docstring).
-  alpha, delta = _row_statistic(g, o), _row_statistic(g, do)
+  alpha, delta = row_statistic(g, o), row_statistic(g, do)
   q, dq, g = (_pad_to(x.astype(dtype), nq_pad, d_pad) for x in (q, dq, g))
   k, v, dk, dv = (_pad_to(x.astype(dtype), nk_pad, d_pad) for x in (k, v, dk, dv))
   rows = tuple(_pad_rows(x.astype(jnp.float32), nq_pad) for x in (lse, mu, alpha, delta))

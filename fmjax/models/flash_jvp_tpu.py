@@ -72,10 +72,12 @@ def _lanes_to(x, width: int):
 
 
 def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,      # inputs: [block, d] tiles
-                o_ref, do_ref, lse_ref,                             # outputs
-                m_ref, l_ref, c_ref, acc_ref, tacc_ref,             # VMEM scratch (accumulators)
-                *, scale: float, block_k: int, kv_len: int, num_k_blocks: int):
-  """One (batch, head, query block, key block) step of the online softmax and its tangent."""
+                o_ref, do_ref, lse_ref, *refs,                      # outputs [, mu]
+                scale: float, block_k: int, kv_len: int, num_k_blocks: int, with_mu: bool):
+  """One (batch, head, query block, key block) step of the online softmax and its tangent.
+  With `with_mu`, a fourth output: mu_i = sum_j P_ij dS_ij (what the reverse mode needs)."""
+  mu_ref = refs[0] if with_mu else None
+  m_ref, l_ref, c_ref, acc_ref, tacc_ref = refs[with_mu:]             # VMEM scratch (accumulators)
   key_block = pl.program_id(3)
   f32 = jnp.float32
 
@@ -115,10 +117,12 @@ def _jvp_kernel(q_ref, k_ref, v_ref, dq_ref, dk_ref, dv_ref,      # inputs: [blo
     l = l_ref[...]
     inv_l = _lanes_to(1.0 / l, acc_ref.shape[1])
     o = acc_ref[...] * inv_l
+    mu = c_ref[...] / l
     o_ref[...] = o.astype(o_ref.dtype)
-    do_ref[...] = (tacc_ref[...] * inv_l - _lanes_to(c_ref[...] / l, o.shape[1]) * o
-                   ).astype(do_ref.dtype)
+    do_ref[...] = (tacc_ref[...] * inv_l - _lanes_to(mu, o.shape[1]) * o).astype(do_ref.dtype)
     lse_ref[...] = m_ref[...] + jnp.log(l)
+    if with_mu:
+      mu_ref[...] = mu
 
 
 def tpu_block_sizes(nq: int, nk: int, block_q: int, block_k: int) -> tuple[int, int]:
@@ -138,13 +142,43 @@ def tpu_block_sizes(nq: int, nk: int, block_q: int, block_k: int) -> tuple[int, 
   return block_q, block_k
 
 
-def _to_kernel_layout(x, seq: int, dim: int):
+def to_kernel_layout(x, seq: int, dim: int):
   """[B, N, H, D] -> [B, H, seq, dim], zero-padded (one fused copy: pad and transpose)."""
   b, n, h, d = x.shape
   return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, seq - n), (0, dim - d)))
 
 
-@functools.partial(jax.jit, static_argnames=('block_q', 'block_k', 'interpret'))
+def lane_broadcast(rows, seq: int):
+  """A row statistic [B, H, N] -> [B, H, seq, 128] float32 (zero-padded rows): the layout of
+  per-row vectors on the TPU (one value across the 128 lanes of its row)."""
+  rows = jnp.pad(rows.astype(jnp.float32), ((0, 0), (0, 0), (0, seq - rows.shape[-1])))
+  return jnp.broadcast_to(rows[..., None], rows.shape + (LANES,))
+
+
+def interpret_params(interpret: bool | str):
+  """pallas_call's `interpret` argument. False: compile for the TPU. True: Pallas' TPU interpret
+  mode (TPU memories simulated, uninitialized VMEM filled with NaNs, the strict check the tests
+  use). 'generic': Pallas' generic interpreter, whose kernels carry no ordered effects, so they
+  can run where JAX does not thread effects (the transpose of a linear_call, where
+  flash_attention runs the backward kernels)."""
+  if interpret == 'generic':
+    return True
+  return pltpu.InterpretParams() if interpret else False
+
+
+def check_shapes(name: str, q, k, v, dq, dk, dv):
+  if (q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or dk.shape != k.shape
+      or dv.shape != v.shape or dq.shape != q.shape
+      or (k.shape[0], k.shape[2:]) != (q.shape[0], q.shape[2:])):
+    raise ValueError(f'{name}: shapes q {q.shape} dq {dq.shape} k {k.shape} '
+                     f'dk {dk.shape} v {v.shape} dv {dv.shape} do not match '
+                     '([B, Nq, H, D] for q, dq; [B, Nk, H, D] for k, v, dk, dv).')
+
+
+_STATIC = ('block_q', 'block_k', 'interpret')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def attention_and_tangent(q, k, v, dq, dk, dv, *, block_q: int = 128, block_k: int = 128,
                           interpret: bool = False):
   """(O, dO, logsumexp) of softmax(q k^T / sqrt(d)) v and its jvp along (dq, dk, dv), fused, on TPU.
@@ -153,43 +187,55 @@ def attention_and_tangent(q, k, v, dq, dk, dv, *, block_q: int = 128, block_k: i
   [B, H, Nq] is float32. The same contract as `flash_jvp.attention_and_tangent`, with TPU block
   rules (see `tpu_block_sizes`). `interpret=True`: Pallas' TPU interpret mode (any backend).
   """
-  if (q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or dk.shape != k.shape
-      or dv.shape != v.shape or dq.shape != q.shape
-      or (k.shape[0], k.shape[2:]) != (q.shape[0], q.shape[2:])):
-    raise ValueError(f'flash_jvp_tpu: shapes q {q.shape} dq {dq.shape} k {k.shape} '
-                     f'dk {dk.shape} v {v.shape} dv {dv.shape} do not match '
-                     '([B, Nq, H, D] for q, dq; [B, Nk, H, D] for k, v, dk, dv).')
+  return _forward(q, k, v, dq, dk, dv, block_q=block_q, block_k=block_k, interpret=interpret,
+                  with_mu=False)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def attention_tangent_and_statistics(q, k, v, dq, dk, dv, *, block_q: int = 128,
+                                     block_k: int = 128, interpret: bool = False):
+  """(O, dO, logsumexp, mu): `attention_and_tangent` plus mu_i = sum_j P_ij dS_ij [B, H, Nq]
+  (float32), the residuals of the tangent's reverse mode (fmjax.models.flash_jvp_backward_tpu).
+  The same kernel: mu is the c / l it computes anyway."""
+  return _forward(q, k, v, dq, dk, dv, block_q=block_q, block_k=block_k, interpret=interpret,
+                  with_mu=True)
+
+
+def _forward(q, k, v, dq, dk, dv, *, block_q: int, block_k: int, interpret: bool, with_mu: bool):
+  check_shapes('flash_jvp_tpu', q, k, v, dq, dk, dv)
   b, nq, h, d = q.shape
   nk = k.shape[1]
   block_q, block_k = tpu_block_sizes(nq, nk, block_q, block_k)
   nq_pad, nk_pad, d_pad = _round_up(nq, block_q), _round_up(nk, block_k), _round_up(d, LANES)
   dtype = q.dtype
-  q, dq = (_to_kernel_layout(x.astype(dtype), nq_pad, d_pad) for x in (q, dq))
-  k, v, dk, dv = (_to_kernel_layout(x.astype(dtype), nk_pad, d_pad) for x in (k, v, dk, dv))
+  q, dq = (to_kernel_layout(x.astype(dtype), nq_pad, d_pad) for x in (q, dq))
+  k, v, dk, dv = (to_kernel_layout(x.astype(dtype), nk_pad, d_pad) for x in (k, v, dk, dv))
 
   num_k_blocks = nk_pad // block_k
   kernel = functools.partial(_jvp_kernel, scale=1.0 / math.sqrt(d), block_k=block_k, kv_len=nk,
-                             num_k_blocks=num_k_blocks)
+                             num_k_blocks=num_k_blocks, with_mu=with_mu)
   # Grid (batch, head, query block, key block); None squeezes batch and head out of the tiles.
   query_spec = pl.BlockSpec((None, None, block_q, d_pad), lambda bi, hi, i, j: (bi, hi, i, 0))
   key_spec = pl.BlockSpec((None, None, block_k, d_pad), lambda bi, hi, i, j: (bi, hi, j, 0))
-  lse_spec = pl.BlockSpec((None, None, block_q, LANES), lambda bi, hi, i, j: (bi, hi, i, 0))
+  row_spec = pl.BlockSpec((None, None, block_q, LANES), lambda bi, hi, i, j: (bi, hi, i, 0))
+  row_shape = jax.ShapeDtypeStruct((b, h, nq_pad, LANES), jnp.float32)
   row_stat = pltpu.VMEM((block_q, LANES), jnp.float32)
-  o, do, lse = pl.pallas_call(
+  outputs = pl.pallas_call(
       kernel,
       grid=(b, h, nq_pad // block_q, num_k_blocks),
       in_specs=[query_spec, key_spec, key_spec, query_spec, key_spec, key_spec],
-      out_specs=[query_spec, query_spec, lse_spec],
+      out_specs=[query_spec, query_spec, row_spec] + [row_spec] * with_mu,
       out_shape=[jax.ShapeDtypeStruct((b, h, nq_pad, d_pad), dtype),
                  jax.ShapeDtypeStruct((b, h, nq_pad, d_pad), dtype),
-                 jax.ShapeDtypeStruct((b, h, nq_pad, LANES), jnp.float32)],
+                 row_shape] + [row_shape] * with_mu,
       scratch_shapes=[row_stat, row_stat, row_stat,                     # m, l, sum w dS
                       pltpu.VMEM((block_q, d_pad), jnp.float32),       # sum w v
                       pltpu.VMEM((block_q, d_pad), jnp.float32)],      # sum w (dS v + dv)
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)),
-      interpret=pltpu.InterpretParams() if interpret else False,
+      interpret=interpret_params(interpret),
       name='flash_attention_jvp_tpu',
   )(q, k, v, dq, dk, dv)
+  o, do, *rows = outputs
   o, do = (x[:, :, :nq, :d].transpose(0, 2, 1, 3) for x in (o, do))
-  return o, do, lse[:, :, :nq, 0]
+  return (o, do) + tuple(r[:, :, :nq, 0] for r in rows)
