@@ -42,7 +42,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from fmjax.models.flash_jvp_backward import check_residuals, row_statistic, tile
 from fmjax.models.flash_jvp_tpu import (LANES, _dot, _lanes_to, _round_up, check_shapes,
-                                        interpret_params, lane_broadcast, to_kernel_layout)
+                                        from_kernel_layout, interpret_params, lane_broadcast,
+                                        to_kernel_layout)
 
 _SEMANTICS = pltpu.CompilerParams(
     dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY))
@@ -198,7 +199,6 @@ def tangent_vjp(q, k, v, dq, dk, dv, o, do, lse, mu, g, *, block_q: int = 128,
       interpret=interpret_params(interpret),
       name='flash_attention_jvp_vjp_queries_tpu',
   )(*inputs)
-  query_side = lambda x: x[:, :, :nq, :d].transpose(0, 2, 1, 3)
-  key_side = lambda x: x[:, :, :nk, :d].transpose(0, 2, 1, 3)
+  query_side, key_side = (lambda x: from_kernel_layout(x, nq, d)), (lambda x: from_kernel_layout(x, nk, d))
   return (query_side(grad_q), key_side(grad_k), key_side(grad_v), query_side(grad_dq),
           key_side(grad_dk), key_side(grad_dv))

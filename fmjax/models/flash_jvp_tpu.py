@@ -148,6 +148,11 @@ def to_kernel_layout(x, seq: int, dim: int):
   return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, seq - n), (0, dim - d)))
 
 
+def from_kernel_layout(x, n: int, d: int):
+  """[B, H, seq, dim] -> [B, n, H, d]: the padding sliced away, the inverse of to_kernel_layout."""
+  return x[:, :, :n, :d].transpose(0, 2, 1, 3)
+
+
 def lane_broadcast(rows, seq: int):
   """A row statistic [B, H, N] -> [B, H, seq, 128] float32 (zero-padded rows): the layout of
   per-row vectors on the TPU (one value across the 128 lanes of its row)."""
@@ -237,5 +242,5 @@ def _forward(q, k, v, dq, dk, dv, *, block_q: int, block_k: int, interpret: bool
       name='flash_attention_jvp_tpu',
   )(q, k, v, dq, dk, dv)
   o, do, *rows = outputs
-  o, do = (x[:, :, :nq, :d].transpose(0, 2, 1, 3) for x in (o, do))
+  o, do = (from_kernel_layout(x, nq, d) for x in (o, do))
   return (o, do) + tuple(r[:, :, :nq, 0] for r in rows)
