@@ -25,7 +25,8 @@ DATA=${DATA_DIR:-$OUT/tfds}
 if [ "$SIZE" = tiny ]; then
   FID_SAMPLES=${FID_SAMPLES:-16}; FID_BATCH=8; AE_SIZE=tiny; CLS_STEPS=20; REF_N=16
 else
-  FID_SAMPLES=${FID_SAMPLES:-5000}; FID_BATCH=500; AE_SIZE=default; CLS_STEPS=3000; REF_N=5000
+  FID_SAMPLES=${FID_SAMPLES:-5000}; FID_BATCH=$([ "$SIZE" = cpu ] && echo 100 || echo 500)   # CPU: faster, less memory
+  AE_SIZE=default; CLS_STEPS=3000; REF_N=5000
 fi
 REF=$OUT/fid_stats/mnist5k_all_$REF_N.npz
 
