@@ -11,9 +11,10 @@ what the flow-map rules need: the forward pass, `jax.jvp` (d/dt of the network: 
 Lagrangian/Eulerian tangents), and `jax.grad` of a loss on the forward output, on the jvp's
 primal with its tangent stop-gradiented (MeanFlow, iMF, sCT, ESD), and on the jvp output
 (LSD-type rules that backpropagate through the tangent). For that last mode, 'flash' is the fused
-backward kernel (fmjax.models.flash_jvp_backward, tangent_backward='kernel') and
-'flash-bwd-blockwise' the same flash attention with the pure-JAX blockwise backward (flash
-attention's default until the kernel is timed on a GPU), measured in that mode only. Prints a markdown table and writes it to --out.
+backward kernel (tangent_backward='kernel': fmjax.models.flash_jvp_backward on a GPU,
+flash_jvp_backward_tpu on a TPU) and 'flash-bwd-blockwise' the same flash attention with the
+pure-JAX blockwise backward, measured in that mode only. On a TPU the 'flash' columns run the
+Mosaic kernels (kernel='auto'). Prints a markdown table and writes it to --out.
 """
 
 from __future__ import annotations
@@ -100,15 +101,16 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--impls', default=None,
                       help='comma list of naive,blockwise,flash,flash-bwd-blockwise,cudnn (default: '
-                           'naive,blockwise on CPU; all five on GPU)')
+                           'naive,blockwise on CPU; all five on GPU; all but cudnn on TPU)')
   parser.add_argument('--interpret', action='store_true',
                       help="run the fused kernel in Pallas' interpreter (CPU smoke test)")
   parser.add_argument('--out', default='attention_jvp.md')
   args = parser.parse_args()
 
-  gpu = jax.default_backend() == 'gpu'
+  backend = jax.default_backend()
   names = (args.impls.split(',') if args.impls else
-           ['naive', 'blockwise', 'flash', 'flash-bwd-blockwise', 'cudnn'] if gpu
+           ['naive', 'blockwise', 'flash', 'flash-bwd-blockwise', 'cudnn'] if backend == 'gpu'
+           else ['naive', 'blockwise', 'flash', 'flash-bwd-blockwise'] if backend == 'tpu'
            else ['naive', 'blockwise'])
   dtype = jnp.dtype(args.dtype)
   impls = {'naive': attention.naive_attention,
