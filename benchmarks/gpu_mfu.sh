@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The DiT-B/2 training step against its MFU aim, in one device call (each part time-limited,
+# tables written as they go): the trainer's step for flow matching, LSD, MeanFlow and iMF with
+# XLA's naive attention and with flash attention (cuDNN's fused attention for the output and its
+# backward, the Pallas kernels for the tangent), timed in one run so each rule's time ratio to
+# flow matching sits beside its analytic FLOP ratio (benchmarks/train_throughput.py); then
+# where flow matching's step spends its time with flash attention (benchmarks/profile_step.py),
+# to compare with the naive profile in docs/bench/profile_dit_b2_h100.md.
+#   OUT=dir bash benchmarks/gpu_mfu.sh              # on the GPU (limits sized for one 10-minute call)
+#   OUT=/tmp/mfu TINY=1 bash benchmarks/gpu_mfu.sh  # CPU smoke run (tiny sizes, Pallas interpreter)
+# With JAX_COMPILATION_CACHE_DIR set (kept under $OUT by default), a rerun loads the compiled steps.
+set -u
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-runs/gpu_mfu}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}
+START=$(date +%s)
+stamp() { echo "$1 at +$(( $(date +%s) - START )) s" | tee -a "$OUT/times.txt"; }
+if [ "${TINY:-0}" = 1 ]; then
+  STEP=(--tiny --warmup 1 --repeats 2 --compile_workers 1)
+  PROF=(--size tiny --batch 8)
+else
+  STEP=(--warmup 3 --repeats 10 --compile_workers 6 --budget_s "${T_STEP:-330}")
+  PROF=(--size B --batch 256)
+fi
+(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi') | tee "$OUT/device.txt"
+$PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+stamp steps
+timeout "$(( ${T_STEP:-330} + 60 ))" $PY benchmarks/train_throughput.py --model dit-b2 \
+  --rules flow_matching,lsd,meanflow,imf --attention naive,flash "${STEP[@]}" \
+  --out "$OUT/steps.md" > "$OUT/steps.log" 2>&1
+tail -20 "$OUT/steps.md" 2>/dev/null || tail -5 "$OUT/steps.log"
+stamp profile
+# No CUDA graphs: the trace then attributes every kernel to its HLO instruction.
+XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout "${T_PROF:-90}" $PY benchmarks/profile_step.py \
+  "${PROF[@]}" --attention flash --out "$OUT/profile_dit_flash.json" > "$OUT/profile_dit_flash.log" 2>&1
+tail -16 "$OUT/profile_dit_flash.log"
+stamp done
