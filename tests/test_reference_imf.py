@@ -238,7 +238,10 @@ def test_both_heads_come_from_one_pass(name):
     np.testing.assert_array_equal(average, apply(p, s, t, x, g))
     np.testing.assert_array_equal(velocity, apply(p, s, t, x, g, head='velocity'))
     assert not np.allclose(average, velocity)
-    for parameterization in ('displacement', 'meanflow', 'x_prediction'):
+    # The one-pass evaluation is network-independent: every parameterization on the MLP, one
+    # on the image networks (each costs the U-Net a dozen op-by-op passes of CI time).
+    for parameterization in (('displacement', 'meanflow', 'x_prediction') if name == 'mlp-tiny'
+                             else ('x_prediction',)):
       fm = flow_maps.make(parameterization, apply, interpolants.linear())
       one_pass = imf_lib.both_heads(fm, 'v', p, s, t, x, g)
       separate = (fm.v(p, s, t, x, g), imf_lib.head_map(fm, "velocity").v(p, s, t, x, g))
