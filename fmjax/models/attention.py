@@ -382,7 +382,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
   `backward_block` (default 64) whatever the forward's: they hold more tiles per block, in
   shared memory; the TPU backward takes the forward's blocks (both multiples of 128 there).
   `interpret=True` runs the kernel in Pallas' interpreter (any backend; tests on CPU; Pallas'
-  TPU interpret mode for 'tpu'); the default, None, interprets when the backend is not the
+  TPU interpret mode for 'tpu', whose backward kernels run in the generic interpreter: see
+  `flash_jvp_tpu.interpret_params`); the default, None, interprets when the backend is not the
   kernel's own (correct but slow).
   """
   _check_shapes(q, k, v)
