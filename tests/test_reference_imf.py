@@ -216,7 +216,9 @@ def test_networks_without_the_options_have_the_old_parameters(name):
   assert set(on) - set(plain) == NEW_PARAMS[name]
 
 
-@pytest.mark.parametrize('name', list(NEW_PARAMS))
+# The U-Net is left out here for CI time (three U-Net compiles, 37 s); its new parameters are
+# checked above. Run it with the full list when changing the U-Net's heads.
+@pytest.mark.parametrize('name', [n for n in NEW_PARAMS if n != 'unet-tiny'])
 def test_both_heads_come_from_one_pass(name):
   """head='both' is (head='average', head='velocity') of the same trunk, on every network, and
   the iMF rule's one-pass evaluation of both heads equals two separate evaluations through
