@@ -17,8 +17,12 @@ demo: $(STAMP)
 	$(PY) -m fmjax.main --config=experiments/toy_checkerboard.py --workdir=runs/demo
 	@echo "Pictures: runs/demo/metric_vs_nfe.png (quality against NFE) and runs/demo/samples/ (sample scatter plots); metrics in runs/demo/final_metrics.json."
 
+# The tests compile many identical programs (the same toy step in a test and in its CLI subprocess,
+# in both workers): a compilation cache shared by the run, fresh each time, compiles each once.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	cache=$$(mktemp -d) && JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 $(PY) -m pytest -q -n 2 --dist loadfile tests; \
+	  status=$$?; rm -rf $$cache; exit $$status
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss_cost.py
