@@ -18,7 +18,8 @@ demo: $(STAMP)
 	@echo "Pictures: runs/demo/metric_vs_nfe.png (quality against NFE) and runs/demo/samples/ (sample scatter plots); metrics in runs/demo/final_metrics.json."
 
 # The tests compile many identical programs (the same toy step in a test and in its CLI subprocess,
-# in both workers): a compilation cache shared by the run, fresh each time, compiles each once.
+# in both workers); a compilation cache shared by the run, fresh each time, lets them reuse one
+# another's. Measured on a fresh clone: 869 s with it, 883 s without (run-to-run noise is similar).
 test: $(STAMP)
 	cache=$$(mktemp -d) && JAX_COMPILATION_CACHE_DIR=$$cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 $(PY) -m pytest -q -n 2 --dist loadfile tests; \
