@@ -33,8 +33,9 @@ Sections:
   flow_map              the parameterization of X_{s,t} (fmjax.flow_maps.make)
   loss                  `name` picks the rule of fmjax.losses; the other keys are its options
   loss_defaults         an experiment's rule options per rule name (under explicit values)
-  teacher               a trained workdir whose velocity distills into the flow map (or, for the
-                        reward fine-tuning rules, the frozen base model they start from)
+  teacher               a trained workdir whose velocity distills into the flow map, optionally
+                        under classifier-free guidance (or, for the reward fine-tuning rules,
+                        the frozen base model they start from)
   finetune              reward fine-tuning (loss.name 'reward_distill' | 'reward_backprop'):
                         reward, its center / std, temperature lambda, regularization, steps
   optim                 optax optimizer, warmup + schedule, clipping, EMA decays
@@ -137,6 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.workdir = ''            # distillation rules: a trained fmjax workdir
   c.teacher.step = -1               # -1 = latest checkpoint
+  # Distillation rules: the teacher's velocity under classifier-free guidance of this scale,
+  # b_null + w (b_c - b_null) (1 = unguided). The student learns the guided model and samples it
+  # in one evaluation per step at eval.guidance_scale = 1. Needs a class-conditional teacher
+  # trained with label dropout.
+  c.teacher.guidance_scale = 1.0
 
   # Reward fine-tuning toward q ∝ p exp(r / temperature), p the base model of teacher.workdir
   # (fmjax.steering.finetune); read only when loss.name is 'reward_distill' or 'reward_backprop'.
@@ -537,11 +543,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.teacher.workdir,
          f'config.loss.name = {config.loss.name!r} fine-tunes a trained base model: set '
          '--config.teacher.workdir to its fmjax workdir.')
+    need(config.teacher.get('guidance_scale', 1.0) == 1.0,
+         f'config.teacher.guidance_scale guides a distillation teacher; reward fine-tuning '
+         f'({config.loss.name!r}) starts from the base model as trained: set it to 1.')
   elif config.loss.name in losses.RULES:
     teacher = losses.RULES[config.loss.name].teacher
     need(teacher != 'required' or config.teacher.workdir,
          f'config.loss.name = {config.loss.name!r} distills a teacher: set --config.teacher.workdir '
          'to a trained fmjax workdir.')
+    need(config.teacher.get('guidance_scale', 1.0) == 1.0 or (config.teacher.workdir and config.data.num_classes),
+         f'config.teacher.guidance_scale = {config.teacher.get("guidance_scale")} guides a '
+         'class-conditional teacher: set --config.teacher.workdir and config.data.num_classes, or '
+         'the scale to 1.')
     need(teacher != 'none' or not config.teacher.workdir,
          f'config.loss.name = {config.loss.name!r} trains from scratch, but config.teacher.workdir '
          "is set; distill with 'lmd', 'emd', 'progressive' or 'trajectory_distillation' (or 'meanflow', 'imf', 'sct', "

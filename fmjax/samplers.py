@@ -153,6 +153,20 @@ def classifier_free_guidance(fn, labels, null_label, guidance_scale, *, guidance
   return call
 
 
+def guided(fn, null_label, guidance_scale, *, guidance_input: bool = False,
+           guidance_interval=(0.0, 1.0)):
+  """f(*arrays, labels) -> its classifier-free guidance at a fixed scale, the labels passed per
+  call as the last argument (`classifier_free_guidance` builds the guided function for fixed
+  labels). A guided distillation teacher: b^w_t(x, c) = b_t(x, null) + w (b_t(x, c) - b_t(x, null)),
+  which a student learns to follow in one evaluation (guided distillation, Meng et al. 2023,
+  arXiv 2210.03142, with w fixed). Rows whose label is the null label get b_t(x, null)."""
+  def call(*args):
+    *arrays, labels = args
+    return classifier_free_guidance(fn, labels, null_label, guidance_scale, guidance_input=guidance_input,
+                                    guidance_interval=guidance_interval)(*arrays)
+  return call
+
+
 def flow_map_sample(flow_map, params, x0, times=None, labels=None, *, num_steps=None,
                     null_label=None, guidance_scale: float = 1.0, guidance_input: bool = False,
                     guidance_interval=(0.0, 1.0)):

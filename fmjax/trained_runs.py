@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from fmjax import checkpointing, configs, train_state
+from fmjax import checkpointing, configs, samplers, train_state
 from fmjax.data import datasets
 from fmjax.from_config import build_flow_map, build_interpolant, build_network
 from fmjax.steering import finetune
@@ -124,7 +124,28 @@ def load_teacher(config: ml_collections.ConfigDict):
         f'teacher (config.teacher.workdir={config.teacher.workdir}, config.teacher.step='
         f'{config.teacher.step}): {e}') from None
   params, flow_map = teacher.params, teacher.flow_map
+  velocity = lambda t, x, labels=None: flow_map.velocity(params, t, x, labels)
+  scale = float(config.teacher.get('guidance_scale', 1.0))
+  if scale != 1.0:
+    velocity = _guided_velocity(teacher, velocity, scale)
   return finetune.BaseModel(
       flow_map=lambda s, t, x, labels=None: flow_map.X(params, s, t, x, labels),
-      velocity=lambda t, x, labels=None: flow_map.velocity(params, t, x, labels),
-      params=params)
+      velocity=velocity, params=params)
+
+
+def _guided_velocity(teacher: Trained, velocity, scale: float):
+  """The teacher's velocity under classifier-free guidance of `scale` (config.teacher.guidance_scale),
+  so that the student learns the guided model and samples it in one evaluation at scale 1.
+  Raises ConfigError before any training when the teacher cannot be guided."""
+  guidance_input = bool(teacher.config.model.get('guidance_conditioning'))
+  if not teacher.num_classes:
+    raise configs.ConfigError(
+        f'config.teacher.guidance_scale = {scale} guides a class-conditional teacher, but the '
+        'teacher was trained without labels: set --config.teacher.guidance_scale=1.')
+  if not guidance_input and not teacher.config.loss.get('label_dropout'):
+    raise configs.ConfigError(
+        f'config.teacher.guidance_scale = {scale} needs the teacher\'s unconditional velocity, but '
+        'the teacher was trained with loss.label_dropout = 0, so its null label never saw data: '
+        'retrain the teacher with --config.loss.label_dropout=0.1 or set --config.teacher.guidance_scale=1.')
+  return samplers.guided(lambda t, x, labels: velocity(t, x, labels), teacher.num_classes, scale,
+                         guidance_input=guidance_input)

@@ -1,8 +1,10 @@
 """train.Setup(config, workdir, teacher=b): a Python velocity as the teacher of a rule whose
 teacher is optional (MeanFlow with a toy target's exact velocity: benchmarks/meanflow_ablation.py),
 refused for rules that take none or when config.teacher.workdir names one; and the ablation's
-variants resolve to the options they claim."""
+variants resolve to the options they claim; a trained teacher under classifier-free guidance
+(config.teacher.guidance_scale)."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -10,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from fmjax import configs, losses, train
-from fmjax.data import pipelines
+from fmjax import configs, losses, train, trained_runs
+from fmjax.data import datasets, pipelines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,3 +83,71 @@ def test_ablation_variants_resolve_to_their_options():
   assert resolved['lsd'].times.name == 'uniform'
   config = module.make_config('meanflow', {}, 5, 3, None)
   assert (config.data.dim, config.seed, config.train.num_steps) == (5, 3, 5000)
+
+
+@pytest.fixture(scope='module')
+def conditional_run(tmp_path_factory):
+  """A 2-update class-conditional run with label dropout: its null label (3) is the unconditional model."""
+  workdir = str(tmp_path_factory.mktemp('conditional'))
+  config = _labelled('flow_matching')
+  config.loss.label_dropout = 0.2
+  config.train.num_steps, config.train.checkpoint_every, config.eval.at_end = 2, 2, False
+  # The raw parameters after large steps: the output layer starts at zero, and an EMA copy
+  # after 2 updates would leave the velocity ~1e-5, too small to see guidance in.
+  config.optim.warmup_steps, config.optim.learning_rate, config.optim.ema_decays = 0, 0.05, ()
+  config.eval.ema_index = -1
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _labelled(rule):
+  """_config(rule) on 24 labelled 4 x 4 images in memory (3 classes)."""
+  rng = np.random.default_rng(0)
+  datasets.register_arrays('teacher_test_images', rng.integers(0, 256, (24, 4, 4, 1), dtype=np.uint8),
+                           np.arange(24) % 3)
+  config = _config(rule)
+  config.data.name, config.data.num_classes = 'teacher_test_images', 3
+  config.train.batch_size = 8
+  return config
+
+
+def _student(teacher_dir, scale):
+  config = _labelled('lmd')
+  config.loss.label_dropout = 0.2
+  config.teacher.workdir, config.teacher.guidance_scale = teacher_dir, scale
+  config.train.num_steps, config.train.checkpoint_every, config.eval.at_end = 2, 2, False
+  return config
+
+
+def test_a_guided_teacher_is_classifier_free_guidance_of_the_run(conditional_run, tmp_path):
+  """config.teacher.guidance_scale = w: the teacher is b_null + w (b_c - b_null) per row, rows
+  with the null label get b_null, and a student trains on it."""
+  run = trained_runs.load_trained(conditional_run)
+  b = lambda t, x, labels: run.flow_map.velocity(run.params, t, x, labels)
+  x = jax.random.normal(jax.random.PRNGKey(3), (8, 4, 4, 1)) * 2.0
+  t = np.linspace(0.05, 0.95, 8).astype(np.float32)
+  labels = np.array([0, 1, 2, 3, 2, 1, 0, 3])
+  null = np.full_like(labels, 3)
+  guided = trained_runs.load_teacher(_student(conditional_run, 1.7))
+  want = b(t, x, null) + 1.7 * (b(t, x, labels) - b(t, x, null))
+  assert np.abs(want).mean() > 0.1
+  np.testing.assert_allclose(guided(t, x, labels), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(guided(t, x, labels)[labels == 3], b(t, x, null)[labels == 3], atol=1e-5)
+  assert np.abs(b(t, x, labels) - want).max() > 0.05           # guidance changed something
+  plain = trained_runs.load_teacher(_student(conditional_run, 1.0))
+  np.testing.assert_allclose(plain(t, x, labels), b(t, x, labels), rtol=1e-6, atol=1e-6)
+  assert train.train_and_evaluate(_student(conditional_run, 1.7), str(tmp_path / 'student')) == {'step': 2}
+
+
+def test_a_guided_teacher_needs_labels_and_label_dropout(conditional_run, tmp_path):
+  run = trained_runs.load_trained(conditional_run)
+  config = run.config.copy_and_resolve_references()
+  config.loss.label_dropout = 0.0
+  with pytest.raises(configs.ConfigError, match='label_dropout=0.1 or set --config.teacher.guidance_scale=1'):
+    trained_runs._guided_velocity(dataclasses.replace(run, config=config), None, 2.0)
+  with pytest.raises(configs.ConfigError, match='trained without labels'):
+    trained_runs._guided_velocity(dataclasses.replace(run, num_classes=0), None, 2.0)
+  config = _student(conditional_run, 2.0)
+  config.data.num_classes, config.loss.label_dropout = 0, 0.0
+  with pytest.raises(configs.ConfigError, match='guides a class-conditional teacher'):
+    configs.resolve(config)
