@@ -119,9 +119,10 @@ def _student(teacher_dir, scale):
   return config
 
 
-def test_a_guided_teacher_is_classifier_free_guidance_of_the_run(conditional_run, tmp_path):
-  """config.teacher.guidance_scale = w: the teacher is b_null + w (b_c - b_null) per row, rows
-  with the null label get b_null, and a student trains on it."""
+def test_a_guided_teacher_is_classifier_free_guidance_of_the_run(conditional_run):
+  """config.teacher.guidance_scale = w: the teacher is b_null + w (b_c - b_null) per row, and
+  rows with the null label get b_null. (train.Setup takes its teacher from load_teacher:
+  test_faults.py trains a student on one.)"""
   run = trained_runs.load_trained(conditional_run)
   b = lambda t, x, labels: run.flow_map.velocity(run.params, t, x, labels)
   x = jax.random.normal(jax.random.PRNGKey(3), (8, 4, 4, 1)) * 2.0
@@ -136,10 +137,9 @@ def test_a_guided_teacher_is_classifier_free_guidance_of_the_run(conditional_run
   assert np.abs(b(t, x, labels) - want).max() > 0.05           # guidance changed something
   plain = trained_runs.load_teacher(_student(conditional_run, 1.0))
   np.testing.assert_allclose(plain(t, x, labels), b(t, x, labels), rtol=1e-6, atol=1e-6)
-  assert train.train_and_evaluate(_student(conditional_run, 1.7), str(tmp_path / 'student')) == {'step': 2}
 
 
-def test_a_guided_teacher_needs_labels_and_label_dropout(conditional_run, tmp_path):
+def test_a_guided_teacher_needs_labels_and_label_dropout(conditional_run):
   run = trained_runs.load_trained(conditional_run)
   config = run.config.copy_and_resolve_references()
   config.loss.label_dropout = 0.0

@@ -664,6 +664,25 @@ FLASH_BACKWARD_TPU_MUTATIONS = [
              tests=FLASH_BACKWARD_TPU_TESTS, alone=True),
 ]
 MUTATIONS += FLASH_BACKWARD_TPU_MUTATIONS
+# A distillation teacher under classifier-free guidance (config.teacher.guidance_scale).
+GUIDED_TEACHER_TESTS = ['tests/test_train_teacher.py']
+GUIDED_TEACHER_MUTATIONS = [
+    mutation('guided teacher: the scale not applied', 'fmjax/samplers.py',
+             'return classifier_free_guidance(fn, labels, null_label, guidance_scale, guidance_input=guidance_input,',
+             'return classifier_free_guidance(fn, labels, null_label, 1.0, guidance_input=guidance_input,',
+             tests=GUIDED_TEACHER_TESTS, alone=True),
+    mutation('guided teacher: the last class taken for the null label', 'fmjax/trained_runs.py',
+             'return samplers.guided(lambda t, x, labels: velocity(t, x, labels), teacher.num_classes, scale,',
+             'return samplers.guided(lambda t, x, labels: velocity(t, x, labels), teacher.num_classes - 1, scale,',
+             tests=GUIDED_TEACHER_TESTS, alone=True),
+    mutation('guided teacher: load_teacher ignores the scale', 'fmjax/trained_runs.py',
+             '  if scale != 1.0:\n    velocity = _guided_velocity', '  if False:\n    velocity = _guided_velocity',
+             tests=GUIDED_TEACHER_TESTS, alone=True),
+    mutation('guided teacher: a teacher without label dropout accepted', 'fmjax/trained_runs.py',
+             "  if not guidance_input and not teacher.config.loss.get('label_dropout'):",
+             "  if False:", tests=GUIDED_TEACHER_TESTS, alone=True),
+]
+MUTATIONS += GUIDED_TEACHER_MUTATIONS
 
 
 def run(mutation: Mutation, scratch: str) -> list[str]:
