@@ -8,6 +8,8 @@
 #   OUT=runs/mnist_latent SIZE=h100 bash benchmarks/mnist_latent.sh    # longer training, same evaluation
 #   OUT=/tmp/ml SIZE=tiny bash benchmarks/mnist_latent.sh              # seconds per stage: a smoke run
 #   DISTILL=progressive ...   the distilled rule (default lmd); FID_SAMPLES=N samples per row (default 5000)
+#   TEACHER_GUIDANCE=1.5 ...  also distil from the flow-matching teacher under classifier-free
+#                             guidance of that scale (OUT/${DISTILL}_w1.5), sampled at scale 1
 #
 # Leaves OUT/autoencoder (diffusers folder), OUT/flow_matching, OUT/lsd, OUT/$DISTILL (fmjax
 # workdirs: fmjax.load(OUT/lsd).sample(key, n, steps=1, labels=y) returns decoded 28 x 28 digits),
@@ -54,16 +56,16 @@ stage "latent dataset" "$DATA/mnist5k_latents" $PY -m fmjax.data.latents build \
 COMMON=(--config.autoencoder="$OUT/autoencoder" --config.data.data_dir="$DATA"
         --config.eval.fid_reference="$REF" --config.eval.classifier_dir="$OUT/classifier"
         --config.eval.fid_num_samples=$FID_SAMPLES --config.eval.fid_batch_size=$FID_BATCH)
-train() {   # train RULE [overrides...]
-  local rule=$1; shift
-  stage "train $rule" "$OUT/$rule/.trained" bash -c '"$@" && touch "'"$OUT/$rule"'/.trained"' _ \
-    $PY -m fmjax.main --config=experiments/mnist_latent.py:$rule,$SIZE --workdir="$OUT/$rule" \
+train() {   # train RULE [overrides...]; the run is OUT/RULE, or OUT/$RUN when RUN is set
+  local rule=$1 run=$OUT/${RUN:-$1}; shift
+  stage "train ${RUN:-$rule}" "$run/.trained" bash -c '"$@" && touch "'"$run"'/.trained"' _ \
+    $PY -m fmjax.main --config=experiments/mnist_latent.py:$rule,$SIZE --workdir="$run" \
     "${COMMON[@]}" --config.eval.at_end=False "$@"
 }
 evaluate() {   # evaluate RULE NAME [overrides...]: --mode=eval, its final_metrics.json kept as eval/NAME.json
-  local rule=$1 name=$2; shift 2
-  stage "evaluate $name" "$OUT/eval/$name.json" bash -c '"$@" && cp "'"$OUT/$rule"'/final_metrics.json" "'"$OUT/eval/$name.json"'"' _ \
-    $PY -m fmjax.main --config=experiments/mnist_latent.py:$rule,$SIZE --workdir="$OUT/$rule" --mode=eval \
+  local rule=$1 name=$2 run=$OUT/${RUN:-$1}; shift 2
+  stage "evaluate $name" "$OUT/eval/$name.json" bash -c '"$@" && cp "'"$run"'/final_metrics.json" "'"$OUT/eval/$name.json"'"' _ \
+    $PY -m fmjax.main --config=experiments/mnist_latent.py:$rule,$SIZE --workdir="$run" --mode=eval \
     "${COMMON[@]}" "$@"
 }
 
@@ -79,6 +81,12 @@ evaluate lsd lsd --config.eval.ode_nfe='()'
 train "$DISTILL" --config.teacher.workdir="$OUT/flow_matching"
 evaluate "$DISTILL" "$DISTILL" --config.eval.ode_nfe='()' --config.teacher.workdir="$OUT/flow_matching"
 evaluate flow_matching flow_matching_heun --config.eval.steps='()' --config.eval.ode_method=heun
+if [ -n "${TEACHER_GUIDANCE:-}" ]; then   # the map distilled from the guided teacher, sampled at scale 1
+  GUIDED=(--config.teacher.workdir="$OUT/flow_matching" --config.teacher.guidance_scale="$TEACHER_GUIDANCE")
+  RUN=${DISTILL}_w$TEACHER_GUIDANCE train "$DISTILL" "${GUIDED[@]}"
+  RUN=${DISTILL}_w$TEACHER_GUIDANCE evaluate "$DISTILL" "${DISTILL}_w$TEACHER_GUIDANCE" \
+    --config.eval.ode_nfe='()' "${GUIDED[@]}"
+fi
 $PY benchmarks/mnist_latent_table.py --eval_dir "$OUT/eval" --times "$OUT/stage_times.txt" \
   --distilled "$DISTILL" --out "$OUT/mnist_latent.md"
 cat "$OUT/mnist_latent.md"

@@ -106,8 +106,10 @@ def test_evaluation_judges_decoded_samples_and_the_table_reads_it(chain):
   eval_dir = chain['tmp'] / 'eval'
   eval_dir.mkdir()
   (eval_dir / 'lmd.json').write_text(json.dumps(results))
+  (eval_dir / 'lmd_w1.5.json').write_text(json.dumps(results))   # as from the guided teacher
   text, _ = mnist_latent_table.table(str(eval_dir), 'lmd')
   assert text.count('| lmd (from flow matching) | 1-step map | 1 |') == 1
+  assert text.count('| lmd (from flow matching, guidance 1.5) | 1-step map | 1 |') == 1
   assert text.count('| lmd (from flow matching) | ODE euler,') == 3   # 8, 16, 32 NFE
 
 
