@@ -35,9 +35,17 @@ def euler_ode(model, key, labels, nfe: int) -> np.ndarray:
   return np.asarray(model.decode(x))
 
 
-def panels(runs: str, distilled: str | None, per_digit: int, seed: int, flow_map_run: str = 'lsd'):
+def _distilled_title(name: str) -> str:
+  """'lmd' -> 'LMD (distilled from flow matching), 1 step'; a run distilled from the guided
+  teacher (the chain's RULE_wSCALE) names its scale."""
+  rule, _, scale = name.partition('_w')
+  return f'{rule.upper()} (distilled from flow matching{f", guidance {scale}" if scale else ""}), 1 step'
+
+
+def panels(runs: str, distilled, per_digit: int, seed: int, flow_map_run: str = 'lsd'):
   """[(title, decoded images [10 * per_digit, 28, 28, 1])], digit-major order: `flow_map_run`
-  in 1 and 4 steps, `distilled` in 1 step (if present), flow matching's Euler ODE at 32 NFE."""
+  in 1 and 4 steps, each run of `distilled` (a name, several, or None) in 1 step (those
+  present), flow matching's Euler ODE at 32 NFE."""
   labels = np.repeat(np.arange(10), per_digit)
   key = jax.random.PRNGKey(seed)
   out = []
@@ -45,10 +53,10 @@ def panels(runs: str, distilled: str | None, per_digit: int, seed: int, flow_map
   for steps in (1, 4):
     out.append((f'{flow_map_run.upper()}, {steps} step{"s" * (steps > 1)}',
                 np.asarray(model.sample(key, len(labels), steps=steps, labels=labels))))
-  if distilled and distilled != flow_map_run and os.path.isdir(os.path.join(runs, distilled)):
-    model = fmjax.load(os.path.join(runs, distilled))
-    out.append((f'{distilled.upper()} (distilled from flow matching), 1 step',
-                np.asarray(model.sample(key, len(labels), steps=1, labels=labels))))
+  for name in [distilled] if isinstance(distilled, str) else (distilled or ()):
+    if name != flow_map_run and os.path.isdir(os.path.join(runs, name)):
+      model = fmjax.load(os.path.join(runs, name))
+      out.append((_distilled_title(name), np.asarray(model.sample(key, len(labels), steps=1, labels=labels))))
   fm = fmjax.load(os.path.join(runs, 'flow_matching'))
   out.append(('flow matching, Euler ODE, 32 NFE', euler_ode(fm, key, labels, 32)))
   return out
@@ -75,7 +83,8 @@ def save(path: str, drawn, per_digit: int) -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--runs', required=True, help="the chain's OUT folder")
-  parser.add_argument('--distilled', default='lmd', help='the distilled run under --runs (skipped if absent)')
+  parser.add_argument('--distilled', nargs='*', default=['lmd'],
+                      help='the distilled runs under --runs (each skipped if absent), e.g. lmd lmd_w1.5')
   parser.add_argument('--per_digit', type=int, default=8, help='samples per digit (columns)')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--out', default='docs/img/mnist_latent_grids.png')
