@@ -36,10 +36,10 @@ def euler_ode(model, key, labels, nfe: int) -> np.ndarray:
 
 
 def _distilled_title(name: str) -> str:
-  """'lmd' -> 'LMD (distilled from flow matching), 1 step'; a run distilled from the guided
-  teacher (the chain's RULE_wSCALE) names its scale."""
+  """'lmd' -> 'LMD (distilled), 1 step'; a run distilled from the guided teacher (the chain's
+  RULE_wSCALE) names its scale."""
   rule, _, scale = name.partition('_w')
-  return f'{rule.upper()} (distilled from flow matching{f", guidance {scale}" if scale else ""}), 1 step'
+  return f'{rule.upper()} (distilled{f", teacher guided {scale}" if scale else ""}), 1 step'
 
 
 def panels(runs: str, distilled, per_digit: int, seed: int, flow_map_run: str = 'lsd'):
@@ -66,7 +66,7 @@ def save(path: str, drawn, per_digit: int) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(drawn), figsize=(2.3 * len(drawn), 2.9), squeeze=False)
+  fig, axes = plt.subplots(1, len(drawn), figsize=(2.6 * len(drawn), 3.1), squeeze=False)
   for ax, (title, images) in zip(axes.flat, drawn):
     ax.imshow(plotting.image_grid(images, per_digit), cmap='gray', interpolation='nearest')
     ax.set_title(title, fontsize=7)
