@@ -147,5 +147,4 @@ def _guided_velocity(teacher: Trained, velocity, scale: float):
         f'config.teacher.guidance_scale = {scale} needs the teacher\'s unconditional velocity, but '
         'the teacher was trained with loss.label_dropout = 0, so its null label never saw data: '
         'retrain the teacher with --config.loss.label_dropout=0.1 or set --config.teacher.guidance_scale=1.')
-  return samplers.guided(lambda t, x, labels: velocity(t, x, labels), teacher.num_classes, scale,
-                         guidance_input=guidance_input)
+  return samplers.guided(velocity, teacher.num_classes, scale, guidance_input=guidance_input)
