@@ -50,11 +50,11 @@ def table(eval_dir: str, distilled: str) -> tuple[str, dict]:
       r = json.load(f)
     rows.append({'model': 'autoencoder', 'sampler': 'reconstruction (floor)', 'nfe': None, **r})
   # Maps distilled from the guided teacher (the chain's TEACHER_GUIDANCE) are eval/DISTILLED_wSCALE.json.
-  guided = sorted((f[len(distilled) + 2:-5], f) for f in os.listdir(eval_dir)
-                  if f.startswith(f'{distilled}_w') and f.endswith('.json'))
+  guided = sorted(f[:-5] for f in os.listdir(eval_dir) if f.startswith(f'{distilled}_w') and f.endswith('.json'))
   for name, label in (('flow_matching_euler', 'flow matching'), ('flow_matching_heun', 'flow matching'),
                       ('lsd', 'LSD'), (distilled, f'{distilled} (from flow matching)'),
-                      *((f[:-5], f'{distilled} (from flow matching, guidance {scale})') for scale, f in guided)):
+                      *((name, f'{distilled} (from flow matching, guidance {name[len(distilled) + 2:]})')
+                        for name in guided)):
     path = os.path.join(eval_dir, f'{name}.json')
     if os.path.exists(path):
       rows += _rows(path, label)

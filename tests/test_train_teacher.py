@@ -115,7 +115,6 @@ def _student(teacher_dir, scale):
   config = _labelled('lmd')
   config.loss.label_dropout = 0.2
   config.teacher.workdir, config.teacher.guidance_scale = teacher_dir, scale
-  config.train.num_steps, config.train.checkpoint_every, config.eval.at_end = 2, 2, False
   return config
 
 
