@@ -52,7 +52,7 @@ def table(eval_dir: str, distilled: str) -> tuple[str, dict]:
   # Maps distilled from the guided teacher (the chain's TEACHER_GUIDANCE) are eval/DISTILLED_wSCALE.json.
   guided = sorted(f[:-5] for f in os.listdir(eval_dir) if f.startswith(f'{distilled}_w') and f.endswith('.json'))
   for name, label in (('flow_matching_euler', 'flow matching'), ('flow_matching_heun', 'flow matching'),
-                      ('lsd', 'LSD'), (distilled, f'{distilled} (from flow matching)'),
+                      ('lsd', 'LSD'), ('meanflow', 'MeanFlow'), (distilled, f'{distilled} (from flow matching)'),
                       *((name, f'{distilled} (from flow matching, guidance {name[len(distilled) + 2:]})')
                         for name in guided)):
     path = os.path.join(eval_dir, f'{name}.json')

@@ -45,13 +45,13 @@ def test_flow_matching_baseline_preset_and_tiny():
 
 
 def test_cpu_preset():
-  """The CPU-size U-Net: the same 5,000-sample plan, the baseline's ODE at 8 and 16 NFE."""
+  """The CPU-size U-Net: the same 5,000-sample plan, the baseline's ODE at 8, 16 and 32 NFE."""
   c = configs.resolve(mnist_config('lsd,unet,cpu'))
   configs.validate(c)
   assert points(c) == [('flow_map', 1), ('flow_map', 2), ('flow_map', 4)]
   baseline = configs.resolve(mnist_config('flow_matching,unet,cpu'))
   configs.validate(baseline)
-  assert points(baseline) == [('ode', 8), ('ode', 16)]
+  assert points(baseline) == [('ode', 8), ('ode', 16), ('ode', 32)]
   assert (c.eval.fid_num_samples, c.eval.fid_batch_size, c.train.num_steps, c.train.batch_size) == (
       5000, 100, 2000, 64)
   assert c.model_defaults.unet.model_channels == 32
