@@ -88,3 +88,29 @@ def test_fid_table_from_workdirs(tmp_path, capsys):
   assert '| 1 |  | 12.35 |' in out and '| 4 |  | 6.00 |' in out
   assert '| 8 | 30.00 |  |' in out and '| 64 |  |  |' in out   # null FID -> empty cell
   assert 'mnist_meanflow: no final_metrics.json' in out and 'vs mnist5k/train+test (5000' in out
+
+
+def test_quality_table_reads_the_pixel_chains_evaluations(tmp_path):
+  """The script's mnist_quality.md: one row per evaluation JSON it keeps in OUT/eval, MeanFlow
+  and the baseline's Heun run included, and the goal line from LSD and the 32-NFE rows."""
+  import json
+  import subprocess
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import mnist_latent_table
+
+  def row(nfe, steps, fid, share, method=None):
+    return {'nfe': nfe, 'steps': steps, 'fid': fid, 'num_samples': 5000, 'confident_share': share,
+            'class_tv': 0.2, **({'method': method} if method else {})}
+  evals = {'lsd': {'few_step': {'1': row(1, 1, 60.0, 0.5), '4': row(4, 4, 44.0, 0.6)}},
+           'meanflow': {'few_step': {'1': row(1, 1, 70.0, 0.4)}},
+           'flow_matching_euler': {'ode': {'32': row(32, 32, 40.0, 0.7, 'euler')}},
+           'flow_matching_heun': {'ode': {'32': row(32, 16, 50.0, 0.7, 'heun')}}}
+  for name, results in evals.items():
+    (tmp_path / f'{name}.json').write_text(json.dumps(results))
+  text, goal = mnist_latent_table.table(str(tmp_path), 'lmd')
+  assert '| MeanFlow | 1-step map | 1 | 70.00 | 40.0 % | 0.200 | 5000 |' in text
+  assert '| flow matching | ODE heun, 16 steps | 32 | 50.00 | 70.0 % |' in text
+  # The goal's reference is the best 32-NFE row (Euler's 40), not Heun's.
+  assert goal['lsd_1step_ratio'] == pytest.approx(1.5) and goal['lsd_4step_ratio'] == pytest.approx(1.1)
+  subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'gpu_mnist_fid.sh')], check=True)
