@@ -25,7 +25,7 @@
 # Run from the repository root:
 #   OUT=dir bash benchmarks/gpu_mnist_fid.sh              # GPU sizes (SIZE=h100, the default)
 #   OUT=dir TINY=1 bash benchmarks/gpu_mnist_fid.sh       # CPU smoke run, same steps, tiny sizes (~30 min on 2 shared cores)
-#   OUT=dir SIZE=cpu RULES="lsd flow_matching" bash benchmarks/gpu_mnist_fid.sh   # the cpu preset: a 32-channel U-Net, 5,000 samples (~2.5 h on 2 cores)
+#   OUT=dir SIZE=cpu RULES="lsd flow_matching" bash benchmarks/gpu_mnist_fid.sh   # the cpu preset: a 32-channel U-Net, 5,000 samples (~3.5 h on 2 cores: 13.5 min of Inception per row)
 #   RULES="lsd" OUT=dir bash benchmarks/gpu_mnist_fid.sh  # a subset (each rule is ~4 min on an H100, estimated)
 #
 # Environment: OUT (default runs/gpu_mnist), RULES, SIZE (h100 | cpu), TINY=1, PYTHON (default

@@ -23,8 +23,9 @@ samples per sampler against all 5,000 mnist5k digits: LSD and MeanFlow as flow m
 and 4 steps, flow matching (the baseline) by its Euler ODE at 8, 16, 32 and 64 NFE. `tiny`: the
 same evaluation plan at a size that runs in seconds on a CPU (the script's TINY=1 path).
 `cpu` (U-Net only): a 32-channel U-Net (one residual block per level, no attention), 2,000
-updates of batch 64 (26-50 min per rule measured on 2 shared CPU cores), scored like h100 with 5,000 samples
-against all 5,000 digits, the baseline's ODE at 8 and 16 NFE only:
+updates of batch 64 (measured alone on 2 CPU cores: 32 min for LSD, 26 min for flow matching),
+scored like h100 with 5,000 samples against all 5,000 digits, the baseline's ODE at 8, 16 and
+32 NFE:
   SIZE=cpu RULES="lsd flow_matching" OUT=runs/cpu_mnist bash benchmarks/gpu_mnist_fid.sh
 
 CPU recipe (`:lsd,mlp`, docs/results.md): 4,000 updates of a 512-wide MLP with the
