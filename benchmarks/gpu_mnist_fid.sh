@@ -100,7 +100,7 @@ for RULE in $RULES; do
   [ -f "$WD/wall_s.json" ] || echo "{\"train_s\": $((T1 - T0)), \"eval_s\": $((T2 - T1))}" > "$WD/wall_s.json"
 done
 
-$PY benchmarks/mnist_fid_table.py --device "$(tail -1 "$OUT/device.txt")" "$OUT"/mnist_* | tee "$OUT/mnist_fid.md"
+$PY benchmarks/mnist_fid_table.py --device "$(tail -1 "$OUT/device.txt")" "$OUT"/mnist_*/ | tee "$OUT/mnist_fid.md"   # the run folders, not the tables
 # Heun last: a chain stopped here has the rows above. (The baseline's final_metrics.json is
 # Heun's from here on; the Euler rows stay in eval/flow_matching_euler.json and mnist_fid.md.)
 case " $RULES " in *" flow_matching "*) evaluate flow_matching flow_matching_heun --config.eval.ode_method=heun ;; esac
