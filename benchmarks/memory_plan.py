@@ -12,6 +12,11 @@ nothing of the state is allocated, so DiT-XL/2 plans fit on a laptop. Per row:
   temp GiB      XLA's temporary buffers of the per-device program (activations kept for the
                 backward pass, jvp tangents, gradients, fusion scratch)
   peak GiB      args + outputs not aliased to the donated arguments + temp
+  kept GiB      the activations the loss keeps from its forward pass (and jvp) for the backward,
+                per device: what a rematerialization policy (--remat) controls. From the
+                jaxpr (fmjax.benchmarking.saved_residual_bytes), so the same on every backend:
+                traced at the global batch and at half of it, the per-example part split over
+                the devices and the rest (parameter-sized values) counted whole
   fits          the chip classes whose HBM holds peak with 10 % to spare
 
 Caveat, measured nowhere else: the plan is compiled by the CPU backend. State and argument bytes
@@ -22,9 +27,11 @@ estimate of the order, not a promise: confirm the rows that fit narrowly on the 
   python benchmarks/memory_plan.py --devices 8 --meshes 8x1,1x8 --rules meanflow,imf,lsd --size XL
   python benchmarks/memory_plan.py --devices 64 --meshes 64x1,8x8,1x64 --rules meanflow,imf --size XL
   python benchmarks/memory_plan.py --devices 64 --meshes 8x8 --rules lsd --size B,M,L,XL   # largest LSD DiT
+  python benchmarks/memory_plan.py --devices 8 --meshes 1x8 --rules lsd --size XL --remat none,dots,block
   python benchmarks/memory_plan.py --tiny --devices 8 --meshes 8x1,1x8 --rules lsd       # CI size (seconds)
 
-Meshes are DATAxFSDP (their product is --devices). Batches: the experiments' global batches
+Meshes are DATAxFSDP (their product is --devices). --remat gives the DiT blocks' rematerialization
+policies (config.model.remat: none, dots, block; fmjax.models.dit), a row each. Batches: the experiments' global batches
 (MeanFlow and LSD 256, iMF 1024), or --batch. Rows print as they finish; --out writes the
 Markdown table, --json the rows.
 """
@@ -64,6 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fmjax import benchmarking, models, sharding as sharding_lib, train  # noqa: E402
+from fmjax.models import dit  # noqa: E402
 import train_throughput as throughput  # noqa: E402
 
 GIB = 2**30
@@ -90,17 +98,35 @@ def shard_bytes(abstract_tree) -> int:
   return total
 
 
+def kept_bytes_per_device(rule, abstract_params, batch, devices: int) -> float:
+  """The bytes the loss keeps for its backward pass on one device (see the module docstring):
+  traced at the global batch B and at B/2, the difference is the part that grows with the
+  batch, split over `devices`; the rest is counted whole."""
+  key = jax.random.PRNGKey(0)
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+  loss = lambda p, b: rule(p, b, key)[0]
+  size = jax.tree.leaves(batch)[0].shape[0]
+  traced = {}
+  for n in (size, size // 2):
+    sliced = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), batch)
+    traced[n] = benchmarking.saved_residual_bytes(loss, params, sliced)
+  per_example = (traced[size] - traced[size // 2]) / (size - size // 2)
+  fixed = traced[size] - per_example * size
+  return fixed + per_example * size / devices
+
+
 def fits(peak_bytes: float) -> list[str]:
   return [name for name, gib in CHIPS.items() if peak_bytes <= HEADROOM * gib * GIB]
 
 
 def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tiny: bool = False,
-             workdir: str = '/tmp/fmjax_memory_plan') -> dict:
-  """One row: the step of the DiT-SIZE/2 experiment with `rule`, on a DATA x FSDP mesh."""
+             remat: str = 'none', workdir: str = '/tmp/fmjax_memory_plan') -> dict:
+  """One row: the step of the DiT-SIZE/2 experiment with `rule`, on a DATA x FSDP mesh, its
+  blocks rematerialized under the policy `remat`."""
   preset = f'dit-{size}'
   throughput.PRESETS.setdefault(preset, ('imagenet256_dit', f'meanflow,{size}', (32, 32, 4), 256))
   batch = batch or BATCH.get(rule, 256)
-  config, shape = throughput.rule_config(preset, rule, tiny=tiny, batch=batch)
+  config, shape = throughput.rule_config(preset, rule, tiny=tiny, batch=batch, remat=remat)
   with config.unlocked():
     config.sharding.data, config.sharding.fsdp = mesh
     if tiny:
@@ -112,6 +138,8 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
     batch_arrays = setup.source.batch(0)
     stop = sharding_lib.per_device_flags(False, setup.mesh)
     lowered = setup.train_step.lower(setup.abstract_state, batch_arrays, stop)
+    kept = kept_bytes_per_device(setup.rule, setup.abstract_state['params'], batch_arrays,
+                                 mesh[0] * mesh[1])
   compiled = lowered.compile(models.FAST_COMPILE if tiny else None)
   memory = compiled.memory_analysis()
   params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(setup.abstract_state['params']))
@@ -119,25 +147,26 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
   alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
   peak = args + out - alias + temp
   return {'model': f'DiT-{size}/2' if not tiny else 'DiT (tiny)', 'rule': rule,
-          'mesh': f'{mesh[0]}x{mesh[1]}', 'batch': int(setup.config.train.batch_size),
+          'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat, 'batch': int(setup.config.train.batch_size),
           'batch_per_device': int(setup.config.train.batch_size) // (mesh[0] * mesh[1]),
           'params_m': params / 1e6, 'dtype': setup.config.model.dtype,
           'state_bytes': shard_bytes(setup.abstract_state),
           'batch_bytes': shard_bytes({'b': batch_arrays, 'stop': stop}),
           'arg_bytes': args, 'out_bytes': out, 'alias_bytes': alias, 'temp_bytes': temp,
-          'peak_bytes': peak, 'fits': fits(peak), 'compile_s': time.perf_counter() - start}
+          'peak_bytes': peak, 'kept_bytes': kept, 'fits': fits(peak), 'compile_s': time.perf_counter() - start}
 
 
-HEADER = ('model', 'rule', 'mesh DATAxFSDP', 'batch (per device)', 'params M', 'state GiB',
-          'XLA args GiB', 'temp GiB', 'peak GiB', 'fits (<= 90 % of HBM)', 'compile s')
+HEADER = ('model', 'rule', 'mesh DATAxFSDP', 'remat', 'batch (per device)', 'params M', 'state GiB',
+          'XLA args GiB', 'temp GiB', 'peak GiB', 'kept GiB', 'fits (<= 90 % of HBM)', 'compile s')
 
 
 def cells(r: dict) -> list[str]:
   if 'error' in r:
-    return [r['model'], r['rule'], r['mesh'], '', '', '', '', '', '', r['error'], '']
-  return [r['model'], r['rule'], r['mesh'], f"{r['batch']} ({r['batch_per_device']})",
+    return [r['model'], r['rule'], r['mesh'], r.get('remat', 'none'), '', '', '', '', '', '', '', r['error'], '']
+  return [r['model'], r['rule'], r['mesh'], r.get('remat', 'none'), f"{r['batch']} ({r['batch_per_device']})",
           f"{r['params_m']:.0f}", f"{r['state_bytes'] / GIB:.2f}", f"{r['arg_bytes'] / GIB:.2f}",
           f"{r['temp_bytes'] / GIB:.2f}", f"{r['peak_bytes'] / GIB:.2f}",
+          f"{r['kept_bytes'] / GIB:.2f}" if 'kept_bytes' in r else '',
           ', '.join(r['fits']) or 'none', f"{r['compile_s']:.0f}"]
 
 
@@ -147,7 +176,8 @@ def largest_per_chip(rows: list[dict], rule: str = 'lsd') -> dict[str, str]:
   for r in sorted((r for r in rows if r.get('rule') == rule and 'error' not in r),
                   key=lambda r: r['params_m']):
     for chip in r['fits']:
-      best[chip] = f"{r['model']} ({r['mesh']}, batch {r['batch']})"
+      remat = r.get('remat', 'none')
+      best[chip] = f"{r['model']} ({r['mesh']}, batch {r['batch']}{'' if remat == 'none' else ', remat ' + remat})"
   return {chip: best.get(chip, 'none') for chip in CHIPS}
 
 
@@ -158,6 +188,7 @@ def main(argv=None):
   parser.add_argument('--rules', default='meanflow,imf,lsd')
   parser.add_argument('--size', default='XL', help='DiT sizes of experiments/imagenet256_dit.py: B,M,L,XL')
   parser.add_argument('--batch', type=int, default=0, help='global batch (0: the experiment\'s)')
+  parser.add_argument('--remat', default='none', help='DiT block remat policies, a row each: none,dots,block')
   parser.add_argument('--tiny', action='store_true', help='the tiny DiT, fast compile: a smoke run')
   parser.add_argument('--out', default='', help='Markdown table')
   parser.add_argument('--json', default='', help='the rows as JSON')
@@ -166,18 +197,23 @@ def main(argv=None):
     sys.exit(f'memory_plan: jax sees {jax.device_count()} devices, not --devices={args.devices} '
              '(run it as a script, so that it sets XLA_FLAGS before jax starts).')
   meshes = [parse_mesh(m, args.devices) for m in args.meshes.split(',')]
+  remats = args.remat.split(',')
+  unknown = sorted(set(remats) - set(dit.REMAT_POLICIES))
+  if unknown:
+    parser.error(f'unknown --remat {unknown}; choose from {tuple(dit.REMAT_POLICIES)}.')
   rows = []
   print(benchmarking.markdown_table(HEADER, []), flush=True)
   for size in args.size.split(','):
     for rule in args.rules.split(','):
       for mesh in meshes:
-        try:
-          row = plan_row(size, rule, mesh, batch=args.batch, tiny=args.tiny)
-        except Exception as e:   # noqa: BLE001 -- a row that cannot compile is reported, not fatal
-          row = {'model': f'DiT-{size}/2', 'rule': rule, 'mesh': f'{mesh[0]}x{mesh[1]}',
-                 'error': f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}
-        rows.append(row)
-        print(benchmarking.markdown_row(cells(row)), flush=True)
+        for remat in remats:
+          try:
+            row = plan_row(size, rule, mesh, batch=args.batch, tiny=args.tiny, remat=remat)
+          except Exception as e:   # noqa: BLE001 -- a row that cannot compile is reported, not fatal
+            row = {'model': f'DiT-{size}/2', 'rule': rule, 'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat,
+                   'error': f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}
+          rows.append(row)
+          print(benchmarking.markdown_row(cells(row)), flush=True)
   text = [f'{args.devices} fake CPU devices (jax {jax.__version__}); peak = args + outputs not '
           'aliased + temp, per device.', '', benchmarking.markdown_table(HEADER, [cells(r) for r in rows])]
   if any(r.get('rule') == 'lsd' for r in rows):

@@ -11,7 +11,8 @@ already on the devices, so the step time excludes the input pipeline. Reported p
   model GFLOP    analytic FLOPs of the step (fmjax.models.flops: matmuls, convolutions and
                  attention of forward, backward and jvp, from the network's shapes)
   XLA GFLOP      XLA's cost analysis of the step's unoptimized HLO (a cross-check: on GPU the
-                 optimized program's count leaves out cuBLAS GEMMs, the unoptimized one does not)
+                 optimized program's count leaves out cuBLAS GEMMs, the unoptimized one does not); with
+                 a remat policy it includes the recomputation, which the model count leaves out
   MFU            model FLOPs / step time / (devices x peak dense bf16 FLOP/s of the device,
                  fmjax.models.flops.PEAK_BF16); blank where the peak is unknown (CPU)
   temp GiB       XLA's temporary buffer size of the compiled step
@@ -81,9 +82,10 @@ def experiment_config(name: str, arg: str):
 
 
 def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, dtype: str = '',
-                attention: str = '', size: str = ''):
+                attention: str = '', size: str = '', remat: str = ''):
   """(config, example shape) of one row: the preset's experiment with `rule` in force (and
-  `attention`, an implementation of fmjax.models.attention, when given). `size` replaces a
+  `attention`, an implementation of fmjax.models.attention, and `remat`, a DiT block
+  rematerialization policy of fmjax.models.dit, when given). `size` replaces a
   DiT preset's network size (B, M, L, XL of experiments/imagenet256_dit.py)."""
   experiment, arg, shape, default_batch = PRESETS[preset]
   is_dit = experiment == 'imagenet256_dit'
@@ -112,6 +114,8 @@ def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, d
       c.model.dtype = dtype
     if attention:
       c.model.attention = attention
+    if remat:
+      c.model.remat = remat
     n = jax.device_count()
     c.sharding.fsdp = math.gcd(int(c.sharding.fsdp), n)
     c.sharding.data = -1
@@ -174,15 +178,15 @@ def analytic_step_flops(config, example_shape, rule: str) -> float:
 
 
 class Row:
-  """One (preset, rule, attention) row in phases: the constructor builds the trainer, `lower`
+  """One (preset, rule, attention, remat) row in phases: the constructor builds the trainer, `lower`
   lowers its step against the abstract state (no device memory for the state), `compile`
   (thread-safe: XLA compiles outside the GIL, so rows compile in parallel), `time` creates the
   state and times the step."""
 
-  def __init__(self, preset: str, rule: str, *, attention: str = '', tiny=False, batch=0, dtype='',
-               workdir='/tmp/fmjax_throughput', size: str = ''):
+  def __init__(self, preset: str, rule: str, *, attention: str = '', remat: str = '', tiny=False,
+               batch=0, dtype='', workdir='/tmp/fmjax_throughput', size: str = ''):
     config, self.shape = rule_config(preset, rule, tiny=tiny, batch=batch, dtype=dtype,
-                                     attention=attention, size=size)
+                                     attention=attention, size=size, remat=remat)
     self.tiny = tiny
     self.setup = train.Setup(config, workdir,
                              make_source=lambda c, mesh: SyntheticSource(c, mesh, self.shape))
@@ -190,6 +194,7 @@ class Row:
     self.row = {'preset': preset, 'rule': rule, 'batch': config.train.batch_size,
                 'dtype': config.model.dtype, 'diag': float(config.loss.diagonal_fraction),
                 'attention': config.model.get('attention') or 'naive',
+                'remat': config.model.get('remat') or 'none',
                 'model_flops': analytic_step_flops(config, self.shape, rule)}
     if config.loss.name == 'imf' and config.loss.get('guidance_conditioning'):
       self.row['guidance'] = (f'omega per row on [1, {config.loss.omega_max:g}]'
@@ -236,22 +241,23 @@ class Row:
     return row
 
 
-def measure(preset: str, rule: str, *, attention='', tiny=False, batch=0, dtype='', warmup=2,
+def measure(preset: str, rule: str, *, attention='', remat='', tiny=False, batch=0, dtype='', warmup=2,
             repeats=10, workdir='/tmp/fmjax_throughput') -> dict:
   """One row, compiled and timed on its own."""
-  r = Row(preset, rule, attention=attention, tiny=tiny, batch=batch, dtype=dtype, workdir=workdir)
+  r = Row(preset, rule, attention=attention, remat=remat, tiny=tiny, batch=batch, dtype=dtype,
+          workdir=workdir)
   r.lower()
   r.compile()
   return r.time(warmup, repeats)
 
 
-def _error_row(preset, rule, attention, e) -> dict:
+def _error_row(preset, rule, attention, remat, e) -> dict:
   message = ' '.join(str(e).split())[:160].replace('|', '/')
-  return {'preset': preset, 'rule': rule, 'attention': attention or '',
+  return {'preset': preset, 'rule': rule, 'attention': attention or '', 'remat': remat or '',
           'error': f'{type(e).__name__}: {message}'}
 
 
-COLUMNS = ('network', 'rule', 'attention', 'batch', 'dtype', 'diagonal', 'step ms', 'img/s/device',
+COLUMNS = ('network', 'rule', 'attention', 'remat', 'batch', 'dtype', 'diagonal', 'step ms', 'img/s/device',
            'model GFLOP', 'XLA GFLOP', 'model/XLA', 'MFU', 'temp GiB', 'compile s', 'note')
 HEADER = benchmarking.markdown_row(COLUMNS)
 
@@ -263,33 +269,44 @@ def format_row(r: dict) -> str:
 def row_cells(r: dict) -> list[str]:
   """The table's cells of one row: measured, compiled but not timed, or failed / skipped."""
   if 'error' in r:
-    return ([r['preset'], r['rule'], r.get('attention', ''), r.get('batch', '')]
-            + [''] * (len(COLUMNS) - 5) + [r['error']])
+    return ([r['preset'], r['rule'], r.get('attention', ''), r.get('remat', ''), r.get('batch', '')]
+            + [''] * (len(COLUMNS) - 6) + [r['error']])
   timed = 'step_s' in r
   mfu = '' if not timed or math.isnan(r['mfu']) else f"{100 * r['mfu']:.1f} %"
   step = f"{1e3 * r['step_s']:.1f}" if timed else ''
   per_device = f"{r['img_s_device']:.1f}" if timed else ''
   note = r.get('guidance', '') if timed else 'compiled, not timed'
-  return [r['preset'], r['rule'], r['attention'], r['batch'], r['dtype'], f"{r['diag']:g}", step,
+  return [r['preset'], r['rule'], r['attention'], r.get('remat', 'none'), r['batch'], r['dtype'], f"{r['diag']:g}", step,
           per_device, f"{r['model_flops'] / 1e9:.4g}", f"{r['xla_flops'] / 1e9:.4g}",
           f"{r['model_flops'] / r['xla_flops']:.3f}", mfu, f"{r['temp_gib']:.2f}",
           f"{r['compile_s']:.0f}", note]
 
 
 def ratios(rows) -> list[str]:
-  """Each timed rule against flow matching with the same attention: the time ratio, the
-  analytic FLOP ratio, and their quotient (the bound aimed for: at most 1.1)."""
+  """Each timed rule against flow matching with the same attention and remat policy: the time
+  ratio, the analytic FLOP ratio, and their quotient (the bound aimed for: at most 1.1). A
+  remat policy's recomputation is not in the analytic count (model FLOPs, as MFU counts them).
+  Then each policy's step time against the same rule and attention without remat."""
   timed = [r for r in rows if r is not None and 'step_s' in r]
-  base = {r['attention']: r for r in timed if r['rule'] == 'flow_matching'}
+  variant = lambda r: (r['attention'], r.get('remat', 'none'))
+  base = {variant(r): r for r in timed if r['rule'] == 'flow_matching'}
   lines = []
   for r in timed:
-    b = base.get(r['attention'])
+    b = base.get(variant(r))
     if b is None or r is b:
       continue
     time_ratio, flop_ratio = r['step_s'] / b['step_s'], r['model_flops'] / b['model_flops']
-    lines.append(f"- {r['rule']} ({r['attention']} attention) / flow matching: time "
+    policy = '' if r.get('remat', 'none') == 'none' else f", remat {r['remat']}"
+    lines.append(f"- {r['rule']} ({r['attention']} attention{policy}) / flow matching: time "
                  f"{time_ratio:.3f}, FLOPs {flop_ratio:.3f}, time / FLOP ratio "
                  f"{time_ratio / flop_ratio:.3f}")
+  plain = {(r['rule'], r['attention']): r for r in timed if r.get('remat', 'none') == 'none'}
+  for r in timed:
+    b = plain.get((r['rule'], r['attention']))
+    if b is None or r is b:
+      continue
+    lines.append(f"- {r['rule']} ({r['attention']} attention) with remat {r['remat']} / without: time "
+                 f"{r['step_s'] / b['step_s']:.3f}, temp GiB {r['temp_gib']:.2f} against {b['temp_gib']:.2f}")
   return lines
 
 
@@ -313,6 +330,9 @@ def main(argv=None):
   parser.add_argument('--attention', default='',
                       help='comma-separated attention implementations, a row each (default: the '
                            "preset's); e.g. naive,flash (flash: cuDNN forward on GPU)")
+  parser.add_argument('--remat', default='',
+                      help='comma-separated DiT block remat policies, a row each (default: the '
+                           "preset's, none); e.g. none,dots,block")
   parser.add_argument('--batch', type=int, default=0, help='global batch (0: the preset\'s)')
   parser.add_argument('--dtype', default='', help='compute dtype (default: the experiment\'s, bfloat16)')
   parser.add_argument('--tiny', action='store_true', help='CPU-size network and inputs (smoke test)')
@@ -333,7 +353,12 @@ def main(argv=None):
   unknown = sorted(set(attentions) - set(attention_lib.ATTENTION_IMPLEMENTATIONS) - {''})
   if unknown:
     parser.error(f'unknown attention {unknown}; choose from {attention_lib.ATTENTION_IMPLEMENTATIONS}.')
-  specs = [(rule, attention) for rule in rules for attention in attentions]
+  remats = [m for m in args.remat.split(',') if m] or ['']
+  from fmjax.models import dit   # pylint: disable=import-outside-toplevel
+  unknown = sorted(set(remats) - set(dit.REMAT_POLICIES) - {''})
+  if unknown:
+    parser.error(f'unknown remat {unknown}; choose from {tuple(dit.REMAT_POLICIES)}.')
+  specs = [(rule, attention, remat) for rule in rules for attention in attentions for remat in remats]
   options = dict(tiny=args.tiny, batch=args.batch, dtype=args.dtype)
   start, rows = time.perf_counter(), [None] * len(specs)
 
@@ -346,29 +371,29 @@ def main(argv=None):
   def spent():
     return args.budget_s and time.perf_counter() - start > args.budget_s
 
-  def skipped(rule, attention):
-    return {'preset': args.model, 'rule': rule, 'attention': attention,
+  def skipped(rule, attention, remat):
+    return {'preset': args.model, 'rule': rule, 'attention': attention, 'remat': remat,
             'error': f'skipped: --budget_s {args.budget_s:g} spent'}
 
   if args.compile_workers <= 1:
-    for i, (rule, attention) in enumerate(specs):
+    for i, (rule, attention, remat) in enumerate(specs):
       try:
-        rows[i] = (skipped(rule, attention) if spent() else
-                   measure(args.model, rule, attention=attention, warmup=args.warmup,
+        rows[i] = (skipped(rule, attention, remat) if spent() else
+                   measure(args.model, rule, attention=attention, remat=remat, warmup=args.warmup,
                            repeats=args.repeats, **options))
       except Exception as e:   # e.g. out of memory: keep the other rows
-        rows[i] = _error_row(args.model, rule, attention, e)
+        rows[i] = _error_row(args.model, rule, attention, remat, e)
       write(i)
   else:
     # Compile everything before timing anything: XLA:GPU autotunes on the device while it
     # compiles, which would disturb a step being timed.
     prepared = {}
-    for i, (rule, attention) in enumerate(specs):
+    for i, (rule, attention, remat) in enumerate(specs):
       try:
-        prepared[i] = Row(args.model, rule, attention=attention, **options)
+        prepared[i] = Row(args.model, rule, attention=attention, remat=remat, **options)
         prepared[i].lower()
       except Exception as e:
-        rows[i] = _error_row(args.model, rule, attention, e)
+        rows[i] = _error_row(args.model, rule, attention, remat, e)
         prepared.pop(i, None)
     with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
       futures = {i: pool.submit(r.compile) for i, r in prepared.items()}

@@ -10,6 +10,10 @@ What each number is:
                  Analytic counts live in fmjax.models.flops.
   temp_bytes     XLA's temporary buffer size of the compiled program (beyond arguments and
                  outputs): the activation memory a step needs
+  saved_residual_bytes
+                 bytes of the values reverse mode keeps from the forward pass for the backward
+                 (arguments excluded), from the jaxpr: what jax.checkpoint policies control,
+                 the same on every backend, before the compiler schedules anything
   time_calls     wall seconds per call (median) and the process's CPU seconds per call
   interleaved    the same for several functions called in turn, so that a drift in the
                  machine's load hits each alike and their ratios come from one run
@@ -64,6 +68,32 @@ def temp_bytes(compiled) -> float:
     return float(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:   # noqa: BLE001 -- None (no analysis), a missing field or an unsupported backend
     return NAN
+
+
+def saved_residual_bytes(f: Callable, primals, *inputs) -> int:
+  """Bytes of the residuals `jax.vjp(lambda p: f(p, *inputs), primals)` keeps for the backward
+  pass: every value reverse mode saves from the forward, except `primals` and `inputs` themselves.
+
+  Read from the traced jaxpr: `primals` and `inputs` may be ShapeDtypeStructs, nothing runs or
+  compiles. `inputs` (a batch, a key) enter undifferentiated. Each residual counts once however
+  often the backward reads it.
+  """
+  import jax   # pylint: disable=import-outside-toplevel
+  from jax.extend import core as jax_core   # pylint: disable=import-outside-toplevel
+  import numpy as np   # pylint: disable=import-outside-toplevel
+
+  def residuals(p, *xs):
+    return jax.tree.leaves(jax.vjp(lambda q: f(q, *xs), p)[1])
+
+  closed = jax.make_jaxpr(residuals)(primals, *inputs)
+  arguments = set(closed.jaxpr.invars)
+  total, seen = 0, set()
+  for var in closed.jaxpr.outvars:
+    if isinstance(var, jax_core.Literal) or var in arguments or var in seen:   # a constant, an argument, a repeat
+      continue
+    seen.add(var)
+    total += np.dtype(var.aval.dtype).itemsize * int(np.prod(var.aval.shape))
+  return int(total)
 
 
 class Timing(NamedTuple):

@@ -60,6 +60,8 @@ from fmjax import flow_maps, interpolants, losses, models, samplers
 from fmjax.data import datasets as _datasets
 # The dataset names live in fmjax.data.datasets (one registry); re-exported under their old names.
 from fmjax.data.datasets import IMAGE_DATASETS, LATENT_SUFFIX, TOY_DATASETS, is_latent_dataset
+from fmjax.models import attention as _attention
+from fmjax.models import dit as _dit
 from fmjax.models import embeddings
 from fmjax.steering import finetune as _finetune
 from fmjax.steering import methods as _methods
@@ -570,6 +572,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_finetune(config, need)
   need(config.model.dtype in ('float32', 'bfloat16', 'float16'),
        f'config.model.dtype = {config.model.dtype!r}; choose float32, bfloat16 or float16.')
+  # Network options whose values only the constructor would check, after the data is read.
+  need(config.model.get('attention') in (None, *_attention.ATTENTION_IMPLEMENTATIONS),
+       f"config.model.attention = {config.model.get('attention')!r}; choose one of "
+       f'{_attention.ATTENTION_IMPLEMENTATIONS}.')
+  need(config.model.get('remat') in (None, *_dit.REMAT_POLICIES),
+       f"config.model.remat = {config.model.get('remat')!r}; choose one of {tuple(_dit.REMAT_POLICIES)} "
+       "(what each DiT block keeps for the backward pass: everything, the matmul outputs, its input only).")
 
 
 def validate_steer(config: ml_collections.ConfigDict) -> None:

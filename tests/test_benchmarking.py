@@ -38,6 +38,19 @@ def test_temp_bytes_of_a_program_with_a_temporary():
   assert benchmarking.temp_bytes(compiled) > 0
 
 
+def test_saved_residual_bytes_counts_what_the_backward_reads():
+  p = jnp.linspace(0.1, 1.0, 1000)            # float32: 4,000 bytes per residual
+  x = jnp.full((1000,), 2.0, jnp.float32)
+  nested = lambda p, x: jnp.sum(jnp.sin(jnp.sin(p * x)))
+  # Reverse mode keeps cos(p x) and cos(sin(p x)), and x from the multiply, an input (not counted).
+  assert benchmarking.saved_residual_bytes(nested, p, x) == 2 * 4000
+  # Checkpointed: only the function's inputs are kept, and they are arguments.
+  assert benchmarking.saved_residual_bytes(jax.checkpoint(nested), p, x) == 0
+  # Shapes alone suffice: nothing runs.
+  shape = jax.ShapeDtypeStruct((1000,), jnp.float32)
+  assert benchmarking.saved_residual_bytes(nested, shape, shape) == 2 * 4000
+
+
 class FakeProgram:
   def __init__(self, cost=None, memory=None, fail=False):
     self.cost, self.memory, self.fail = cost, memory, fail

@@ -162,17 +162,28 @@ def test_throughput_benchmark_tiny_runs(tmp_path):
   train_throughput = _throughput_module()
   out = tmp_path / 'table.md'
   rows = train_throughput.main(['--model', 'dit-b2', '--tiny', '--batch', '4', '--rules',
-                                'flow_matching,meanflow', '--attention', 'naive', '--warmup', '0',
-                                '--repeats', '1', '--compile_workers', '2', '--out', str(out)])
-  assert [(r['rule'], r['attention']) for r in rows] == [('flow_matching', 'naive'), ('meanflow', 'naive')]
+                                'flow_matching,meanflow', '--attention', 'naive', '--remat', 'none,block',
+                                '--warmup', '0', '--repeats', '1', '--compile_workers', '2', '--out', str(out)])
+  assert [(r['rule'], r['attention'], r['remat']) for r in rows] == [
+      ('flow_matching', 'naive', 'none'), ('flow_matching', 'naive', 'block'),
+      ('meanflow', 'naive', 'none'), ('meanflow', 'naive', 'block')]
   for row in rows:
     assert 'error' not in row, row
     assert jnp.isfinite(row['loss']) and row['step_s'] > 0 and row['compile_s'] > 0
-    assert 0.7 < row['model_flops'] / row['xla_flops'] <= 1.0   # tiny widths: elementwise ops weigh more
+  for plain, remat in (rows[0:2], rows[2:4]):
+    assert 0.7 < plain['model_flops'] / plain['xla_flops'] <= 1.0   # tiny widths: elementwise ops weigh more
+    # XLA counts the blocks' recomputation in the backward pass: about one more forward of the
+    # blocks (measured 1.27x for flow matching, 1.25x for MeanFlow at this size).
+    assert 1.1 < remat['xla_flops'] / plain['xla_flops'] < 1.4, (remat['xla_flops'], plain['xla_flops'])
   text = out.read_text()
-  flop_ratio = rows[1]['model_flops'] / rows[0]['model_flops']
-  assert f'- meanflow (naive attention) / flow matching: time {rows[1]["step_s"] / rows[0]["step_s"]:.3f}, ' \
+  flop_ratio = rows[2]['model_flops'] / rows[0]['model_flops']
+  assert f'- meanflow (naive attention) / flow matching: time {rows[2]["step_s"] / rows[0]["step_s"]:.3f}, ' \
          f'FLOPs {flop_ratio:.3f}' in text
+  # Remat rows: against flow matching under the same policy, and against the rule without remat;
+  # the analytic count is the model's (recomputation is not model FLOPs).
+  assert rows[1]['model_flops'] == rows[0]['model_flops']
+  assert f'- meanflow (naive attention, remat block) / flow matching: time {rows[3]["step_s"] / rows[1]["step_s"]:.3f}' in text
+  assert f'- meanflow (naive attention) with remat block / without: time {rows[3]["step_s"] / rows[2]["step_s"]:.3f}' in text
   columns = train_throughput.HEADER.count('|')
   assert all(line.count('|') == columns for line in text.splitlines() if line.startswith('| dit-b2'))
 
@@ -187,9 +198,9 @@ def test_throughput_benchmark_rows_without_timing():
   columns = train_throughput.HEADER.count('|')
   untimed = dict(preset='dit-b2', rule='lsd', attention='naive', batch=4, dtype='bfloat16', diag=0.25,
                  model_flops=1e9, xla_flops=1.1e9, temp_gib=0.5, compile_s=3.0)
-  for row in rows + [untimed, train_throughput._error_row('unet', 'imf', 'flash', MemoryError('oom'))]:
+  for row in rows + [untimed, train_throughput._error_row('unet', 'imf', 'flash', 'block', MemoryError('oom'))]:
     assert train_throughput.format_row(row).count('|') == columns, row
   assert 'compiled, not timed' in train_throughput.format_row(untimed)
-  for bad in (['--rules', 'mf'], ['--attention', 'fast']):
+  for bad in (['--rules', 'mf'], ['--attention', 'fast'], ['--remat', 'blocks']):
     with pytest.raises(SystemExit):
       train_throughput.main(['--tiny'] + bad)

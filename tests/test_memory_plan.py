@@ -1,7 +1,8 @@
 """benchmarks/memory_plan.py at its CI size: the tiny DiT's LSD step compiled for 8 fake CPU
 devices, fully sharded (FSDP 8). The per-device numbers must add up: XLA's argument size
 is exactly the state shards plus the batch shard, the donated state is aliased whole, and FSDP
-keeps a fraction of the replicated state on each device."""
+keeps a fraction of the replicated state on each device. The block-rematerialized step keeps
+the same state and far less for its backward pass."""
 
 import json
 import os
@@ -19,11 +20,11 @@ def rows(tmp_path_factory):
   out = tmp_path_factory.mktemp('memory_plan')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_plan.py'), '--tiny',
-                  '--devices', '8', '--meshes', '1x8', '--rules', 'lsd', '--batch', '16',
+                  '--devices', '8', '--meshes', '1x8', '--rules', 'lsd', '--batch', '16', '--remat', 'none,block',
                   '--json', str(out / 'rows.json'), '--out', str(out / 'plan.md')],
                  check=True, cwd=ROOT, env={**env, 'PYTHONPATH': ROOT}, capture_output=True, text=True)
   with open(out / 'rows.json') as f:
-    return {r['mesh']: r for r in json.load(f)}
+    return {(r['mesh'], r['remat']): r for r in json.load(f)}
 
 
 def test_per_device_bytes_add_up(rows):
@@ -43,9 +44,18 @@ def test_fsdp_shards_the_state(rows):
   # Replicated, every device would hold params, two Adam moments and one EMA copy of ~77k
   # float32 parameters (plus a few scalars); FSDP keeps an eighth of the arrays large enough to
   # shard, and the small ones whole.
-  r = rows['1x8']
+  r = rows['1x8', 'none']
   replicated = 4 * 4 * r['params_m'] * 1e6
   assert replicated / 8 < r['state_bytes'] < replicated / 6
+
+
+def test_remat_keeps_the_state_and_less_for_the_backward(rows):
+  plain, remat = rows['1x8', 'none'], rows['1x8', 'block']
+  assert remat['state_bytes'] == plain['state_bytes']
+  # Without remat the kept activations sit in XLA's temporaries (the CPU compiler's, which
+  # hold them and the gradients' scratch); with each block kept only as its input, a fraction.
+  assert 0 < plain['kept_bytes'] <= plain['temp_bytes']
+  assert 0 < remat['kept_bytes'] < 0.2 * plain['kept_bytes']
 
 
 def test_largest_per_chip_picks_the_largest_fitting_model():

@@ -14,6 +14,17 @@ one per time input ((s, t) or (t, t - s)), summed with the label embedding (null
 blockwise one is memory-efficient under `jax.jvp` and its gradients (fmjax.models.attention).
 `qk_norm=True` normalizes queries and keys per head (off by default).
 
+Rematerialization (`remat`, Chen et al. 2016, "Training deep nets with sublinear memory cost"):
+each transformer block is wrapped in `jax.checkpoint` with a saving policy, so the backward pass
+recomputes what the policy does not keep instead of holding it from the forward pass. 'none'
+keeps every activation (the default; fastest when it fits); 'dots' keeps the outputs of the
+linear layers (matmuls without batch dimensions) and recomputes norms, modulation, activations
+and attention; 'block' keeps only each block's input and recomputes the whole block (about one
+extra forward pass). Values, gradients and parameters are the same under every policy
+(tests/test_remat.py); only memory and time change (benchmarks/memory_plan.py --remat). It
+composes with the jvp of the flow-map rules: the jvp of a checkpointed block is checkpointed, so
+the tangents are recomputed too.
+
 Mixed precision (`dtype=jnp.bfloat16`): parameters stay float32 (`param_dtype`); times, their
 embeddings and the conditioning MLP run in float32 (a jvp in time differentiates through
 sin(1000 t), which bfloat16's 8-bit mantissa would ruin), and the conditioning vector is cast
@@ -25,6 +36,7 @@ tests/test_mixed_precision.py bounds the bfloat16 step's loss and gradient again
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import jax.numpy as jnp
 from flax import nnx
@@ -84,6 +96,39 @@ class TimestepEmbedder(nnx.Module):
     return self.linear1(nnx.silu(self.linear0(embeddings.sinusoidal_embedding(t, self.frequency_dim, scale=self.scale))))
 
 
+# What each block keeps for the backward pass (jax.checkpoint policies); None: no checkpoint.
+REMAT_POLICIES = {
+    'none': None,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'block': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _call_block(block, h, c):
+  return block(h, c)
+
+
+def block_caller(remat: str):
+  """(block, h, c) -> block(h, c), checkpointed under the policy `remat` names.
+
+  The checkpointed function is pure (the block's arrays in, the output out, the module rebuilt
+  inside by nnx.merge): a module merged under an outer jvp or grad trace cannot be updated from
+  the checkpoint's trace, which nnx.remat would attempt. DiT blocks hold no mutable state.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}.')
+  policy = REMAT_POLICIES[remat]
+  if policy is None:
+    return _call_block
+
+  def call(block, h, c):
+    graphdef, state = nnx.split(block)
+    pure = lambda state, h, c: nnx.merge(graphdef, state)(h, c)
+    return jax.checkpoint(pure, policy=policy)(state, h, c)
+
+  return call
+
+
 def modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
@@ -136,10 +181,13 @@ class DiT(nnx.Module):
                num_classes: int = 0, time_conditioning: str = 's_t', time_frequency_dim: int = 256,
                time_scale: float = 1000.0, guidance_conditioning: bool = False, velocity_head: bool = False,
                attention: str = 'naive', attention_options: dict | None = None,
-               qk_norm: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               qk_norm: bool = False, remat: str = 'none', dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}.')
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
+    block_caller(remat)   # validates the policy name early
+    self.remat = remat
     self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
     self.num_classes, self.time_conditioning, self.dtype = num_classes, time_conditioning, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -195,8 +243,9 @@ class DiT(nnx.Module):
     h = self.patch_embed(x.astype(self.dtype)).reshape(b, g * g, -1)
     # A fixed embedding, built as a compile-time constant (kept out of params so no optimizer moves it).
     h = h + jnp.asarray(sincos_2d_position_embedding(self.hidden, g), self.dtype)[None]
+    call = block_caller(self.remat)
     for block in self.blocks:
-      h = block(h, c)
+      h = call(block, h, c)
     h = self.final_norm(h)
 
     def output(adaln, linear):
