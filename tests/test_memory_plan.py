@@ -20,7 +20,8 @@ def rows(tmp_path_factory):
   out = tmp_path_factory.mktemp('memory_plan')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_plan.py'), '--tiny',
-                  '--devices', '8', '--meshes', '1x8', '--rules', 'lsd', '--batch', '16', '--remat', 'none,block',
+                  '--devices', '8', '--meshes', '1x8', '--rules', 'lsd', '--batch', '16',
+                  '--remat', 'none,block', '--schedule', 'memory',
                   '--json', str(out / 'rows.json'), '--out', str(out / 'plan.md')],
                  check=True, cwd=ROOT, env={**env, 'PYTHONPATH': ROOT}, capture_output=True, text=True)
   with open(out / 'rows.json') as f:
@@ -58,6 +59,13 @@ def test_remat_keeps_the_state_and_less_for_the_backward(rows):
   assert 0 < remat['kept_bytes'] < 0.2 * plain['kept_bytes']
 
 
+def test_the_plan_asks_for_the_memory_minimizing_schedule(rows):
+  import memory_plan   # pylint: disable=import-outside-toplevel
+  expected = 'memory' if memory_plan._flag_known(memory_plan.MEMORY_SCHEDULE_FLAG) else 'concurrency'
+  assert {r['schedule'] for r in rows.values()} == {expected}
+  assert not memory_plan._flag_known('--xla_cpu_no_such_flag_for_fmjax=true')
+
+
 def test_largest_per_chip_picks_the_largest_fitting_model():
   import memory_plan   # pylint: disable=import-outside-toplevel
   rows = [{'model': 'small', 'rule': 'lsd', 'mesh': '1x8', 'batch': 256, 'params_m': 100,
@@ -65,9 +73,12 @@ def test_largest_per_chip_picks_the_largest_fitting_model():
           {'model': 'large', 'rule': 'lsd', 'mesh': '1x8', 'batch': 256, 'params_m': 600,
            'fits': ['H100']},
           {'model': 'huge', 'rule': 'meanflow', 'mesh': '1x8', 'batch': 256, 'params_m': 900,
-           'fits': ['H100', 'TPU v5e']}]
+           'fits': ['H100', 'TPU v5e']},
+          {'model': 'larger', 'rule': 'lsd', 'mesh': '1x8', 'batch': 256, 'params_m': 700, 'remat': 'block',
+           'fits': ['H200']}]
   best = memory_plan.largest_per_chip(rows)
   assert best['H100'].startswith('large') and best['TPU v5e'].startswith('small')
   assert best['TPU v4'] == 'none'
+  assert best['H200'] == 'larger (1x8, batch 256, remat block)'
   assert memory_plan.fits(0.9 * 16 * 2**30) == list(memory_plan.CHIPS)
   assert 'TPU v5e' not in memory_plan.fits(0.9 * 16 * 2**30 + 1)
