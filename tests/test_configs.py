@@ -186,6 +186,11 @@ def test_bad_network_names_and_options_are_named():
   with pytest.raises(configs.ConfigError) as err:
     configs.resolve(config)
   assert "Unknown option(s) ['hidden'] for the unet network 'unet'; valid: ['attention'" in str(err.value)
+  # Values only the constructor would check are named before any data is read.
+  config = experiment('cifar10_unet')
+  config.model.attention = 'fast'
+  with pytest.raises(configs.ConfigError, match=r"config.model.attention = 'fast'; choose one of \('naive'"):
+    configs.resolve(config)
 
 
 def test_configs_saved_with_model_kwargs_still_load():

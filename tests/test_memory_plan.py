@@ -53,9 +53,10 @@ def test_fsdp_shards_the_state(rows):
 def test_remat_keeps_the_state_and_less_for_the_backward(rows):
   plain, remat = rows['1x8', 'none'], rows['1x8', 'block']
   assert remat['state_bytes'] == plain['state_bytes']
-  # Without remat the kept activations sit in XLA's temporaries (the CPU compiler's, which
-  # hold them and the gradients' scratch); with each block kept only as its input, a fraction.
-  assert 0 < plain['kept_bytes'] <= plain['temp_bytes']
+  # Without remat the kept activations are most of XLA's temporaries: the same order (XLA fuses
+  # away some elementwise residuals and adds gradient scratch; DiT-XL/2 LSD at 32 examples per
+  # device keeps 38.3 GiB in 35.0 GiB of temporaries). Each block kept as its input: a fraction.
+  assert 0.25 * plain['temp_bytes'] < plain['kept_bytes'] < 2 * plain['temp_bytes']
   assert 0 < remat['kept_bytes'] < 0.2 * plain['kept_bytes']
 
 
