@@ -28,11 +28,14 @@ estimate of the order, not a promise: confirm the rows that fit narrowly on the 
   python benchmarks/memory_plan.py --devices 64 --meshes 64x1,8x8,1x64 --rules meanflow,imf --size XL
   python benchmarks/memory_plan.py --devices 64 --meshes 8x8 --rules lsd --size B,M,L,XL   # largest LSD DiT
   python benchmarks/memory_plan.py --devices 8 --meshes 1x8 --rules lsd --size XL --remat none,dots,block --schedule memory
+  python benchmarks/memory_plan.py --devices 8 --meshes 8x1 --rules imf --size XL --microbatches 4   # iMF's batch on 8 chips
   python benchmarks/memory_plan.py --tiny --devices 8 --meshes 8x1,1x8 --rules lsd       # CI size (seconds)
 
-Meshes are DATAxFSDP (their product is --devices). --remat gives the DiT blocks' rematerialization
-policies (config.model.remat: none, dots, block; fmjax.models.dit), a row each. Batches: the experiments' global batches
-(MeanFlow and LSD 256, iMF 1024), or --batch. Rows print as they finish; --out writes the
+Meshes are DATAxFSDP (their product is --devices). --microbatches k plans an update
+accumulated over k passes of batch/k (config.train.microbatches). --remat gives the DiT blocks'
+rematerialization policies (config.model.remat: none, dots, block; fmjax.models.dit), a row
+each. Batches: the experiments' global batches (MeanFlow and LSD 256, iMF 1024), or --batch.
+Rows print as they finish; --out writes the
 Markdown table, --json the rows.
 """
 
@@ -125,14 +128,15 @@ def shard_bytes(abstract_tree) -> int:
   return total
 
 
-def kept_bytes_per_device(rule, abstract_params, batch, devices: int) -> float:
+def kept_bytes_per_device(rule, abstract_params, batch, devices: int, microbatches: int = 1) -> float:
   """The bytes the loss keeps for its backward pass on one device (see the module docstring):
-  traced at the global batch B and at B/2, the difference is the part that grows with the
-  batch, split over `devices`; the rest is counted whole."""
+  traced at the pass's batch B (the global batch over `microbatches`) and at B/2, the
+  difference is the part that grows with the batch, split over `devices`; the rest is counted
+  whole."""
   key = jax.random.PRNGKey(0)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
   loss = lambda p, b: rule(p, b, key)[0]
-  size = jax.tree.leaves(batch)[0].shape[0]
+  size = jax.tree.leaves(batch)[0].shape[0] // microbatches
   traced = {}
   for n in (size, size // 2):
     sliced = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), batch)
@@ -147,15 +151,17 @@ def fits(peak_bytes: float) -> list[str]:
 
 
 def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tiny: bool = False,
-             remat: str = 'none', workdir: str = '/tmp/fmjax_memory_plan') -> dict:
+             remat: str = 'none', microbatches: int = 1, workdir: str = '/tmp/fmjax_memory_plan') -> dict:
   """One row: the step of the DiT-SIZE/2 experiment with `rule`, on a DATA x FSDP mesh, its
-  blocks rematerialized under the policy `remat`."""
+  blocks rematerialized under the policy `remat`, each update accumulated over `microbatches`
+  passes."""
   preset = f'dit-{size}'
   throughput.PRESETS.setdefault(preset, ('imagenet256_dit', f'meanflow,{size}', (32, 32, 4), 256))
   batch = batch or BATCH.get(rule, 256)
   config, shape = throughput.rule_config(preset, rule, tiny=tiny, batch=batch, remat=remat)
   with config.unlocked():
     config.sharding.data, config.sharding.fsdp = mesh
+    config.train.microbatches = microbatches
     if tiny:
       config.sharding.fsdp_min_size = TINY_FSDP_MIN_SIZE
   setup = train.Setup(config, workdir,
@@ -166,7 +172,7 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
     stop = sharding_lib.per_device_flags(False, setup.mesh)
     lowered = setup.train_step.lower(setup.abstract_state, batch_arrays, stop)
     kept = kept_bytes_per_device(setup.rule, setup.abstract_state['params'], batch_arrays,
-                                 mesh[0] * mesh[1])
+                                 mesh[0] * mesh[1], microbatches)
   compiled = lowered.compile(models.FAST_COMPILE if tiny else None)
   memory = compiled.memory_analysis()
   params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(setup.abstract_state['params']))
@@ -174,7 +180,8 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
   alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
   peak = args + out - alias + temp
   return {'model': f'DiT-{size}/2' if not tiny else 'DiT (tiny)', 'rule': rule,
-          'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat, 'batch': int(setup.config.train.batch_size),
+          'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat, 'microbatches': microbatches,
+          'batch': int(setup.config.train.batch_size),
           'batch_per_device': int(setup.config.train.batch_size) // (mesh[0] * mesh[1]),
           'params_m': params / 1e6, 'dtype': setup.config.model.dtype,
           'state_bytes': shard_bytes(setup.abstract_state),
@@ -191,7 +198,9 @@ HEADER = ('model', 'rule', 'mesh DATAxFSDP', 'remat', 'batch (per device)', 'par
 def cells(r: dict) -> list[str]:
   if 'error' in r:
     return [r['model'], r['rule'], r['mesh'], r.get('remat', 'none'), '', '', '', '', '', '', '', r['error'], '']
-  return [r['model'], r['rule'], r['mesh'], r.get('remat', 'none'), f"{r['batch']} ({r['batch_per_device']})",
+  k = r.get('microbatches', 1)
+  per_device = f"{r['batch_per_device']}" + (f" = {k} x {r['batch_per_device'] // k}" if k > 1 else '')
+  return [r['model'], r['rule'], r['mesh'], r.get('remat', 'none'), f"{r['batch']} ({per_device})",
           f"{r['params_m']:.0f}", f"{r['state_bytes'] / GIB:.2f}", f"{r['arg_bytes'] / GIB:.2f}",
           f"{r['temp_bytes'] / GIB:.2f}", f"{r['peak_bytes'] / GIB:.2f}",
           f"{r['kept_bytes'] / GIB:.2f}" if 'kept_bytes' in r else '',
@@ -219,6 +228,8 @@ def main(argv=None):
   parser.add_argument('--schedule', default='concurrency', choices=('concurrency', 'memory'),
                       help="XLA:CPU's instruction schedule: its default (for parallelism) or the "
                            'memory-minimizing one, which honours remat (compare policies with it)')
+  parser.add_argument('--microbatches', type=int, default=1,
+                      help='gradient accumulation: each update in this many passes (config.train.microbatches)')
   parser.add_argument('--remat', default='none', help='DiT block remat policies, a row each: none,dots,block')
   parser.add_argument('--tiny', action='store_true', help='the tiny DiT, fast compile: a smoke run')
   parser.add_argument('--out', default='', help='Markdown table')
@@ -239,7 +250,8 @@ def main(argv=None):
       for mesh in meshes:
         for remat in remats:
           try:
-            row = plan_row(size, rule, mesh, batch=args.batch, tiny=args.tiny, remat=remat)
+            row = plan_row(size, rule, mesh, batch=args.batch, tiny=args.tiny, remat=remat,
+                           microbatches=args.microbatches)
           except Exception as e:   # noqa: BLE001 -- a row that cannot compile is reported, not fatal
             row = {'model': f'DiT-{size}/2', 'rule': rule, 'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat,
                    'error': f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}

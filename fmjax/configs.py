@@ -183,6 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 2000
   c.train.batch_size = 256          # global batch, over all processes
+  c.train.microbatches = 1          # k > 1: each update accumulates gradients over k slices of the batch
   c.train.log_every = 100
   c.train.eval_every = 0            # 0 = only at the end
   c.train.checkpoint_every = 1000
@@ -484,6 +485,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   train = config.train
   need(train.num_steps >= 0, 'config.train.num_steps must be >= 0.')
   need(train.batch_size > 0, 'config.train.batch_size must be positive.')
+  microbatches = train.get('microbatches', 1)
+  need(microbatches >= 1 and train.batch_size % microbatches == 0,
+       f'config.train.microbatches = {microbatches} must be >= 1 and divide config.train.batch_size = '
+       f'{train.batch_size} (each update accumulates gradients over that many equal slices).')
   need(train.log_every > 0, 'config.train.log_every must be positive.')
   need(train.checkpoint_every >= 0, 'config.train.checkpoint_every must be >= 0 (0 = only at the end).')
   need(train.restore_step >= -1, 'config.train.restore_step must be a saved step, or -1 for the latest.')

@@ -142,6 +142,13 @@ class Setup:
                        f'{config.loss.name!r}, teacher.workdir {config.teacher.workdir!r}.')
     self.config, self.workdir = config, workdir
     self.mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp)
+    microbatches = int(config.train.get('microbatches', 1))
+    per_device = config.train.batch_size // max(jax.device_count(), 1)
+    if microbatches > 1 and per_device % microbatches:
+      raise ValueError(f'config.train.microbatches = {microbatches} must divide the {per_device} '
+                       f'examples per device (config.train.batch_size = {config.train.batch_size} '
+                       f'over {jax.device_count()} devices): every microbatch takes the same rows '
+                       'of every device. Choose a divisor, or a batch that is a multiple of both.')
     self.source = (make_source or pipelines.make_source)(config, self.mesh)
     # Latent runs: the decoder for evaluation, checked now against the dataset's encoder.
     self.autoencoder = from_config.load_autoencoder(config)
@@ -177,7 +184,7 @@ class Setup:
     self.abstract_state = checkpointing.abstract_like(abstract, self.state_shardings)
     self.train_step = jax.jit(
         train_state.make_train_step(self.rule, self.tx, config.optim.ema_decays, dropout_rule,
-                                    ema_warmup=bool(config.optim.ema_warmup)),
+                                    ema_warmup=bool(config.optim.ema_warmup), microbatches=microbatches),
         in_shardings=(self.state_shardings, sharding_lib.batch_sharding(self.mesh),
                       sharding_lib.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)),

@@ -130,14 +130,51 @@ def select_params(state: dict, ema_index: int) -> Any:
   return ema[ema_index]
 
 
+def microbatch_gradients(loss_and_grad: Callable, params, batch: dict, key, microbatches: int):
+  """(loss, metrics), gradient of one update accumulated over `microbatches` slices of `batch`.
+
+  loss_and_grad(params, batch, key) -> ((loss, metrics), grads) runs on one microbatch at a
+  time inside a lax.scan, so only one microbatch's activations are alive: a global batch that
+  does not fit the devices in one pass trains as the mean of k passes (gradient accumulation).
+  The result is the mean of the microbatches' losses, metrics and gradients, which for a rule
+  whose loss is a mean over examples is the full batch's, with other noise draws: microbatch i
+  gets key split(key, k)[i]. Microbatch j holds rows j, j + k, j + 2k, ... of the batch, so that
+  with the batch sharded in contiguous blocks over the devices (B/devices a multiple of k)
+  every device keeps its rows: no example moves. Entries without the batch's leading dimension
+  (the step number) go to every microbatch whole.
+  """
+  k = microbatches
+  size = max(x.shape[0] for x in jax.tree.leaves(batch) if jnp.ndim(x) >= 1)
+  if size % k:
+    raise ValueError(f'A batch of {size} examples does not split into {k} microbatches.')
+  per_example = {name: v for name, v in batch.items()
+                 if all(jnp.ndim(x) >= 1 and x.shape[0] == size for x in jax.tree.leaves(v))}
+  shared = {name: v for name, v in batch.items() if name not in per_example}
+  stacked = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(size // k, k, *x.shape[1:]), 0, 1),
+                         per_example)
+
+  def accumulate(grad_sum, inputs):
+    micro_key, micro = inputs
+    (loss, metrics), grads = loss_and_grad(params, dict(shared, **micro), micro_key)
+    return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grad_sum, (losses, metrics) = jax.lax.scan(accumulate, zeros, (jax.random.split(key, k), stacked))
+  grads = jax.tree.map(lambda g: g / k, grad_sum)
+  return (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), grads
+
+
 def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
-                    dropout_rule: Callable | None = None, ema_warmup: bool = False) -> Callable:
+                    dropout_rule: Callable | None = None, ema_warmup: bool = False,
+                    microbatches: int = 1) -> Callable:
   """train_step(state, batch, stop_requests) -> (state, metrics): one update, skipped if not finite.
 
   dropout_rule(key) -> rule, if given, is the rule around a network that drops units with
   that key; it gets a key folded from the step's key (the evaluation uses `rule`'s network,
   which does not drop).
   ema_warmup: the EMA decays warm up with the step count (`ema_decay_at`).
+  microbatches: k > 1 accumulates the update's gradient over k slices of the batch
+  (`microbatch_gradients`); each draws its noise, and its dropout key, from its own key.
 
   An update whose loss or global gradient norm is not finite (a NaN anywhere, or gradients so
   large that their norm overflows) leaves params, optimizer state and EMAs untouched (selected
@@ -156,12 +193,15 @@ def make_train_step(rule, tx: optax.GradientTransformation, ema_decays,
     key = jax.random.fold_in(state['rng'], step)
     batch = dict(batch, step=step)
 
-    step_rule = rule if dropout_rule is None else dropout_rule(jax.random.fold_in(key, 0x0D))
+    def loss_and_grad(params, batch, key):
+      step_rule = rule if dropout_rule is None else dropout_rule(jax.random.fold_in(key, 0x0D))
+      return jax.value_and_grad(lambda p: step_rule(p, batch, key), has_aux=True)(params)
 
-    def loss_fn(params):
-      return step_rule(params, batch, key)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    if microbatches == 1:
+      (loss, metrics), grads = loss_and_grad(state['params'], batch, key)
+    else:
+      (loss, metrics), grads = microbatch_gradients(loss_and_grad, state['params'], batch, key,
+                                                    microbatches)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
