@@ -66,6 +66,18 @@ def test_data_and_fsdp_on_eight_devices_match_one(one_device, tmp_path):
   _compare(one_device, other, rtol=1e-5, atol=2e-6)
 
 
+def test_microbatches_on_eight_devices_match_one(one_device, tmp_path):
+  """Gradient accumulation over a sharded batch: 2 microbatches on a 4 x 2 mesh (each device's
+  rows split between them, every parameter sharded) match 2 microbatches on one device; and
+  the config reaches the step (each microbatch draws its own noise: other losses than one pass)."""
+  one, eight = tmp_path / 'one', tmp_path / 'eight'
+  run_worker(one, {'train.microbatches': 2}, '--dump', one / 'final.npz', devices=1)
+  run_worker(eight, {'train.microbatches': 2, 'sharding.data': 4, 'sharding.fsdp': 2},
+             '--dump', eight / 'final.npz', devices=8)
+  _compare(one, eight, rtol=1e-5, atol=2e-6)
+  assert not np.allclose(_losses(one), _losses(one_device))
+
+
 def test_kill9_and_resume_reproduces_the_run_bitwise(one_device, tmp_path):
   """SIGKILL after the step-3 checkpoint, restart: the losses equal the uninterrupted run's."""
   env = env_with_devices(1)
