@@ -187,8 +187,8 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
           'state_bytes': shard_bytes(setup.abstract_state),
           'batch_bytes': shard_bytes({'b': batch_arrays, 'stop': stop}),
           'arg_bytes': args, 'out_bytes': out, 'alias_bytes': alias, 'temp_bytes': temp,
-          'peak_bytes': peak, 'kept_bytes': kept, 'fits': fits(peak), 'compile_s': time.perf_counter() - start,
-          'schedule': os.environ.get('FMJAX_MEMORY_PLAN_SCHEDULE', 'concurrency')}
+          'peak_bytes': peak, 'kept_bytes': kept, 'fits': fits(peak),
+          'compile_s': time.perf_counter() - start, 'schedule': os.environ.get('FMJAX_MEMORY_PLAN_SCHEDULE', 'concurrency')}
 
 
 HEADER = ('model', 'rule', 'mesh DATAxFSDP', 'remat', 'batch (per device)', 'params M', 'state GiB',
@@ -197,7 +197,8 @@ HEADER = ('model', 'rule', 'mesh DATAxFSDP', 'remat', 'batch (per device)', 'par
 
 def cells(r: dict) -> list[str]:
   if 'error' in r:
-    return [r['model'], r['rule'], r['mesh'], r.get('remat', 'none'), '', '', '', '', '', '', '', r['error'], '']
+    lead = [r['model'], r['rule'], r['mesh'], r.get('remat', 'none')]
+    return lead + [''] * (len(HEADER) - len(lead) - 2) + [r['error'], '']
   k = r.get('microbatches', 1)
   per_device = f"{r['batch_per_device']}" + (f" = {k} x {r['batch_per_device'] // k}" if k > 1 else '')
   return [r['model'], r['rule'], r['mesh'], r.get('remat', 'none'), f"{r['batch']} ({per_device})",
@@ -214,7 +215,8 @@ def largest_per_chip(rows: list[dict], rule: str = 'lsd') -> dict[str, str]:
                   key=lambda r: r['params_m']):
     for chip in r['fits']:
       remat = r.get('remat', 'none')
-      best[chip] = f"{r['model']} ({r['mesh']}, batch {r['batch']}{'' if remat == 'none' else ', remat ' + remat})"
+      policy = '' if remat == 'none' else f', remat {remat}'
+      best[chip] = f"{r['model']} ({r['mesh']}, batch {r['batch']}{policy})"
   return {chip: best.get(chip, 'none') for chip in CHIPS}
 
 

@@ -276,8 +276,8 @@ def row_cells(r: dict) -> list[str]:
   step = f"{1e3 * r['step_s']:.1f}" if timed else ''
   per_device = f"{r['img_s_device']:.1f}" if timed else ''
   note = r.get('guidance', '') if timed else 'compiled, not timed'
-  return [r['preset'], r['rule'], r['attention'], r.get('remat', 'none'), r['batch'], r['dtype'], f"{r['diag']:g}", step,
-          per_device, f"{r['model_flops'] / 1e9:.4g}", f"{r['xla_flops'] / 1e9:.4g}",
+  return [r['preset'], r['rule'], r['attention'], r.get('remat', 'none'), r['batch'], r['dtype'],
+          f"{r['diag']:g}", step, per_device, f"{r['model_flops'] / 1e9:.4g}", f"{r['xla_flops'] / 1e9:.4g}",
           f"{r['model_flops'] / r['xla_flops']:.3f}", mfu, f"{r['temp_gib']:.2f}",
           f"{r['compile_s']:.0f}", note]
 

@@ -89,8 +89,8 @@ def saved_residual_bytes(f: Callable, primals, *inputs) -> int:
   arguments = set(closed.jaxpr.invars)
   total, seen = 0, set()
   for var in closed.jaxpr.outvars:
-    if isinstance(var, jax_core.Literal) or var in arguments or var in seen:   # a constant, an argument, a repeat
-      continue
+    if isinstance(var, jax_core.Literal) or var in arguments or var in seen:
+      continue   # a constant, an argument, or a residual counted already
     seen.add(var)
     total += np.dtype(var.aval.dtype).itemsize * int(np.prod(var.aval.shape))
   return int(total)
