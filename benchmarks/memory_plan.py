@@ -151,14 +151,16 @@ def fits(peak_bytes: float) -> list[str]:
 
 
 def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tiny: bool = False,
-             remat: str = 'none', microbatches: int = 1, workdir: str = '/tmp/fmjax_memory_plan') -> dict:
+             remat: str = 'none', microbatches: int = 1, scan_blocks: bool = False,
+             workdir: str = '/tmp/fmjax_memory_plan') -> dict:
   """One row: the step of the DiT-SIZE/2 experiment with `rule`, on a DATA x FSDP mesh, its
-  blocks rematerialized under the policy `remat`, each update accumulated over `microbatches`
-  passes."""
+  blocks rematerialized under the policy `remat` (and scanned, with `scan_blocks`), each update
+  accumulated over `microbatches` passes."""
   preset = f'dit-{size}'
   throughput.PRESETS.setdefault(preset, ('imagenet256_dit', f'meanflow,{size}', (32, 32, 4), 256))
   batch = batch or BATCH.get(rule, 256)
-  config, shape = throughput.rule_config(preset, rule, tiny=tiny, batch=batch, remat=remat)
+  config, shape = throughput.rule_config(preset, rule, tiny=tiny, batch=batch, remat=remat,
+                                         scan_blocks=scan_blocks)
   with config.unlocked():
     config.sharding.data, config.sharding.fsdp = mesh
     config.train.microbatches = microbatches
@@ -179,7 +181,7 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
   args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
   alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
   peak = args + out - alias + temp
-  return {'model': f'DiT-{size}/2' if not tiny else 'DiT (tiny)', 'rule': rule,
+  return {'model': model_name(size, tiny, scan_blocks), 'rule': rule, 'scan_blocks': scan_blocks,
           'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat, 'microbatches': microbatches,
           'batch': int(setup.config.train.batch_size),
           'batch_per_device': int(setup.config.train.batch_size) // (mesh[0] * mesh[1]),
@@ -189,6 +191,10 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
           'arg_bytes': args, 'out_bytes': out, 'alias_bytes': alias, 'temp_bytes': temp,
           'peak_bytes': peak, 'kept_bytes': kept, 'fits': fits(peak),
           'compile_s': time.perf_counter() - start, 'schedule': os.environ.get('FMJAX_MEMORY_PLAN_SCHEDULE', 'concurrency')}
+
+
+def model_name(size: str, tiny: bool, scan_blocks: bool) -> str:
+  return (f'DiT-{size}/2' if not tiny else 'DiT (tiny)') + (', scanned' if scan_blocks else '')
 
 
 HEADER = ('model', 'rule', 'mesh DATAxFSDP', 'remat', 'batch (per device)', 'params M', 'state GiB',
@@ -233,6 +239,9 @@ def main(argv=None):
   parser.add_argument('--microbatches', type=int, default=1,
                       help='gradient accumulation: each update in this many passes (config.train.microbatches)')
   parser.add_argument('--remat', default='none', help='DiT block remat policies, a row each: none,dots,block')
+  parser.add_argument('--blocks', default='unrolled',
+                      help="the DiT blocks compiled 'unrolled' (one copy each) or 'scanned' (one "
+                           'body, config.model.scan_blocks), a row each: unrolled,scanned')
   parser.add_argument('--tiny', action='store_true', help='the tiny DiT, fast compile: a smoke run')
   parser.add_argument('--out', default='', help='Markdown table')
   parser.add_argument('--json', default='', help='the rows as JSON')
@@ -245,17 +254,20 @@ def main(argv=None):
   unknown = sorted(set(remats) - set(dit.REMAT_POLICIES))
   if unknown:
     parser.error(f'unknown --remat {unknown}; choose from {tuple(dit.REMAT_POLICIES)}.')
+  blocks = args.blocks.split(',')
+  if set(blocks) - {'unrolled', 'scanned'}:
+    parser.error(f"unknown --blocks {sorted(set(blocks) - {'unrolled', 'scanned'})}; choose from unrolled, scanned.")
   rows = []
   print(benchmarking.markdown_table(HEADER, []), flush=True)
   for size in args.size.split(','):
     for rule in args.rules.split(','):
       for mesh in meshes:
-        for remat in remats:
+        for remat, scanned in [(r, b == 'scanned') for r in remats for b in blocks]:
           try:
             row = plan_row(size, rule, mesh, batch=args.batch, tiny=args.tiny, remat=remat,
-                           microbatches=args.microbatches)
+                           microbatches=args.microbatches, scan_blocks=scanned)
           except Exception as e:   # noqa: BLE001 -- a row that cannot compile is reported, not fatal
-            row = {'model': f'DiT-{size}/2', 'rule': rule, 'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat,
+            row = {'model': model_name(size, args.tiny, scanned), 'rule': rule, 'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat,
                    'error': f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}
           rows.append(row)
           print(benchmarking.markdown_row(cells(row)), flush=True)

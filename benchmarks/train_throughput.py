@@ -82,10 +82,11 @@ def experiment_config(name: str, arg: str):
 
 
 def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, dtype: str = '',
-                attention: str = '', size: str = '', remat: str = ''):
+                attention: str = '', size: str = '', remat: str = '', scan_blocks: bool = False):
   """(config, example shape) of one row: the preset's experiment with `rule` in force (and
   `attention`, an implementation of fmjax.models.attention, and `remat`, a DiT block
-  rematerialization policy of fmjax.models.dit, when given). `size` replaces a
+  rematerialization policy of fmjax.models.dit, when given; `scan_blocks` scans the DiT's blocks,
+  config.model.scan_blocks). `size` replaces a
   DiT preset's network size (B, M, L, XL of experiments/imagenet256_dit.py)."""
   experiment, arg, shape, default_batch = PRESETS[preset]
   is_dit = experiment == 'imagenet256_dit'
@@ -116,6 +117,8 @@ def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, d
       c.model.attention = attention
     if remat:
       c.model.remat = remat
+    if scan_blocks:
+      c.model.scan_blocks = True
     n = jax.device_count()
     c.sharding.fsdp = math.gcd(int(c.sharding.fsdp), n)
     c.sharding.data = -1
@@ -178,15 +181,15 @@ def analytic_step_flops(config, example_shape, rule: str) -> float:
 
 
 class Row:
-  """One (preset, rule, attention, remat) row in phases: the constructor builds the trainer, `lower`
+  """One (preset, rule, attention, remat, blocks) row in phases: the constructor builds the trainer, `lower`
   lowers its step against the abstract state (no device memory for the state), `compile`
   (thread-safe: XLA compiles outside the GIL, so rows compile in parallel), `time` creates the
   state and times the step."""
 
-  def __init__(self, preset: str, rule: str, *, attention: str = '', remat: str = '', tiny=False,
-               batch=0, dtype='', workdir='/tmp/fmjax_throughput', size: str = ''):
+  def __init__(self, preset: str, rule: str, *, attention: str = '', remat: str = '', scan_blocks=False,
+               tiny=False, batch=0, dtype='', workdir='/tmp/fmjax_throughput', size: str = ''):
     config, self.shape = rule_config(preset, rule, tiny=tiny, batch=batch, dtype=dtype,
-                                     attention=attention, size=size, remat=remat)
+                                     attention=attention, size=size, remat=remat, scan_blocks=scan_blocks)
     self.tiny = tiny
     self.setup = train.Setup(config, workdir,
                              make_source=lambda c, mesh: SyntheticSource(c, mesh, self.shape))
@@ -195,6 +198,7 @@ class Row:
                 'dtype': config.model.dtype, 'diag': float(config.loss.diagonal_fraction),
                 'attention': config.model.get('attention') or 'naive',
                 'remat': config.model.get('remat') or 'none',
+                'blocks': 'scanned' if config.model.get('scan_blocks') else 'unrolled',
                 'model_flops': analytic_step_flops(config, self.shape, rule)}
     if config.loss.name == 'imf' and config.loss.get('guidance_conditioning'):
       self.row['guidance'] = (f'omega per row on [1, {config.loss.omega_max:g}]'
@@ -241,23 +245,23 @@ class Row:
     return row
 
 
-def measure(preset: str, rule: str, *, attention='', remat='', tiny=False, batch=0, dtype='', warmup=2,
-            repeats=10, workdir='/tmp/fmjax_throughput') -> dict:
+def measure(preset: str, rule: str, *, attention='', remat='', scan_blocks=False, tiny=False, batch=0,
+            dtype='', warmup=2, repeats=10, workdir='/tmp/fmjax_throughput') -> dict:
   """One row, compiled and timed on its own."""
-  r = Row(preset, rule, attention=attention, remat=remat, tiny=tiny, batch=batch, dtype=dtype,
-          workdir=workdir)
+  r = Row(preset, rule, attention=attention, remat=remat, scan_blocks=scan_blocks, tiny=tiny, batch=batch,
+          dtype=dtype, workdir=workdir)
   r.lower()
   r.compile()
   return r.time(warmup, repeats)
 
 
-def _error_row(preset, rule, attention, remat, e) -> dict:
+def _error_row(preset, rule, attention, remat, scanned, e) -> dict:
   message = ' '.join(str(e).split())[:160].replace('|', '/')
   return {'preset': preset, 'rule': rule, 'attention': attention or '', 'remat': remat or '',
-          'error': f'{type(e).__name__}: {message}'}
+          'blocks': 'scanned' if scanned else '', 'error': f'{type(e).__name__}: {message}'}
 
 
-COLUMNS = ('network', 'rule', 'attention', 'remat', 'batch', 'dtype', 'diagonal', 'step ms', 'img/s/device',
+COLUMNS = ('network', 'rule', 'attention', 'remat', 'blocks', 'batch', 'dtype', 'diagonal', 'step ms', 'img/s/device',
            'model GFLOP', 'XLA GFLOP', 'model/XLA', 'MFU', 'temp GiB', 'compile s', 'note')
 HEADER = benchmarking.markdown_row(COLUMNS)
 
@@ -269,26 +273,29 @@ def format_row(r: dict) -> str:
 def row_cells(r: dict) -> list[str]:
   """The table's cells of one row: measured, compiled but not timed, or failed / skipped."""
   if 'error' in r:
-    return ([r['preset'], r['rule'], r.get('attention', ''), r.get('remat', ''), r.get('batch', '')]
-            + [''] * (len(COLUMNS) - 6) + [r['error']])
+    return ([r['preset'], r['rule'], r.get('attention', ''), r.get('remat', ''), r.get('blocks', ''),
+             r.get('batch', '')] + [''] * (len(COLUMNS) - 7) + [r['error']])
   timed = 'step_s' in r
   mfu = '' if not timed or math.isnan(r['mfu']) else f"{100 * r['mfu']:.1f} %"
   step = f"{1e3 * r['step_s']:.1f}" if timed else ''
   per_device = f"{r['img_s_device']:.1f}" if timed else ''
   note = r.get('guidance', '') if timed else 'compiled, not timed'
-  return [r['preset'], r['rule'], r['attention'], r.get('remat', 'none'), r['batch'], r['dtype'],
+  return [r['preset'], r['rule'], r['attention'], r.get('remat', 'none'), r.get('blocks', 'unrolled'),
+          r['batch'], r['dtype'],
           f"{r['diag']:g}", step, per_device, f"{r['model_flops'] / 1e9:.4g}", f"{r['xla_flops'] / 1e9:.4g}",
           f"{r['model_flops'] / r['xla_flops']:.3f}", mfu, f"{r['temp_gib']:.2f}",
           f"{r['compile_s']:.0f}", note]
 
 
 def ratios(rows) -> list[str]:
-  """Each timed rule against flow matching with the same attention and remat policy: the time
-  ratio, the analytic FLOP ratio, and their quotient (the bound aimed for: at most 1.1). A
+  """Each timed rule against flow matching with the same attention, remat policy and blocks: the
+  time ratio, the analytic FLOP ratio, and their quotient (the bound aimed for: at most 1.1). A
   remat policy's recomputation is not in the analytic count (model FLOPs, as MFU counts them).
-  Then each policy's step time against the same rule and attention without remat."""
+  Then each policy's step time against the same rule and attention without remat, and scanned
+  blocks against unrolled ones."""
   timed = [r for r in rows if r is not None and 'step_s' in r]
-  variant = lambda r: (r['attention'], r.get('remat', 'none'))
+  scanned = lambda r: r.get('blocks', 'unrolled') == 'scanned'
+  variant = lambda r: (r['attention'], r.get('remat', 'none'), scanned(r))
   base = {variant(r): r for r in timed if r['rule'] == 'flow_matching'}
   lines = []
   for r in timed:
@@ -296,17 +303,26 @@ def ratios(rows) -> list[str]:
     if b is None or r is b:
       continue
     time_ratio, flop_ratio = r['step_s'] / b['step_s'], r['model_flops'] / b['model_flops']
-    policy = '' if r.get('remat', 'none') == 'none' else f", remat {r['remat']}"
+    policy = ('' if r.get('remat', 'none') == 'none' else f", remat {r['remat']}") + (', scanned' if scanned(r) else '')
     lines.append(f"- {r['rule']} ({r['attention']} attention{policy}) / flow matching: time "
                  f"{time_ratio:.3f}, FLOPs {flop_ratio:.3f}, time / FLOP ratio "
                  f"{time_ratio / flop_ratio:.3f}")
-  plain = {(r['rule'], r['attention']): r for r in timed if r.get('remat', 'none') == 'none'}
+  plain = {(r['rule'], r['attention'], scanned(r)): r for r in timed if r.get('remat', 'none') == 'none'}
   for r in timed:
-    b = plain.get((r['rule'], r['attention']))
+    b = plain.get((r['rule'], r['attention'], scanned(r)))
     if b is None or r is b:
       continue
-    lines.append(f"- {r['rule']} ({r['attention']} attention) with remat {r['remat']} / without: time "
-                 f"{r['step_s'] / b['step_s']:.3f}, temp GiB {r['temp_gib']:.2f} against {b['temp_gib']:.2f}")
+    lines.append(f"- {r['rule']} ({r['attention']} attention{', scanned' if scanned(r) else ''}) with remat "
+                 f"{r['remat']} / without: time {r['step_s'] / b['step_s']:.3f}, temp GiB {r['temp_gib']:.2f} "
+                 f"against {b['temp_gib']:.2f}")
+  unrolled = {(r['rule'], r['attention'], r.get('remat', 'none')): r for r in timed if not scanned(r)}
+  for r in timed:
+    b = unrolled.get((r['rule'], r['attention'], r.get('remat', 'none')))
+    if b is None or not scanned(r):
+      continue
+    lines.append(f"- {r['rule']} ({r['attention']} attention, remat {r.get('remat', 'none')}) scanned / "
+                 f"unrolled blocks: time {r['step_s'] / b['step_s']:.3f}, compile s {r['compile_s']:.0f} "
+                 f"against {b['compile_s']:.0f}, temp GiB {r['temp_gib']:.2f} against {b['temp_gib']:.2f}")
   return lines
 
 
@@ -333,6 +349,9 @@ def main(argv=None):
   parser.add_argument('--remat', default='',
                       help='comma-separated DiT block remat policies, a row each (default: the '
                            "preset's, none); e.g. none,dots,block")
+  parser.add_argument('--blocks', default='unrolled',
+                      help="comma-separated, a row each: the DiT blocks 'unrolled' (one compiled copy "
+                           "each) or 'scanned' (one body, config.model.scan_blocks)")
   parser.add_argument('--batch', type=int, default=0, help='global batch (0: the preset\'s)')
   parser.add_argument('--dtype', default='', help='compute dtype (default: the experiment\'s, bfloat16)')
   parser.add_argument('--tiny', action='store_true', help='CPU-size network and inputs (smoke test)')
@@ -358,7 +377,11 @@ def main(argv=None):
   unknown = sorted(set(remats) - set(dit.REMAT_POLICIES) - {''})
   if unknown:
     parser.error(f'unknown remat {unknown}; choose from {tuple(dit.REMAT_POLICIES)}.')
-  specs = [(rule, attention, remat) for rule in rules for attention in attentions for remat in remats]
+  blocks = [b for b in args.blocks.split(',') if b]
+  if set(blocks) - {'unrolled', 'scanned'}:
+    parser.error(f"unknown blocks {sorted(set(blocks) - {'unrolled', 'scanned'})}; choose from unrolled, scanned.")
+  specs = [(rule, attention, remat, b == 'scanned') for rule in rules for attention in attentions
+           for remat in remats for b in blocks]
   options = dict(tiny=args.tiny, batch=args.batch, dtype=args.dtype)
   start, rows = time.perf_counter(), [None] * len(specs)
 
@@ -371,29 +394,29 @@ def main(argv=None):
   def spent():
     return args.budget_s and time.perf_counter() - start > args.budget_s
 
-  def skipped(rule, attention, remat):
+  def skipped(rule, attention, remat, scanned):
     return {'preset': args.model, 'rule': rule, 'attention': attention, 'remat': remat,
-            'error': f'skipped: --budget_s {args.budget_s:g} spent'}
+            'blocks': 'scanned' if scanned else '', 'error': f'skipped: --budget_s {args.budget_s:g} spent'}
 
   if args.compile_workers <= 1:
-    for i, (rule, attention, remat) in enumerate(specs):
+    for i, (rule, attention, remat, scanned) in enumerate(specs):
       try:
-        rows[i] = (skipped(rule, attention, remat) if spent() else
-                   measure(args.model, rule, attention=attention, remat=remat, warmup=args.warmup,
-                           repeats=args.repeats, **options))
+        rows[i] = (skipped(*specs[i]) if spent() else
+                   measure(args.model, rule, attention=attention, remat=remat, scan_blocks=scanned,
+                           warmup=args.warmup, repeats=args.repeats, **options))
       except Exception as e:   # e.g. out of memory: keep the other rows
-        rows[i] = _error_row(args.model, rule, attention, remat, e)
+        rows[i] = _error_row(args.model, *specs[i], e)
       write(i)
   else:
     # Compile everything before timing anything: XLA:GPU autotunes on the device while it
     # compiles, which would disturb a step being timed.
     prepared = {}
-    for i, (rule, attention, remat) in enumerate(specs):
+    for i, (rule, attention, remat, scanned) in enumerate(specs):
       try:
-        prepared[i] = Row(args.model, rule, attention=attention, remat=remat, **options)
+        prepared[i] = Row(args.model, rule, attention=attention, remat=remat, scan_blocks=scanned, **options)
         prepared[i].lower()
       except Exception as e:
-        rows[i] = _error_row(args.model, rule, attention, remat, e)
+        rows[i] = _error_row(args.model, *specs[i], e)
         prepared.pop(i, None)
     with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
       futures = {i: pool.submit(r.compile) for i, r in prepared.items()}

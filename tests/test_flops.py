@@ -188,6 +188,24 @@ def test_throughput_benchmark_tiny_runs(tmp_path):
   assert all(line.count('|') == columns for line in text.splitlines() if line.startswith('| dit-b2'))
 
 
+def test_throughput_benchmark_scanned_blocks(tmp_path):
+  """Scanned DiT blocks are a row axis: the same model FLOPs and first loss (the same network
+  and initial state), and the ratio line compares them with the unrolled row."""
+  train_throughput = _throughput_module()
+  out = tmp_path / 'table.md'
+  rows = train_throughput.main(['--model', 'dit-b2', '--tiny', '--batch', '4', '--rules', 'lsd',
+                                '--attention', 'naive', '--blocks', 'unrolled,scanned', '--warmup', '0',
+                                '--repeats', '1', '--out', str(out)])
+  unrolled, scanned = rows
+  assert (unrolled['blocks'], scanned['blocks']) == ('unrolled', 'scanned')
+  assert 'error' not in scanned and jnp.isfinite(scanned['loss'])
+  assert scanned['model_flops'] == unrolled['model_flops']
+  # The same initial state and batch: the first step's loss is the same function's.
+  assert abs(scanned['loss'] - unrolled['loss']) <= 1e-5 * abs(unrolled['loss'])
+  assert f"- lsd (naive attention, remat none) scanned / unrolled blocks: time {scanned['step_s'] / unrolled['step_s']:.3f}" \
+      in out.read_text()
+
+
 def test_throughput_benchmark_rows_without_timing():
   """Skipped, failed and compiled-but-untimed rows keep the table's columns; bad arguments are
   refused before any compile."""
@@ -198,9 +216,9 @@ def test_throughput_benchmark_rows_without_timing():
   columns = train_throughput.HEADER.count('|')
   untimed = dict(preset='dit-b2', rule='lsd', attention='naive', batch=4, dtype='bfloat16', diag=0.25,
                  model_flops=1e9, xla_flops=1.1e9, temp_gib=0.5, compile_s=3.0)
-  for row in rows + [untimed, train_throughput._error_row('unet', 'imf', 'flash', 'block', MemoryError('oom'))]:
+  for row in rows + [untimed, train_throughput._error_row('unet', 'imf', 'flash', 'block', True, MemoryError('oom'))]:
     assert train_throughput.format_row(row).count('|') == columns, row
   assert 'compiled, not timed' in train_throughput.format_row(untimed)
-  for bad in (['--rules', 'mf'], ['--attention', 'fast'], ['--remat', 'blocks']):
+  for bad in (['--rules', 'mf'], ['--attention', 'fast'], ['--remat', 'blocks'], ['--blocks', 'scan']):
     with pytest.raises(SystemExit):
       train_throughput.main(['--tiny'] + bad)

@@ -25,6 +25,16 @@ extra forward pass). Values, gradients and parameters are the same under every p
 composes with the jvp of the flow-map rules: the jvp of a checkpointed block is checkpointed, so
 the tangents are recomputed too.
 
+Scanned blocks (`scan_blocks=True`): the blocks' parameters are stored stacked along a leading
+depth axis (one DiTBlock module whose arrays are [depth, ...]) and the forward pass is one
+`jax.lax.scan` over them, so XLA compiles one block body instead of `depth` copies (the
+"scan over layers" of large-model JAX trainers). Compile time falls roughly with depth
+(benchmarks/compile_time.py); under FSDP only the block being computed is gathered. The function
+and its initialization are the same as the unrolled network's (a network built with the same
+seed holds the same numbers, stacked: tests/test_scan_blocks.py); the parameter tree is not, so a
+run's checkpoints load only with the setting they were written with (`stack_block_params` and
+`unstack_block_params` convert a parameter tree between the two). Remat applies to the scan body.
+
 Mixed precision (`dtype=jnp.bfloat16`): parameters stay float32 (`param_dtype`); times, their
 embeddings and the conditioning MLP run in float32 (a jvp in time differentiates through
 sin(1000 t), which bfloat16's 8-bit mantissa would ruin), and the conditioning vector is cast
@@ -129,6 +139,55 @@ def block_caller(remat: str):
   return call
 
 
+def stack_modules(modules):
+  """One module of the shared structure whose arrays are the modules' arrays stacked on axis 0."""
+  graphdef, _ = nnx.split(modules[0])
+  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules]))
+
+
+def scan_stacked_blocks(stacked, h, c, remat: str):
+  """h after every block of `stacked` (a DiTBlock whose arrays are [depth, ...]) in order: one
+  `jax.lax.scan`, so the compiled program holds one block body whatever the depth.
+
+  The body is pure (the layer's arrays in, nnx.merge inside), as in block_caller, and is
+  checkpointed under the policy `remat` names, with prevent_cse=False: the scan already keeps XLA
+  from merging the recomputation with the original (jax.checkpoint's documentation advises this
+  setting inside scans), and the guard would only block other optimizations.
+  """
+  block_caller(remat)   # validates the name
+  graphdef, state = nnx.split(stacked)
+  layer = lambda state, h, c: nnx.merge(graphdef, state)(h, c)
+  if REMAT_POLICIES[remat] is not None:
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  h, _ = jax.lax.scan(lambda h, state: (layer(state, h, c), None), h, state)
+  return h
+
+
+def stack_block_params(params, depth: int):
+  """A parameter tree of the unrolled DiT (blocks 0..depth-1) -> the scanned DiT's (`scan_blocks=True`).
+
+  `params`: a nested dict (nnx.to_pure_dict of the model's state, or a checkpoint's params) with
+  the blocks under 'blocks' with keys 0..depth-1; the rest is returned unchanged.
+  """
+  blocks = params['blocks']
+  missing = [i for i in range(depth) if i not in blocks and str(i) not in blocks]
+  if missing:
+    raise ValueError(f'stack_block_params: blocks {missing} are missing from the parameters; is the '
+                     f"tree already stacked (keys: {sorted(map(str, blocks))[:6]})?")
+  layers = [blocks[i] if i in blocks else blocks[str(i)] for i in range(depth)]
+  return {**params, 'blocks': jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_block_params(params):
+  """The inverse of stack_block_params: the scanned DiT's parameter tree -> the unrolled DiT's."""
+  depths = {np.shape(a)[0] for a in jax.tree.leaves(params['blocks'])}
+  if len(depths) != 1:
+    raise ValueError(f'unstack_block_params: the blocks\' arrays disagree on the leading (depth) axis: '
+                     f'{sorted(depths)}; is the tree stacked?')
+  (depth,) = depths
+  return {**params, 'blocks': {i: jax.tree.map(lambda a: a[i], params['blocks']) for i in range(depth)}}
+
+
 def modulate(x, shift, scale):
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
@@ -181,13 +240,13 @@ class DiT(nnx.Module):
                num_classes: int = 0, time_conditioning: str = 's_t', time_frequency_dim: int = 256,
                time_scale: float = 1000.0, guidance_conditioning: bool = False, velocity_head: bool = False,
                attention: str = 'naive', attention_options: dict | None = None,
-               qk_norm: bool = False, remat: str = 'none', dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               qk_norm: bool = False, remat: str = 'none', scan_blocks: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}.')
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
     block_caller(remat)   # validates the policy name early
-    self.remat = remat
+    self.remat, self.scan_blocks, self.depth = remat, bool(scan_blocks), depth
     self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
     self.num_classes, self.time_conditioning, self.dtype = num_classes, time_conditioning, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -206,8 +265,9 @@ class DiT(nnx.Module):
     # iMF's guidance inputs (omega, interval), added to c; absent (no params) when off.
     self.guidance_embedding = (guidance_lib.GuidanceEmbedding(hidden, time_frequency_dim, **time_kw)
                                if guidance_conditioning else None)
-    self.blocks = nnx.List([DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, qk_norm=qk_norm, **kw)
-                            for _ in range(depth)])
+    blocks = [DiTBlock(hidden, num_heads, mlp_ratio, attend=attend, qk_norm=qk_norm, **kw) for _ in range(depth)]
+    # Scanned: built as the unrolled blocks (the same draws from rngs), then stacked.
+    self.blocks = stack_modules(blocks) if self.scan_blocks else nnx.List(blocks)
     self.final_norm = nnx.LayerNorm(hidden, use_bias=False, use_scale=False, epsilon=1e-6, **kw)
     self.final_adaln = nnx.Linear(hidden, 2 * hidden, kernel_init=_zeros, **kw)
     self.final_linear = nnx.Linear(hidden, patch_size * patch_size * in_channels, kernel_init=_zeros, **kw)
@@ -243,9 +303,12 @@ class DiT(nnx.Module):
     h = self.patch_embed(x.astype(self.dtype)).reshape(b, g * g, -1)
     # A fixed embedding, built as a compile-time constant (kept out of params so no optimizer moves it).
     h = h + jnp.asarray(sincos_2d_position_embedding(self.hidden, g), self.dtype)[None]
-    call = block_caller(self.remat)
-    for block in self.blocks:
-      h = call(block, h, c)
+    if self.scan_blocks:
+      h = scan_stacked_blocks(self.blocks, h, c, self.remat)
+    else:
+      call = block_caller(self.remat)
+      for block in self.blocks:
+        h = call(block, h, c)
     h = self.final_norm(h)
 
     def output(adaln, linear):

@@ -103,7 +103,9 @@ def dit_forward(module) -> Forward:
     emb = module.guidance_embedding
     lin += linear_flops(emb.linear0, 1) + linear_flops(emb.linear1, 1)
   att = 0.0
-  for block in module.blocks:
+  # Scanned blocks are one module with stacked arrays; its layers' static shapes are one block's.
+  blocks = [module.blocks] * module.depth if getattr(module, 'scan_blocks', False) else module.blocks
+  for block in blocks:
     lin += linear_flops(block.adaln, 1)   # per example: the conditioning vector
     lin += sum(linear_flops(getattr(block, k), n) for k in ('qkv', 'proj', 'fc1', 'fc2'))
     att += attention_flops(n, block.proj.out_features)
