@@ -29,12 +29,14 @@ estimate of the order, not a promise: confirm the rows that fit narrowly on the 
   python benchmarks/memory_plan.py --devices 64 --meshes 8x8 --rules lsd --size B,M,L,XL   # largest LSD DiT
   python benchmarks/memory_plan.py --devices 8 --meshes 1x8 --rules lsd --size XL --remat none,dots,block --schedule memory
   python benchmarks/memory_plan.py --devices 8 --meshes 8x1 --rules imf --size XL --microbatches 4   # iMF's batch on 8 chips
+  python benchmarks/memory_plan.py --devices 64 --meshes 8x8,1x64 --rules lsd,imf --size XL --blocks scanned --remat block
   python benchmarks/memory_plan.py --tiny --devices 8 --meshes 8x1,1x8 --rules lsd       # CI size (seconds)
 
 Meshes are DATAxFSDP (their product is --devices). --microbatches k plans an update
 accumulated over k passes of batch/k (config.train.microbatches). --remat gives the DiT blocks'
 rematerialization policies (config.model.remat: none, dots, block; fmjax.models.dit), a row
-each. Batches: the experiments' global batches (MeanFlow and LSD 256, iMF 1024), or --batch.
+each; --blocks unrolled,scanned plans the DiT with its blocks unrolled and scanned
+(config.model.scan_blocks: one compiled block body, compiled in seconds), a row each. Batches: the experiments' global batches (MeanFlow and LSD 256, iMF 1024), or --batch.
 Rows print as they finish; --out writes the Markdown table, --json the rows.
 """
 
@@ -275,7 +277,7 @@ def main(argv=None):
   if schedule != args.schedule:
     print(f'memory_plan: this XLA:CPU does not take {MEMORY_SCHEDULE_FLAG}: its default '
           '(concurrency) schedule; remat rows keep more temporaries than a device would.', file=sys.stderr)
-  elif schedule == 'concurrency' and set(remats) - {'none'}:
+  elif schedule == 'concurrency' and set(remats) - {'none'} and 'unrolled' in blocks:   # a scan honours remat
     print('memory_plan: XLA:CPU\'s default schedule keeps most of what remat drops; compare '
           'policies with --schedule memory (and the kept column, which no schedule changes).', file=sys.stderr)
   text = [f'{args.devices} fake CPU devices (jax {jax.__version__}, XLA:CPU {schedule} schedule); peak = '

@@ -12,7 +12,8 @@ already on the devices, so the step time excludes the input pipeline. Reported p
                  attention of forward, backward and jvp, from the network's shapes)
   XLA GFLOP      XLA's cost analysis of the step's unoptimized HLO (a cross-check: on GPU the
                  optimized program's count leaves out cuBLAS GEMMs, the unoptimized one does not); with
-                 a remat policy it includes the recomputation, which the model count leaves out
+                 a remat policy it includes the recomputation, which the model count leaves out;
+                 blank for scanned blocks, whose loop body XLA counts once
   MFU            model FLOPs / step time / (devices x peak dense bf16 FLOP/s of the device,
                  fmjax.models.flops.PEAK_BF16); blank where the peak is unknown (CPU)
   temp GiB       XLA's temporary buffer size of the compiled step
@@ -215,7 +216,10 @@ class Row:
       start = time.perf_counter()
       self.lowered = setup.train_step.lower(setup.abstract_state, self.batch, self.stop)
       self.row['lower_s'] = time.perf_counter() - start
-    self.row['xla_flops'] = benchmarking.xla_cost(self.lowered)['flops']
+    # XLA's cost analysis counts a loop's body once: a scanned step's count leaves out depth - 1
+    # blocks, so it is not reported (the model count is the network's either way).
+    scanned = self.row['blocks'] == 'scanned'
+    self.row['xla_flops'] = float('nan') if scanned else benchmarking.xla_cost(self.lowered)['flops']
 
   def compile(self):
     start = time.perf_counter()
@@ -280,10 +284,11 @@ def row_cells(r: dict) -> list[str]:
   step = f"{1e3 * r['step_s']:.1f}" if timed else ''
   per_device = f"{r['img_s_device']:.1f}" if timed else ''
   note = r.get('guidance', '') if timed else 'compiled, not timed'
+  counted = not math.isnan(r['xla_flops'])   # blank for scanned blocks
   return [r['preset'], r['rule'], r['attention'], r.get('remat', 'none'), r.get('blocks', 'unrolled'),
-          r['batch'], r['dtype'],
-          f"{r['diag']:g}", step, per_device, f"{r['model_flops'] / 1e9:.4g}", f"{r['xla_flops'] / 1e9:.4g}",
-          f"{r['model_flops'] / r['xla_flops']:.3f}", mfu, f"{r['temp_gib']:.2f}",
+          r['batch'], r['dtype'], f"{r['diag']:g}", step, per_device, f"{r['model_flops'] / 1e9:.4g}",
+          f"{r['xla_flops'] / 1e9:.4g}" if counted else '',
+          f"{r['model_flops'] / r['xla_flops']:.3f}" if counted else '', mfu, f"{r['temp_gib']:.2f}",
           f"{r['compile_s']:.0f}", note]
 
 

@@ -21,11 +21,11 @@ def rows(tmp_path_factory):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_plan.py'), '--tiny',
                   '--devices', '8', '--meshes', '1x8', '--rules', 'lsd', '--batch', '16',
-                  '--remat', 'none,block', '--schedule', 'memory',
+                  '--remat', 'none,block', '--blocks', 'unrolled,scanned', '--schedule', 'memory',
                   '--json', str(out / 'rows.json'), '--out', str(out / 'plan.md')],
                  check=True, cwd=ROOT, env={**env, 'PYTHONPATH': ROOT}, capture_output=True, text=True)
   with open(out / 'rows.json') as f:
-    return {(r['mesh'], r['remat']): r for r in json.load(f)}
+    return {(r['mesh'], r['remat']) + (('scanned',) if r['scan_blocks'] else ()): r for r in json.load(f)}
 
 
 def test_per_device_bytes_add_up(rows):
@@ -58,6 +58,17 @@ def test_remat_keeps_the_state_and_less_for_the_backward(rows):
   # device keeps 38.3 GiB in 35.0 GiB of temporaries). Each block kept as its input: a fraction.
   assert 0.25 * plain['temp_bytes'] < plain['kept_bytes'] < 2 * plain['temp_bytes']
   assert 0 < remat['kept_bytes'] < 0.2 * plain['kept_bytes']
+
+
+def test_scanned_rows_are_planned_with_the_same_batch_and_remat(rows):
+  # The scanned step (one compiled block body) plans the same network: the same batch bytes,
+  # parameters and kept activations as the unrolled one to a few bytes, and remat acts on it.
+  for remat in ('none', 'block'):
+    unrolled, scanned = rows['1x8', remat], rows['1x8', remat, 'scanned']
+    assert scanned['model'].endswith(', scanned') and not unrolled['model'].endswith('scanned')
+    assert scanned['batch_bytes'] == unrolled['batch_bytes'] and scanned['params_m'] == unrolled['params_m']
+    assert abs(scanned['kept_bytes'] - unrolled['kept_bytes']) < 0.02 * unrolled['kept_bytes']
+  assert rows['1x8', 'block', 'scanned']['kept_bytes'] < 0.2 * rows['1x8', 'none', 'scanned']['kept_bytes']
 
 
 def test_the_plan_asks_for_the_memory_minimizing_schedule(rows):

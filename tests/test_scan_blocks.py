@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fmjax import configs, flow_maps, interpolants, losses, models
+from fmjax import benchmarking, configs, flow_maps, interpolants, losses, models
 from fmjax.models import dit, flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +87,20 @@ def test_scanned_blocks_give_the_same_loss_and_gradient(rule, remat):
   grad_s = {**grad_s, 'net': dit.unstack_block_params(grad_s['net'])}   # the rule's tree holds the net
   assert jax.tree.structure(grad_s) == jax.tree.structure(grad)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * norm), grad_s, grad)
+
+
+def test_remat_acts_inside_the_scan():
+  # What LSD's loss keeps for its backward pass (from the jaxpr): the scan's stacked residuals
+  # shrink under each policy as the unrolled blocks' do (tests/test_remat.py).
+  kept = {}
+  for remat in ('none', 'dots', 'block'):
+    loss = _loss(True, remat, 'lsd')
+    params = loss.init(dit.stack_block_params(_unrolled_params(), KW['depth']), jax.random.PRNGKey(0))
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _batch())
+    kept[remat] = benchmarking.saved_residual_bytes(lambda p, b: loss(p, b, jax.random.PRNGKey(4))[0],
+                                                    params, batch)
+  assert kept['block'] < kept['dots'] < kept['none'], kept
+  assert kept['block'] < 0.25 * kept['none'], kept
 
 
 def _dot_count(scan, depth):

@@ -683,6 +683,30 @@ GUIDED_TEACHER_MUTATIONS = [
              "  if False:", tests=GUIDED_TEACHER_TESTS, alone=True),
 ]
 MUTATIONS += GUIDED_TEACHER_MUTATIONS
+# Scanned DiT blocks (config.model.scan_blocks: stacked parameters, one lax.scan).
+SCAN_TESTS = ['tests/test_scan_blocks.py']
+_SCAN = '(layer(state, h, c), None), h, state)'
+SCAN_MUTATIONS = [
+    mutation('scanned blocks: one layer reused for every block', 'fmjax/models/dit.py', _SCAN,
+             '(layer(state, h, c), None), h, jax.tree.map(lambda a: jnp.broadcast_to(a[:1], a.shape), state))',
+             tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: run in reverse order', 'fmjax/models/dit.py', _SCAN,
+             '(layer(state, h, c), None), h, state, reverse=True)', tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: a stop-gradient on the layer parameters', 'fmjax/models/dit.py', _SCAN,
+             '(layer(jax.lax.stop_gradient(state), h, c), None), h, state)', tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: remat ignored inside the scan', 'fmjax/models/dit.py',
+             '  if REMAT_POLICIES[remat] is not None:\n    layer = jax.checkpoint',
+             '  if False:\n    layer = jax.checkpoint', tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: FLOPs counted for one block', 'fmjax/models/flops.py',
+             '[module.blocks] * module.depth', '[module.blocks]', tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: initialized in another order than unrolled', 'fmjax/models/dit.py',
+             'self.blocks = stack_modules(blocks) if', 'self.blocks = stack_modules(blocks[::-1]) if',
+             tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: the parameter conversion stacks in reverse', 'fmjax/models/dit.py',
+             'for i in range(depth)]\n  return {**params', 'for i in reversed(range(depth))]\n  return {**params',
+             tests=SCAN_TESTS, alone=True),
+]
+MUTATIONS += SCAN_MUTATIONS
 
 
 def run(mutation: Mutation, scratch: str) -> list[str]:

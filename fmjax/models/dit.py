@@ -28,8 +28,10 @@ the tangents are recomputed too.
 Scanned blocks (`scan_blocks=True`): the blocks' parameters are stored stacked along a leading
 depth axis (one DiTBlock module whose arrays are [depth, ...]) and the forward pass is one
 `jax.lax.scan` over them, so XLA compiles one block body instead of `depth` copies (the
-"scan over layers" of large-model JAX trainers). Compile time falls roughly with depth
-(benchmarks/compile_time.py); under FSDP only the block being computed is gathered. The function
+"scan over layers" of large-model JAX trainers): compile time falls with the depth, and under
+FSDP only the block being computed is gathered (benchmarks/memory_plan.py --blocks). Without
+remat the scanned step holds more temporaries than the unrolled one (each block's residuals are
+materialized as loop outputs); with `remat` it holds far fewer, on XLA:CPU. The function
 and its initialization are the same as the unrolled network's (a network built with the same
 seed holds the same numbers, stacked: tests/test_scan_blocks.py); the parameter tree is not, so a
 run's checkpoints load only with the setting they were written with (`stack_block_params` and
