@@ -35,9 +35,14 @@ may replay kernels as CUDA graphs (command buffers), which the trace does not at
 instructions; if a GPU table says ESTIMATE, rerun with XLA_FLAGS=--xla_gpu_enable_command_buffer=
 (an empty list: no command buffers).
 
+Below the class table, the same time by source line (`site`: the Python line each executed
+instruction was traced from, a fusion by its root, e.g. `dit.py:LINE DiTBlock.__call__` for the
+line of the MLP's GELU): what a class lumps together, told apart by the code that made it.
+
   python benchmarks/profile_step.py --model dit --size tiny --batch 8            # CPU, seconds
   python benchmarks/profile_step.py --model dit --size B --rule meanflow --out runs/prof.json
   python benchmarks/profile_step.py --size tiny --devices 4    # 4 fake CPU devices: collectives
+  python benchmarks/profile_step.py --size tiny --blocks scanned --remat block   # scanned DiT blocks
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class Instruction:
   calls: list = dataclasses.field(default_factory=list)
   source: tuple = ('', '')    # (file, function) of the innermost traced Python frame
   op_name: str = ''
+  line: int = 0               # that frame's line
 
 
 @dataclasses.dataclass
@@ -160,7 +166,7 @@ def parse_instruction(line: str) -> Instruction | None:
 
 
 def _frame_table(lines) -> dict:
-  """stack_frame_id -> (file, function) from the FileNames / FunctionNames / FileLocations /
+  """stack_frame_id -> (file, function, line) from the FileNames / FunctionNames / FileLocations /
   StackFrames tables that open a jax-printed HLO module (the innermost frame only)."""
   tables, current = collections.defaultdict(dict), None
   for line in lines:
@@ -181,11 +187,13 @@ def _frame_table(lines) -> dict:
   locations = {}
   for k, v in tables['FileLocations'].items():
     f, fn = re.search(r'file_name_id=(\d+)', v), re.search(r'function_name_id=(\d+)', v)
-    locations[k] = (files.get(int(f.group(1)), '') if f else '', functions.get(int(fn.group(1)), '') if fn else '')
+    line = re.search(r'\bline=(\d+)', v)
+    locations[k] = (files.get(int(f.group(1)), '') if f else '', functions.get(int(fn.group(1)), '') if fn else '',
+                    int(line.group(1)) if line else 0)
   frames = {}
   for k, v in tables['StackFrames'].items():
     loc = re.search(r'file_location_id=(\d+)', v)
-    frames[k] = locations.get(int(loc.group(1)), ('', '')) if loc else ('', '')
+    frames[k] = locations.get(int(loc.group(1)), ('', '', 0)) if loc else ('', '', 0)
   return frames
 
 
@@ -211,7 +219,8 @@ def parse_hlo(text: str) -> HloModule:
       if inst is not None:
         frame = _FRAME_ID.search(inst.attrs)
         if frame:
-          inst.source = frames.get(int(frame.group(1)), ('', ''))
+          *inst.source, inst.line = frames.get(int(frame.group(1)), ('', '', 0))
+          inst.source = tuple(inst.source)
         computations[current].append(inst)
   if not entry:
     raise ValueError('No ENTRY computation in the HLO text: pass compiled.as_text() of a compiled program.')
@@ -377,6 +386,21 @@ class OpCost:
   bytes: float
   count: float = 1.0
   parent: str = ''          # the control-flow instruction whose body runs it ('' at top level)
+  site: str = ''            # where it was traced: 'file.py:LINE function' (see `site`)
+
+
+def site(inst: Instruction, module: HloModule) -> str:
+  """'file.py:LINE function' of the Python line an executed instruction was traced from: its own
+  frame (a fusion's is its root's), else the most frequent frame among a fusion's members; '' if
+  the program carries no source information. It tells apart what one class lumps together
+  (a GELU from a residual add, the loss from the optimizer update)."""
+  source, line = inst.source, inst.line
+  if source == ('', '') and inst.opcode == 'fusion':
+    counts = collections.Counter((m.source, m.line) for c in inst.calls for m in _members(module, c)
+                                 if m.source != ('', ''))
+    if counts:
+      (source, line), _ = counts.most_common(1)[0]
+  return f"{os.path.basename(source[0])}:{line} {source[1].replace('.<locals>', '')}" if source != ('', '') else ''
 
 
 def executed_ops(module: HloModule) -> dict[str, OpCost]:
@@ -397,7 +421,8 @@ def executed_ops(module: HloModule) -> dict[str, OpCost]:
         flops = instruction_flops(inst, shapes)
       moved = 0.0 if inst.opcode in CONTROL else (
           nbytes(inst.shape) + sum(nbytes(shapes.get(o, '')) for o in inst.operands))
-      ops[inst.name] = OpCost(inst.name, inst.opcode, classify(inst, module), flops, moved, count, parent)
+      ops[inst.name] = OpCost(inst.name, inst.opcode, classify(inst, module), flops, moved, count, parent,
+                              site(inst, module))
       if inst.opcode in CONTROL:
         trips = _TRIP_COUNT.search(inst.attrs)
         inner = count * (int(trips.group(1)) if trips and inst.opcode == 'while' else 1)
@@ -494,6 +519,37 @@ def class_table(ops: dict[str, OpCost], times: dict[str, float]) -> dict:
   return rows
 
 
+def site_table(ops: dict[str, OpCost], times: dict[str, float], top: int = 20) -> list[dict]:
+  """The `top` source lines (`site`) by time per step: [{site, class, time_s, time_share, flops,
+  bytes, ops}], class the one that took most of the line's time; instructions without source
+  information are one row, site ''."""
+  rows = {}
+  total = sum(times.get(name, 0.0) for name in ops) or 1.0
+  for name, op in ops.items():
+    row = rows.setdefault(op.site, {'site': op.site, 'time_s': 0.0, 'flops': 0.0, 'bytes': 0.0, 'ops': 0,
+                                    'by_class': collections.Counter()})
+    row['time_s'] += times.get(name, 0.0)
+    row['flops'] += op.flops * op.count
+    row['bytes'] += op.bytes * op.count
+    row['ops'] += 1
+    row['by_class'][op.cls] += times.get(name, 0.0)
+  out = []
+  for row in sorted(rows.values(), key=lambda r: -r['time_s'])[:top]:
+    by_class = row.pop('by_class')
+    row['class'] = max(by_class, key=by_class.get)
+    row['time_share'] = row['time_s'] / total
+    out.append(row)
+  return out
+
+
+def format_sites(rows: list[dict]) -> str:
+  from fmjax import benchmarking
+  columns = ('source line', 'class', 'time %', 'time ms', 'GFLOP', 'GB', 'ops')
+  cells = [[r['site'] or '(no source)', r['class'], f"{100 * r['time_share']:.1f}", f"{1e3 * r['time_s']:.3f}",
+            f"{r['flops'] / 1e9:.4g}", f"{r['bytes'] / 1e9:.4g}", r['ops']] for r in rows]
+  return benchmarking.markdown_table(columns, cells)
+
+
 def format_table(rows: dict) -> str:
   from fmjax import benchmarking
   columns = ('class', 'time %', 'time ms', 'FLOP %', 'GFLOP', 'bytes %', 'MB', 'FLOP/byte', 'ops')
@@ -546,8 +602,11 @@ def profile_compiled(compiled, run, *, steps: int = 3, time_source: str = 'profi
           'xla_flops': xla['flops'], 'xla_bytes': xla['bytes_accessed'], 'module': module.name,
           # trace events naming no executed instruction of the program (expected: none)
           'unmatched_ops': sorted(set(raw) - set(ops))[:20],
-          'top_ops': sorted(({'name': n, 'class': ops[n].cls, 'opcode': ops[n].opcode, 'time_s': t}
-                             for n, t in times.items() if n in ops), key=lambda r: -r['time_s'])[:15]}
+          'sites': site_table(ops, times),
+          'top_ops': sorted(({'name': n, 'class': ops[n].cls, 'opcode': ops[n].opcode, 'time_s': t,
+                              'site': ops[n].site, 'flops': ops[n].flops * ops[n].count,
+                              'bytes': ops[n].bytes * ops[n].count}
+                             for n, t in times.items() if n in ops), key=lambda r: -r['time_s'])[:40]}
 
 
 def describe_source(result: dict) -> str:
@@ -575,6 +634,9 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=0, help="global batch (0: the experiment's, 8 for tiny)")
   parser.add_argument('--dtype', default='', help="compute dtype (default: the experiment's)")
   parser.add_argument('--attention', default='', help="naive | blockwise | flash | auto (default: the experiment's)")
+  parser.add_argument('--blocks', default='unrolled', choices=('unrolled', 'scanned'),
+                      help="the DiT's blocks unrolled or scanned (config.model.scan_blocks)")
+  parser.add_argument('--remat', default='', help="DiT block remat policy: none | dots | block (default: the experiment's)")
   parser.add_argument('--devices', type=int, default=0, help='fake CPU devices (XLA host platform device count)')
   parser.add_argument('--steps', type=int, default=3, help='profiled steps (after one untimed)')
   parser.add_argument('--time_source', default='profiler', choices=('profiler', 'cost_model'))
@@ -593,7 +655,8 @@ def main(argv=None):
     parser.error(f'unknown rule {args.rule!r}; choose from {train_throughput.RULES}.')
   tiny = args.size == 'tiny'
   batch = args.batch or (8 if tiny else 0)
-  row = train_throughput.Row('dit-b2', args.rule, attention=args.attention, tiny=tiny, batch=batch,
+  row = train_throughput.Row('dit-b2', args.rule, attention=args.attention, remat=args.remat,
+                             scan_blocks=args.blocks == 'scanned', tiny=tiny, batch=batch,
                              dtype=args.dtype, size='' if tiny else args.size,
                              workdir=tempfile.mkdtemp(prefix='fmjax_profile_'))
   row.lower()
@@ -610,7 +673,8 @@ def main(argv=None):
     result = profile_compiled(row.compiled, run, steps=args.steps, time_source=args.time_source)
   device = jax.devices()[0]
   result.update(model=f'DiT-{args.size}', rule=args.rule, batch=row.row['batch'], dtype=row.row['dtype'],
-                attention=row.row['attention'], devices=jax.device_count(), device_kind=device.device_kind,
+                attention=row.row['attention'], remat=row.row['remat'], blocks=row.row['blocks'],
+                devices=jax.device_count(), device_kind=device.device_kind,
                 platform=device.platform, jax=jax.__version__, model_flops=row.row['model_flops'],
                 compile_s=row.row['compile_s'])
   table = sum(r['flops'] for r in result['classes'].values())
@@ -627,6 +691,10 @@ def main(argv=None):
   print()
   print('slowest instructions: ' + ', '.join(f"{o['name']} ({o['class']}, {1e3 * o['time_s']:.3f} ms)"
                                              for o in result['top_ops'][:8]))
+  print()
+  print('Where in the code (the source line each instruction was traced from; a fusion by its root):')
+  print()
+  print(format_sites(result['sites']))
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1)

@@ -147,6 +147,27 @@ def test_classifier_on_handwritten_hlo():
   assert ops['while.1'].bytes == 0
 
 
+def test_sites_name_the_traced_line():
+  """Each executed instruction's source line: a fusion without its own frame by its members'
+  most frequent one, none without source information; the site table sums times per line."""
+  module = ps.parse_hlo(HLO)
+  ops = ps.executed_ops(module)
+  assert ops['dense_fusion'].site == 'linear.py:10 Linear.__call__'
+  assert ops['scores_fusion'].site == 'attention.py:70 naive_attention'
+  assert ops['modulate_fusion'].site == 'dit.py:88 modulate'
+  assert ops['adam_fusion'].site == 'transform.py:88 update_moment'
+  assert ops['softmax_fusion'].site == '' and ops['copy.1'].site == ''
+  times = {'dense_fusion': 3.0, 'scores_fusion': 1.0, 'softmax_fusion': 0.8, 'copy.1': 0.6, 'adam_fusion': 2.0}
+  rows = ps.site_table(ops, times, top=3)
+  # The no-source row holds the softmax and the copy (1.4 s), its class the one that took most.
+  assert [(r['site'], r['class']) for r in rows] == [
+      ('linear.py:10 Linear.__call__', 'matmul/conv'), ('transform.py:88 update_moment', 'elementwise'),
+      ('', 'attention')]
+  assert rows[0]['time_share'] == pytest.approx(3.0 / 7.4)
+  assert rows[2]['time_s'] == pytest.approx(1.4) and rows[2]['ops'] > 2
+  assert '(no source)' in ps.format_sites(rows)
+
+
 def test_single_lines():
   conv = ps.parse_instruction(
       '  ROOT %convolution.3 = f32[8,4,4,32]{3,2,1,0} convolution(%p0, %p1), window={size=2x2 stride=2x2}, '
@@ -220,6 +241,12 @@ def test_tiny_dit_shares_and_matmul_flops(tiny_dit_profile):
   assert total == pytest.approx(result['xla_flops'], rel=0.25)
   table = ps.format_table(classes)
   assert table.count('\n') == len(ps.CLASSES) + 2 and 'matmul/conv' in table
+  # Source lines: the DiT's own lines and flax's Linear carry time, and the table's time is the
+  # classes' time (the top lines, at most all of it).
+  sites = {r['site'].split(' ')[0].split(':')[0] for r in result['sites']}
+  assert {'dit.py', 'linear.py'} <= sites, sites
+  assert sum(r['time_s'] for r in result['sites']) <= sum(r['time_s'] for r in classes.values()) * (1 + 1e-9)
+  assert all(o['site'] is not None and o['bytes'] >= 0 for o in result['top_ops'])
 
 
 def test_cost_model_fallback_is_labelled(monkeypatch):
