@@ -120,6 +120,16 @@ def _call_block(block, h, c):
   return block(h, c)
 
 
+def _pure_block(graphdef):
+  """(block arrays, h, c) -> block(h, c), the module rebuilt from `graphdef` inside."""
+  return lambda state, h, c: nnx.merge(graphdef, state)(h, c)
+
+
+def _stack_trees(trees):
+  """Pytrees of one structure -> one pytree of their leaves stacked on a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def block_caller(remat: str):
   """(block, h, c) -> block(h, c), checkpointed under the policy `remat` names.
 
@@ -135,8 +145,7 @@ def block_caller(remat: str):
 
   def call(block, h, c):
     graphdef, state = nnx.split(block)
-    pure = lambda state, h, c: nnx.merge(graphdef, state)(h, c)
-    return jax.checkpoint(pure, policy=policy)(state, h, c)
+    return jax.checkpoint(_pure_block(graphdef), policy=policy)(state, h, c)
 
   return call
 
@@ -144,7 +153,7 @@ def block_caller(remat: str):
 def stack_modules(modules):
   """One module of the shared structure whose arrays are the modules' arrays stacked on axis 0."""
   graphdef, _ = nnx.split(modules[0])
-  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules]))
+  return nnx.merge(graphdef, _stack_trees([nnx.state(m) for m in modules]))
 
 
 def scan_stacked_blocks(stacked, h, c, remat: str):
@@ -158,7 +167,7 @@ def scan_stacked_blocks(stacked, h, c, remat: str):
   """
   block_caller(remat)   # validates the name
   graphdef, state = nnx.split(stacked)
-  layer = lambda state, h, c: nnx.merge(graphdef, state)(h, c)
+  layer = _pure_block(graphdef)
   if REMAT_POLICIES[remat] is not None:
     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
   h, _ = jax.lax.scan(lambda h, state: (layer(state, h, c), None), h, state)
@@ -177,7 +186,7 @@ def stack_block_params(params, depth: int):
     raise ValueError(f'stack_block_params: blocks {missing} are missing from the parameters; is the '
                      f"tree already stacked (keys: {sorted(map(str, blocks))[:6]})?")
   layers = [blocks[i] if i in blocks else blocks[str(i)] for i in range(depth)]
-  return {**params, 'blocks': jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+  return {**params, 'blocks': _stack_trees(layers)}
 
 
 def unstack_block_params(params):
