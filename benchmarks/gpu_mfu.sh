@@ -20,6 +20,8 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}
 START=$(date +%s)
 stamp() { echo "$1 at +$(( $(date +%s) - START )) s" | tee -a "$OUT/times.txt"; }
 if [ "${TINY:-0}" = 1 ]; then
+  # The CPU runs the Pallas kernels in their interpreter: minutes, not the device's seconds.
+  T_STEP=${T_STEP:-600} T_REMAT=${T_REMAT:-600}
   STEP=(--tiny --warmup 1 --repeats 2 --compile_workers 1)
   PROF=(--size tiny --batch 8)
 else
