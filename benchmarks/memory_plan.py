@@ -36,7 +36,8 @@ Meshes are DATAxFSDP (their product is --devices). --microbatches k plans an upd
 accumulated over k passes of batch/k (config.train.microbatches). --remat gives the DiT blocks'
 rematerialization policies (config.model.remat: none, dots, block; fmjax.models.dit), a row
 each; --blocks unrolled,scanned plans the DiT with its blocks unrolled and scanned
-(config.model.scan_blocks: one compiled block body, compiled in seconds), a row each. Batches: the experiments' global batches (MeanFlow and LSD 256, iMF 1024), or --batch.
+(config.model.scan_blocks: one compiled block body, compiled in seconds), a row each. Batches:
+the experiments' global batches (MeanFlow and LSD 256, iMF 1024), or --batch.
 Rows print as they finish; --out writes the Markdown table, --json the rows.
 """
 
@@ -269,7 +270,8 @@ def main(argv=None):
             row = plan_row(size, rule, mesh, batch=args.batch, tiny=args.tiny, remat=remat,
                            microbatches=args.microbatches, scan_blocks=scanned)
           except Exception as e:   # noqa: BLE001 -- a row that cannot compile is reported, not fatal
-            row = {'model': model_name(size, args.tiny, scanned), 'rule': rule, 'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat,
+            row = {'model': model_name(size, args.tiny, scanned), 'rule': rule,
+                   'mesh': f'{mesh[0]}x{mesh[1]}', 'remat': remat,
                    'error': f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}
           rows.append(row)
           print(benchmarking.markdown_row(cells(row)), flush=True)

@@ -265,8 +265,8 @@ def _error_row(preset, rule, attention, remat, scanned, e) -> dict:
           'blocks': 'scanned' if scanned else '', 'error': f'{type(e).__name__}: {message}'}
 
 
-COLUMNS = ('network', 'rule', 'attention', 'remat', 'blocks', 'batch', 'dtype', 'diagonal', 'step ms', 'img/s/device',
-           'model GFLOP', 'XLA GFLOP', 'model/XLA', 'MFU', 'temp GiB', 'compile s', 'note')
+COLUMNS = ('network', 'rule', 'attention', 'remat', 'blocks', 'batch', 'dtype', 'diagonal', 'step ms',
+           'img/s/device', 'model GFLOP', 'XLA GFLOP', 'model/XLA', 'MFU', 'temp GiB', 'compile s', 'note')
 HEADER = benchmarking.markdown_row(COLUMNS)
 
 
@@ -308,7 +308,8 @@ def ratios(rows) -> list[str]:
     if b is None or r is b:
       continue
     time_ratio, flop_ratio = r['step_s'] / b['step_s'], r['model_flops'] / b['model_flops']
-    policy = ('' if r.get('remat', 'none') == 'none' else f", remat {r['remat']}") + (', scanned' if scanned(r) else '')
+    policy = '' if r.get('remat', 'none') == 'none' else f", remat {r['remat']}"
+    policy += ', scanned' if scanned(r) else ''
     lines.append(f"- {r['rule']} ({r['attention']} attention{policy}) / flow matching: time "
                  f"{time_ratio:.3f}, FLOPs {flop_ratio:.3f}, time / FLOP ratio "
                  f"{time_ratio / flop_ratio:.3f}")
@@ -384,7 +385,8 @@ def main(argv=None):
     parser.error(f'unknown remat {unknown}; choose from {tuple(dit.REMAT_POLICIES)}.')
   blocks = [b for b in args.blocks.split(',') if b]
   if set(blocks) - {'unrolled', 'scanned'}:
-    parser.error(f"unknown blocks {sorted(set(blocks) - {'unrolled', 'scanned'})}; choose from unrolled, scanned.")
+    parser.error(f"unknown blocks {sorted(set(blocks) - {'unrolled', 'scanned'})}; choose from "
+                 'unrolled, scanned.')
   specs = [(rule, attention, remat, b == 'scanned') for rule in rules for attention in attentions
            for remat in remats for b in blocks]
   options = dict(tiny=args.tiny, batch=args.batch, dtype=args.dtype)
