@@ -262,3 +262,17 @@ def test_cost_model_fallback_is_labelled(monkeypatch):
   assert sum(r['time_share'] for r in result['classes'].values()) == pytest.approx(1.0)
   linear = flops_lib.dit_forward(module).linear
   assert np.isclose(result['classes']['matmul/conv']['flops'], 2 * linear, rtol=1e-6)
+
+
+def test_the_command_line_profiles_a_scanned_step():
+  """`profile_step.py --blocks scanned`: the trainer's step with its DiT blocks in a while loop.
+  The table counts the loop body once per trip (XLA's own total counts it once), so its matmul
+  and attention FLOPs are the analytic count of the step's network passes; the source lines
+  name the scan."""
+  result = ps.main(['--size', 'tiny', '--batch', '8', '--blocks', 'scanned', '--steps', '1'])
+  assert (result['blocks'], result['remat'], result['rule']) == ('scanned', 'none', 'flow_matching')
+  classes = result['classes']
+  counted = classes['matmul/conv']['flops'] + classes['attention']['flops']
+  assert counted == pytest.approx(result['model_flops'], rel=0.05)
+  assert result['xla_flops'] < 0.95 * counted     # the body once (0.85 measured: 2 blocks, elementwise ops)
+  assert any(r['site'].startswith('dit.py:') for r in result['sites'])
