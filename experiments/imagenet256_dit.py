@@ -27,8 +27,9 @@ reference batch is `VIRTUAL_imagenet256_labeled.npz`; docs/training.md, docs/eva
       --mode=eval --config.eval.fid_reference=/data/VIRTUAL_imagenet256_labeled.npz
 
 (`:imf,XL` trains improved MeanFlow at XL/2 the same way.) For XL on a pod,
-`--config.model.scan_blocks=True --config.model.remat=block` compiles the step in seconds
-instead of minutes and keeps a fraction of the activations (docs/training.md, "Will it fit?"). Latents in the older shard format
+`--config.model.scan_blocks=True --config.model.remat=dots` (`=block` where memory is
+tightest) compiles the step in seconds instead of minutes and keeps a fraction of the
+activations (docs/training.md, "Will it fit?"). Latents in the older shard format
 (`python -m fmjax.data.latents --shards=...`: latents already scaled by 0.18215) still train.
 
 ARG = RULE[,SIZE] with RULE in meanflow | imf and SIZE in B | M | L | XL (patch size 2), or
