@@ -5,7 +5,8 @@ with one lax.scan. It must be the unrolled network exactly: the same initializat
 same seed (stacked), the same loss and gradient for a rule that differentiates through the jvp
 tangent (LSD) and one that stops it (MeanFlow), with and without remat inside the scan, on a
 class-conditional DiT with two-time conditioning; the same numbers sharded over a 4 x 2
-(data x FSDP) mesh; and a program whose size does not grow with the depth.
+(data x FSDP) mesh and with the flash kernels inside the scan; a program whose size does not
+grow with the depth; and a scanned run that trains, saves and loads through the training system.
 """
 
 import functools
