@@ -182,15 +182,16 @@ def analytic_step_flops(config, example_shape, rule: str) -> float:
 
 
 class Row:
-  """One (preset, rule, attention, remat, blocks) row in phases: the constructor builds the trainer, `lower`
-  lowers its step against the abstract state (no device memory for the state), `compile`
+  """One (preset, rule, attention, remat, blocks) row in phases: the constructor builds the
+  trainer, `lower` lowers its step against the abstract state (no device memory for the state), `compile`
   (thread-safe: XLA compiles outside the GIL, so rows compile in parallel), `time` creates the
   state and times the step."""
 
   def __init__(self, preset: str, rule: str, *, attention: str = '', remat: str = '', scan_blocks=False,
                tiny=False, batch=0, dtype='', workdir='/tmp/fmjax_throughput', size: str = ''):
     config, self.shape = rule_config(preset, rule, tiny=tiny, batch=batch, dtype=dtype,
-                                     attention=attention, size=size, remat=remat, scan_blocks=scan_blocks)
+                                     attention=attention, size=size, remat=remat,
+                                     scan_blocks=scan_blocks)
     self.tiny = tiny
     self.setup = train.Setup(config, workdir,
                              make_source=lambda c, mesh: SyntheticSource(c, mesh, self.shape))
@@ -420,7 +421,8 @@ def main(argv=None):
     prepared = {}
     for i, (rule, attention, remat, scanned) in enumerate(specs):
       try:
-        prepared[i] = Row(args.model, rule, attention=attention, remat=remat, scan_blocks=scanned, **options)
+        prepared[i] = Row(args.model, rule, attention=attention, remat=remat, scan_blocks=scanned,
+                          **options)
         prepared[i].lower()
       except Exception as e:
         rows[i] = _error_row(args.model, *specs[i], e)
