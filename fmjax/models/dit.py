@@ -130,6 +130,13 @@ def _stack_trees(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def remat_policy(remat: str):
+  """The jax.checkpoint policy that `remat` names (None: no checkpoint); an unknown name raises."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}.')
+  return REMAT_POLICIES[remat]
+
+
 def block_caller(remat: str):
   """(block, h, c) -> block(h, c), checkpointed under the policy `remat` names.
 
@@ -137,9 +144,7 @@ def block_caller(remat: str):
   inside by nnx.merge): a module merged under an outer jvp or grad trace cannot be updated from
   the checkpoint's trace, which nnx.remat would attempt. DiT blocks hold no mutable state.
   """
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f'Unknown remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}.')
-  policy = REMAT_POLICIES[remat]
+  policy = remat_policy(remat)
   if policy is None:
     return _call_block
 
@@ -165,11 +170,11 @@ def scan_stacked_blocks(stacked, h, c, remat: str):
   from merging the recomputation with the original (jax.checkpoint's documentation advises this
   setting inside scans), and the guard would only block other optimizations.
   """
-  block_caller(remat)   # validates the name
+  policy = remat_policy(remat)
   graphdef, state = nnx.split(stacked)
   layer = _pure_block(graphdef)
-  if REMAT_POLICIES[remat] is not None:
-    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  if policy is not None:
+    layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
   h, _ = jax.lax.scan(lambda h, state: (layer(state, h, c), None), h, state)
   return h
 
@@ -256,7 +261,7 @@ class DiT(nnx.Module):
     if image_size % patch_size:
       raise ValueError(f'image_size {image_size} is not a multiple of patch_size {patch_size}.')
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
-    block_caller(remat)   # validates the policy name early
+    remat_policy(remat)   # validates the policy name early
     self.remat, self.scan_blocks, self.depth = remat, bool(scan_blocks), depth
     self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
     self.num_classes, self.time_conditioning, self.dtype = num_classes, time_conditioning, dtype
