@@ -113,17 +113,46 @@ def finetune_options(config: ml_collections.ConfigDict) -> finetune.FinetuneOpti
                                   candidates=int(f.candidates), inner=f.inner)
 
 
-def check_same_network(net_init: Callable, base: finetune.BaseModel) -> None:
-  """Raises ConfigError unless config.model's network (net_init) has the base model's parameter
-  shapes: reward fine-tuning starts from the base parameters."""
+def base_params_layout(net_init: Callable, base: finetune.BaseModel) -> Callable[[Any], Any]:
+  """How reward fine-tuning's starting point is made from the base model's parameters: a
+  function params -> params that returns them as they are, or, when config.model's network
+  (net_init) differs from the base run's only in config.model.scan_blocks, with the DiT
+  blocks stacked or unstacked (`models.dit.stack_block_params` / `unstack_block_params`).
+  Called inside the jitted initialization, so the conversion runs sharded on the devices.
+
+  Raises ConfigError before any training when no conversion gives the network's shapes.
+  """
   expected = jax.eval_shape(net_init, jax.random.PRNGKey(0))
-  shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
-  if (jax.tree.structure(expected) != jax.tree.structure(base.params)
-      or shapes(expected) != shapes(base.params)):
-    raise configs.ConfigError(
-        'config.model builds a network of another shape than the base model in '
-        'config.teacher.workdir; fine-tuning starts from its parameters: use its model options '
-        '(see its config.json).')
+  for convert in (lambda params: params, _block_layout_of(expected, base.params)):
+    try:
+      if convert is not None and _same_shapes(expected, jax.eval_shape(convert, base.params)):
+        return convert
+    except (ValueError, KeyError, TypeError):   # a tree the conversion does not apply to
+      pass
+  raise configs.ConfigError(
+      'config.model builds a network of another shape than the base model in '
+      'config.teacher.workdir; fine-tuning starts from its parameters: use its model options '
+      '(see its config.json).')
+
+
+def _same_shapes(a, b) -> bool:
+  shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
+  return jax.tree.structure(a) == jax.tree.structure(b) and shapes(a) == shapes(b)
+
+
+def _block_layout_of(expected, params):
+  """The conversion of `params` to the DiT block layout of `expected` (stacked or one entry per
+  block), or None when the two are not DiT trees of different layouts."""
+  if not (isinstance(expected, dict) and isinstance(params, dict)
+          and isinstance(expected.get('blocks'), dict) and isinstance(params.get('blocks'), dict)):
+    return None
+  per_block = lambda tree: bool(tree['blocks']) and all(str(k).isdigit() for k in tree['blocks'])
+  if per_block(params) and not per_block(expected):
+    return lambda p: models.dit.stack_block_params(p, len(p['blocks']))
+  if per_block(expected) and not per_block(params):
+    # String keys, as the unrolled network's tree holds them.
+    return lambda p: _to_str_keys(models.dit.unstack_block_params(p))
+  return None
 
 
 def load_autoencoder(config: ml_collections.ConfigDict, dtype: str | None = None):

@@ -159,10 +159,11 @@ class Setup:
                                                self.source.num_classes)
     self.flow_map = from_config.build_flow_map(config, self.apply, self.interpolant)
     teacher = teacher if teacher is not None else trained_runs.load_teacher(config)
-    # Reward fine-tuning starts at the base model's parameters (same network, checked here).
-    self.base_params = None
+    # Reward fine-tuning starts at the base model's parameters (same network, checked here;
+    # a base run of the other DiT block layout is converted in init_state).
+    self.base_params, self.base_layout = None, None
     if config.loss.name in finetune.RULE_NAMES:
-      from_config.check_same_network(net_init, teacher)
+      self.base_layout = from_config.base_params_layout(net_init, teacher)
       self.base_params = teacher.params
 
     def rule_for(apply):
@@ -203,7 +204,7 @@ class Setup:
     # The base parameters enter as an argument, not a closure: a closed-over array would be
     # baked into the program as a constant (the whole network, for a large model).
     def from_base(key, base_params):
-      return train_state.init_state(self.rule, lambda _: base_params, self.tx,
+      return train_state.init_state(self.rule, lambda _: self.base_layout(base_params), self.tx,
                                     tuple(self.config.optim.ema_decays), key)
     return jax.jit(from_base, out_shardings=self.state_shardings)(self.seed_key, self.base_params)
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fmjax import benchmarking, configs, flow_maps, interpolants, losses, models
+from fmjax import benchmarking, configs, flow_maps, from_config, interpolants, losses, models
 from fmjax.models import dit, flops
+from fmjax.steering import finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KW = dict(image_size=8, in_channels=4, patch_size=2, hidden=32, depth=3, num_heads=2, num_classes=10,
@@ -214,6 +215,21 @@ def test_a_scanned_run_trains_saves_and_loads(tmp_path):
   flow_map = model.flow_map(s, t, x, labels)
   np.testing.assert_allclose(flow_map, x + (t - s)[:, None, None, None] * out, rtol=1e-5, atol=1e-5)
 
+  # Reward fine-tuning of the unrolled network from this scanned base run starts at its
+  # parameters, unstacked in the jitted initialization.
+  from fmjax import train   # pylint: disable=import-outside-toplevel
+  finetune_config, _ = throughput.rule_config('dit-b2', 'lsd', tiny=True, batch=4, scan_blocks=False)
+  with finetune_config.unlocked():
+    finetune_config.loss.name = 'reward_backprop'
+    finetune_config.teacher.workdir, finetune_config.teacher.step = str(tmp_path), 2
+    finetune_config.eval.ema_index = -1
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipelines, 'make_source', lambda c, mesh: throughput.SyntheticSource(c, mesh, shape))
+    setup = train.Setup(finetune_config, str(tmp_path / 'finetune'))
+  start = jax.device_get(setup.init_state()['params']['net'])
+  assert sorted(start['blocks']) == [str(i) for i in range(depth)]
+  jax.tree.map(np.testing.assert_array_equal, start, from_config._to_str_keys(dit.unstack_block_params(net)))
+
 
 def test_flash_kernels_run_inside_the_scan():
   """attention='flash' (the Pallas forward+jvp kernel and the fused backward of the tangent, in
@@ -237,3 +253,30 @@ def test_flash_kernels_run_inside_the_scan():
   np.testing.assert_allclose(float(value_s), float(value), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                dit.unstack_block_params(grad_s), grad)
+
+
+@pytest.mark.parametrize('base_scan', [False, True])
+def test_reward_finetuning_starts_from_a_base_of_the_other_layout(base_scan):
+  """from_config.base_params_layout: a base model whose network differs only in scan_blocks is
+  converted to the fine-tuned network's layout (both ways, exactly); any other difference is
+  the one clear error before training."""
+  unrolled = _unrolled_params()
+  as_stored = lambda tree: from_config._to_str_keys(tree)   # checkpoints hold string keys
+  base_params = as_stored(dit.stack_block_params(unrolled, KW['depth']) if base_scan else unrolled)
+  target_scan = not base_scan
+  # A network initializer as from_config.build_network gives one (only its shapes are read).
+  initializer = lambda **kw: lambda key: jax.tree.map(
+      lambda a: jnp.zeros(a.shape, a.dtype), as_stored(nnx.to_pure_dict(nnx.state(models.abstract('dit', **kw)))))
+  net_init = initializer(scan_blocks=target_scan, **KW)
+  base = finetune.BaseModel(flow_map=None, velocity=None, params=base_params)
+  convert = from_config.base_params_layout(net_init, base)
+  start = jax.jit(convert)(base_params)
+  expected = as_stored(dit.stack_block_params(unrolled, KW['depth']) if target_scan else unrolled)
+  assert jax.tree.structure(start) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, start, expected)
+  # The same layout passes through unchanged; another width is the shape error.
+  same = from_config.base_params_layout(lambda key: base_params, base)
+  assert same(base_params) is base_params
+  wider = initializer(scan_blocks=target_scan, **{**KW, 'hidden': 64})
+  with pytest.raises(configs.ConfigError, match='another shape'):
+    from_config.base_params_layout(wider, base)

@@ -706,6 +706,11 @@ SCAN_MUTATIONS = [
     mutation('scanned blocks: the parameter conversion stacks in reverse', 'fmjax/models/dit.py',
              'for i in range(depth)]\n  return {**params', 'for i in reversed(range(depth))]\n  return {**params',
              tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: fine-tuning from a base of the other layout not converted',
+             'fmjax/from_config.py', 'for convert in (lambda params: params, _block_layout_of(expected, base.params)):',
+             'for convert in (lambda params: params,):', tests=SCAN_TESTS, alone=True),
+    mutation('scanned blocks: fine-tuning initialized without the conversion', 'fmjax/train.py',
+             'lambda _: self.base_layout(base_params)', 'lambda _: base_params', tests=SCAN_TESTS, alone=True),
 ]
 MUTATIONS += SCAN_MUTATIONS
 

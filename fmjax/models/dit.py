@@ -35,7 +35,9 @@ materialized as loop outputs); with `remat` it holds far fewer, on XLA:CPU. The 
 and its initialization are the same as the unrolled network's (a network built with the same
 seed holds the same numbers, stacked: tests/test_scan_blocks.py); the parameter tree is not, so a
 run's checkpoints load only with the setting they were written with (`stack_block_params` and
-`unstack_block_params` convert a parameter tree between the two). Remat applies to the scan body.
+`unstack_block_params` convert a parameter tree between the two; reward fine-tuning converts a
+base run of the other layout itself, fmjax.from_config.base_params_layout). Remat applies to the
+scan body.
 
 Mixed precision (`dtype=jnp.bfloat16`): parameters stay float32 (`param_dtype`); times, their
 embeddings and the conditioning MLP run in float32 (a jvp in time differentiates through
