@@ -35,12 +35,10 @@ once without saving.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 import tempfile
-import traceback
 
 from absl import app
 from absl import flags
@@ -49,7 +47,7 @@ from ml_collections import config_flags
 
 import ml_collections
 
-from fmjax import checkpointing, configs, logging_utils, sharding, train
+from fmjax import checkpointing, configs, logging_utils, sharding, train, user_files
 from fmjax.cli import RUN_MODE_FIELDS  # the fields eval / sample / steer may change
 from fmjax.cli import evaluate as cli_evaluate
 from fmjax.cli import sample as cli_sample
@@ -232,9 +230,7 @@ def check_experiment(spec: str) -> None:
   ml_collections would wrap it in 40-odd lines of their own traceback). Exits on an error."""
   path, *arg = spec.split(':', 1)
   try:
-    module_spec = importlib.util.spec_from_file_location('fmjax_experiment_check', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = user_files.run(path, 'fmjax_experiment_check')
     if not hasattr(module, 'get_config'):
       sys.exit(f'fmjax: --config={spec}: {path} defines no get_config(arg=None); an experiment '
                'file returns its ConfigDict from get_config (see experiments/toy_gmm.py).')
@@ -245,17 +241,8 @@ def check_experiment(spec: str) -> None:
 
 def experiment_error_message(spec: str, path: str, error: BaseException) -> str:
   """'fmjax: --config=SPEC: FILE line N: Type: message' for an error raised in the experiment file."""
-  where = ''
-  target = os.path.realpath(path)
-  if isinstance(error, SyntaxError) and error.filename and os.path.realpath(error.filename) == target:
-    where = f' line {error.lineno}'
-  else:
-    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
-             if os.path.realpath(frame.filename) == target]
-    where = f' line {lines[-1]}' if lines else ''
-  message = ' '.join(str(error).split()) or '(no message)'
-  return (f'fmjax: --config={spec}: the experiment file raised an error ({path}{where}): '
-          f'{type(error).__name__}: {message}')
+  return (f'fmjax: --config={spec}: the experiment file raised an error '
+          f'({user_files.location(path, error)}): {user_files.error_text(error)}')
 
 
 def parse_flags(argv):

@@ -199,3 +199,47 @@ def test_the_latent_builder_and_a_run_config_accept_a_registered_kind(registered
   vae = from_config.load_autoencoder(config)
   assert isinstance(vae, SpaceToDepth)
   from_config.check_autoencoder(vae, info, 'the s2d latents')
+
+
+REGISTRATION = '''
+import fmjax.autoencoders
+import test_autoencoder_registry as shared   # the tests' SpaceToDepth loader
+
+fmjax.autoencoders.register(shared.KIND, shared.load_space_to_depth, replace=True)
+'''
+
+
+def test_the_build_command_registers_a_kind_from_a_file(tmp_path, capsys):
+  """`python -m fmjax.data.latents build --register=FILE` runs FILE (which registers the kind)
+  before loading the autoencoder; without it, an unregistered kind and a file that raises are
+  each one message that says what to do, before any image is read."""
+  images = tmp_path / 'images' / 'a'
+  os.makedirs(images)
+  for i in range(2):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / f'{i}.png')
+  folder = _s2d_folder(tmp_path)
+  args = ['build', f'--source=folder:{tmp_path / "images"}', '--resolution=8', f'--autoencoder={folder}',
+          '--name=s2d8_latents', f'--data_dir={tmp_path / "tfds"}', '--batch_size=2', '--workers=1']
+  autoencoders.unregister(KIND)
+  with pytest.raises(SystemExit) as exit_info:
+    latents.main(args)
+  message = str(exit_info.value)
+  assert f"`_class_name` = '{KIND}' is not a registered autoencoder kind" in message
+  assert '--register=FILE' in message
+  assert not os.path.exists(tmp_path / 'tfds' / 's2d8_latents')
+  broken = tmp_path / 'broken.py'
+  broken.write_text('import fmjax.autoencoders\n\nfmjax.autoencoders.register(UNDEFINED, None)\n')
+  with pytest.raises(SystemExit, match=rf'--register={broken}: the file raised an error: {broken} '
+                                       r"line 3: NameError: name 'UNDEFINED' is not defined"):
+    latents.main([*args, f'--register={broken}'])
+  with pytest.raises(SystemExit, match='--register=nowhere.py: no such file'):
+    latents.main([*args, '--register=nowhere.py'])
+  registration = tmp_path / 'register_s2d.py'
+  registration.write_text(REGISTRATION)
+  try:
+    latents.main([*args, f'--register={registration}'])
+    assert KIND in autoencoders.KINDS
+  finally:
+    autoencoders.unregister(KIND)
+  info = latents.read_info(os.path.join(tmp_path / 'tfds', 's2d8_latents', '1.0.0'))
+  assert info['autoencoder_digest'] == 'space_to_depth:f2c3s0.5' and info['latent_shape'] == [4, 4, 12]

@@ -559,6 +559,12 @@ ARCHITECTURE_MUTATIONS = [
     mutation('architecture: config.steer.method checked against the methods known at import',
              'fmjax/configs.py', '  known = tuple(_methods.METHODS)',
              "  known = ('best_of_n', 'guidance', 'smc')", tests=['tests/test_api_steer.py'], alone=True),
+    mutation('architecture: the latent build ignores --register', 'fmjax/data/latents.py',
+             '    for path in args.register:\n      run_registration_file(path)\n', '',
+             tests=['tests/test_autoencoder_registry.py'], alone=True),
+    mutation("architecture: a user file's error located at the importer's line", 'fmjax/user_files.py',
+             'return f\'{path} line {lines[-1]}\' if lines else path', 'return path',
+             tests=['tests/test_autoencoder_registry.py', 'tests/test_lifecycle_cli.py'], alone=True),
 ]
 # The fused backward of attention's tangent (fmjax/models/flash_jvp_backward.py), one term each.
 # The kernel-level tests (the end-to-end and reference-checking ones add minutes, not coverage).

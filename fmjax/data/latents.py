@@ -9,6 +9,9 @@ set and an fmjax autoencoder folder (fmjax.autoencoders):
   python -m fmjax.data.latents build --source=tfds:mnist5k --tfds_split=train \
       --autoencoder=VAE_FOLDER --data_dir=DATA_DIR          # -> mnist5k_latents
 
+An autoencoder of a kind registered outside fmjax (fmjax.autoencoders.register) loads once the
+file that registers it has run: add --register=FILE (your experiment file, say).
+
 Every image (a folder: ADM's center crop at --resolution, fmjax.data.image_folder; a TFDS
 set: as stored, or ADM-cropped when --resolution differs) becomes x / 127.5 - 1 and is
 encoded together with its horizontal flip. Each example stores the posterior `mean` and
@@ -59,6 +62,7 @@ import time
 
 import numpy as np
 
+from fmjax import user_files
 from fmjax.data import image_folder, local_tfds
 
 NAME, VERSION = 'imagenet256_latents', '1.0.0'
@@ -334,7 +338,12 @@ def _load_autoencoder(folder: str, loader: str | None):
     module, _, function = loader.partition(':')
     return getattr(importlib.import_module(module), function)(folder)
   from fmjax import autoencoders
-  return autoencoders.load(folder)
+  try:
+    return autoencoders.load(folder)
+  except (OSError, ValueError) as e:   # a damaged folder or an unregistered kind: one message
+    hint = (' From the command line, --register=FILE first runs a Python file that registers '
+            'it (your experiment file, say).' if isinstance(e, autoencoders.UnknownAutoencoderError) else '')
+    raise BuildError(f'--autoencoder={folder}: {e}{hint}') from None
 
 
 def _dataset_fields(vae, source, latent_shape) -> dict:
@@ -616,6 +625,21 @@ def _assemble(name, final, partial, work, split, fields, split_fields, keep_spli
   return skipped, num_examples
 
 
+def run_registration_file(path: str) -> None:
+  """Runs the Python file `path` (the build command's --register=FILE): a file that calls
+  fmjax.autoencoders.register, such as an experiment file, so that the build loads an
+  autoencoder kind defined outside fmjax. Raises BuildError naming the file, the line and the
+  error when the file is missing or raises."""
+  if not os.path.isfile(path):
+    raise BuildError(f'--register={path}: no such file; pass the Python file that calls '
+                     'fmjax.autoencoders.register(CLASS_NAME, loader).')
+  try:
+    user_files.run(path, 'fmjax_registration')
+  except Exception as e:   # whatever the user's file raises: say where, once
+    raise BuildError(f'--register={path}: the file raised an error: '
+                     f'{user_files.describe_error(path, e)}') from None
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -638,10 +662,15 @@ def _build_main(argv) -> None:
   parser.add_argument('--workers', type=int, default=None, help='image reading threads (default: CPUs, at most 32)')
   parser.add_argument('--overwrite', action='store_true',
                       help='discard an unfinished build or existing data made with other settings')
+  parser.add_argument('--register', action='append', default=[], metavar='FILE',
+                      help='a Python file run before the autoencoder loads, which registers its kind '
+                           '(fmjax.autoencoders.register); repeatable')
   parser.add_argument('--_autoencoder_loader', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--_sleep_per_chunk', type=float, default=0.0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   try:
+    for path in args.register:
+      run_registration_file(path)
     build_latents(args.source, args.autoencoder, data_dir=args.data_dir, split=args.split,
                   resolution=args.resolution, name=args.name, batch_size=args.batch_size,
                   chunk=args.chunk, tfds_split=args.tfds_split, source_data_dir=args.source_data_dir,
