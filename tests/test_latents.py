@@ -224,6 +224,15 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_dataset_bitwise(built, tmp_pa
   while not os.path.exists(second) and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.02)
   still_running = proc.poll() is None
+  # Meanwhile a second build of the same dataset (another split shares its final swap) stops
+  # before writing anything, naming the build that holds it.
+  final = os.path.join(data_dir, f'imagenet{RES}_latents', '1.0.0')
+  with pytest.raises(latents.BuildError, match=rf"Another build is writing {final} \(process "
+                                               rf"{proc.pid} on .*, split 'train'\).*rerun"):
+    latents.build_latents(f'folder:{built["folder"]}', built['vae_dir'], data_dir=data_dir, split='val',
+                          resolution=RES, batch_size=3, chunk=4, vae=load_fake_vae(built['vae_dir']),
+                          log=io.StringIO())
+  assert not os.path.exists(os.path.join(os.path.dirname(work), 'val'))
   proc.send_signal(signal.SIGKILL)
   output = proc.communicate()[0].decode()
   assert still_running, output

@@ -32,7 +32,9 @@ the dataset an uninterrupted run gives; a rerun with another autoencoder, resolu
 source is refused (or pass --overwrite). Unreadable images are reported by path, skipped,
 kept in the chunk (so a resume skips the same ones) and listed in the sidecar. Peak disk use
 is about twice the dataset (chunks, then the dataset; ImageNet 256 with SD-VAE: ~85 GB
-each). Run one build per split at a time, on one process (it uses every local device).
+each). One build at a time writes a dataset, on one process (it uses every local device): a
+second build of the same NAME stops before writing, naming the process that holds the lock
+(an flock on DATA_DIR/NAME/1.0.0.fmjax_lock, released when that process ends, kill -9 included).
 
 Precomputed latents from elsewhere (the older `imagenet256_latents` format: one feature
 `latent`, already scaled) still build from NumPy shards:
@@ -51,12 +53,15 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
+import fcntl
 import glob
 import hashlib
 import importlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -73,6 +78,7 @@ SIDECAR = 'fmjax_latents.json'
 FORMAT, FORMAT_VERSION = 'fmjax_latents', 1
 LATENT_SUFFIX = '_latents'   # training recognizes latent datasets by their name's ending
 PARTIAL_SUFFIX = '.fmjax_partial'
+LOCK_SUFFIX = '.fmjax_lock'      # held (flock) by the build writing the dataset
 MOMENTS = ('mean', 'std', 'mean_flip', 'std_flip')
 
 
@@ -378,6 +384,44 @@ def _features(latent_shape, num_classes: int) -> dict:
           'source_index': tfds.features.Tensor(shape=(), dtype=np.int64)}
 
 
+@contextlib.contextmanager
+def _exclusive_build(final: str, split: str, log):
+  """Holds an exclusive lock on the dataset `final` while this build writes it.
+
+  Two builds of one dataset (the same split twice, or two splits, which share the final swap)
+  would interleave their chunks or undo each other's swap; the second one stops instead, before
+  it writes anything. The lock is an flock on FINAL.fmjax_lock: the kernel releases it when the
+  holding process ends in any way (kill -9 included), so a rerun after a crash never meets a
+  stale lock. On a filesystem without flock the build goes on unlocked, with a warning.
+  """
+  lock_path = final + LOCK_SUFFIX
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise BuildError(f'Another build is writing {final} ({_lock_holder(fd)}); one build at a '
+                       'time writes a latent dataset. Wait for it to finish (or stop it), then rerun '
+                       'this command: it resumes from the finished chunks.') from None
+    except OSError as e:     # e.g. a network filesystem without flock
+      print(f'latents: warning: cannot lock {lock_path} ({e}); make sure no other build writes '
+            f'{final} meanwhile.', file=log)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'split': split}).encode(), 0)
+    yield
+  finally:
+    os.close(fd)             # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+  try:
+    holder = json.loads(os.pread(fd, 4096, 0))
+    return f"process {holder['pid']} on {holder['host']}, split {holder['split']!r}"
+  except (ValueError, KeyError, TypeError):   # written by nothing yet, or cut short
+    return 'its process not recorded'
+
+
 def build_latents(source: str, autoencoder: str, *, data_dir: str, split: str = 'train',
                   resolution: int | None = None, name: str | None = None, batch_size: int = 64,
                   chunk: int = 1024, tfds_split: str = 'train', source_data_dir: str | None = None,
@@ -415,76 +459,77 @@ def build_latents(source: str, autoencoder: str, *, data_dir: str, split: str = 
                      'recognizes latent datasets by it).')
 
   final = os.path.join(data_dir, name, VERSION)
-  partial = final + PARTIAL_SUFFIX
-  previous = os.path.join(partial, 'previous')
-  if not os.path.isdir(final) and os.path.isdir(previous):
-    os.replace(previous, final)          # killed between the two renames of the last swap
-  fields = _dataset_fields(vae, src, latent_shape)
-  split_fields = {'source': src.spec, 'source_split': src.source_split, 'num_images': src.num_images,
-                  'list_hash': src.list_hash}
+  with _exclusive_build(final, split, log):
+    partial = final + PARTIAL_SUFFIX
+    previous = os.path.join(partial, 'previous')
+    if not os.path.isdir(final) and os.path.isdir(previous):
+      os.replace(previous, final)          # killed between the two renames of the last swap
+    fields = _dataset_fields(vae, src, latent_shape)
+    split_fields = {'source': src.spec, 'source_split': src.source_split, 'num_images': src.num_images,
+                    'list_hash': src.list_hash}
 
-  # What the existing dataset (if any) keeps.
-  keep_splits: dict[str, dict] = {}
-  if os.path.isdir(final):
-    info = read_info(final)
-    if info is None:
+    # What the existing dataset (if any) keeps.
+    keep_splits: dict[str, dict] = {}
+    if os.path.isdir(final):
+      info = read_info(final)
+      if info is None:
+        if not overwrite:
+          raise BuildError(f'{final} holds a dataset not built by this command (no {SIDECAR}, e.g. '
+                           'from --shards); pass another --name, or --overwrite to replace it.')
+        print(f'latents: --overwrite: replacing {final}', file=log)
+      else:
+        changed = _differences(info, fields, [k for k in fields if k != 'format'])
+        if changed and not overwrite:
+          raise BuildError(f'{final} was built with other settings ({"; ".join(changed)}) for splits '
+                           f'{sorted(info["splits"])}; pass another --name, or --overwrite to rebuild '
+                           'it (dropping those splits).')
+        old = info['splits'].get(split)
+        if not changed and old is not None and not overwrite:
+          diff = _differences(old, split_fields, split_fields)
+          if diff:
+            raise BuildError(f'Split {split!r} of {final} was built from another source '
+                             f'({"; ".join(diff)}); pass another --split, or --overwrite to replace it.')
+          _clean_up(partial, split)     # left by a run killed after its last rename
+          print(f'latents: {name}/{split} is already built in {final} ({old["num_examples"]} examples).',
+                file=log)
+          return final
+        if not changed:
+          keep_splits = {s: v for s, v in info['splits'].items() if s != split}
+        elif overwrite:
+          print(f'latents: --overwrite: dropping splits {sorted(info["splits"])} of {final} '
+                f'({"; ".join(changed)})', file=log)
+
+    # The work folder of this split and its manifest.
+    work = os.path.join(partial, split)
+    manifest = {**{k: v for k, v in fields.items() if k != 'class_names'}, **split_fields,
+                'name': name, 'split': split, 'chunk': chunk, 'batch_size': batch_size}
+    recorded = _read_json(os.path.join(work, 'manifest.json'))
+    if recorded is not None and recorded != manifest:
+      diff = _differences(recorded, manifest, sorted(set(recorded) | set(manifest)))
       if not overwrite:
-        raise BuildError(f'{final} holds a dataset not built by this command (no {SIDECAR}, e.g. '
-                         'from --shards); pass another --name, or --overwrite to replace it.')
-      print(f'latents: --overwrite: replacing {final}', file=log)
-    else:
-      changed = _differences(info, fields, [k for k in fields if k != 'format'])
-      if changed and not overwrite:
-        raise BuildError(f'{final} was built with other settings ({"; ".join(changed)}) for splits '
-                         f'{sorted(info["splits"])}; pass another --name, or --overwrite to rebuild '
-                         'it (dropping those splits).')
-      old = info['splits'].get(split)
-      if not changed and old is not None and not overwrite:
-        diff = _differences(old, split_fields, split_fields)
-        if diff:
-          raise BuildError(f'Split {split!r} of {final} was built from another source '
-                           f'({"; ".join(diff)}); pass another --split, or --overwrite to replace it.')
-        _clean_up(partial, split)     # left by a run killed after its last rename
-        print(f'latents: {name}/{split} is already built in {final} ({old["num_examples"]} examples).',
-              file=log)
-        return final
-      if not changed:
-        keep_splits = {s: v for s, v in info['splits'].items() if s != split}
-      elif overwrite:
-        print(f'latents: --overwrite: dropping splits {sorted(info["splits"])} of {final} '
-              f'({"; ".join(changed)})', file=log)
+        raise BuildError(f'{work} holds an unfinished build with other settings ({"; ".join(diff)}); '
+                         'rerun with those settings to resume it, or pass --overwrite to start over.')
+      print(f'latents: --overwrite: discarding the unfinished build in {work}', file=log)
+      shutil.rmtree(work)
+      recorded = None
+    os.makedirs(work, exist_ok=True)
+    if recorded is None:
+      _write_json(os.path.join(work, 'manifest.json'), manifest)
+    for stale in os.listdir(work):
+      if stale.endswith('.tmp'):           # a write that a kill interrupted
+        os.remove(os.path.join(work, stale))
 
-  # The work folder of this split and its manifest.
-  work = os.path.join(partial, split)
-  manifest = {**{k: v for k, v in fields.items() if k != 'class_names'}, **split_fields,
-              'name': name, 'split': split, 'chunk': chunk, 'batch_size': batch_size}
-  recorded = _read_json(os.path.join(work, 'manifest.json'))
-  if recorded is not None and recorded != manifest:
-    diff = _differences(recorded, manifest, sorted(set(recorded) | set(manifest)))
-    if not overwrite:
-      raise BuildError(f'{work} holds an unfinished build with other settings ({"; ".join(diff)}); '
-                       'rerun with those settings to resume it, or pass --overwrite to start over.')
-    print(f'latents: --overwrite: discarding the unfinished build in {work}', file=log)
-    shutil.rmtree(work)
-    recorded = None
-  os.makedirs(work, exist_ok=True)
-  if recorded is None:
-    _write_json(os.path.join(work, 'manifest.json'), manifest)
-  for stale in os.listdir(work):
-    if stale.endswith('.tmp'):           # a write that a kill interrupted
-      os.remove(os.path.join(work, stale))
-
-  _encode_chunks(vae, src, work, latent_shape, batch_size=batch_size, chunk=chunk,
-                 workers=workers if workers is not None else min(32, os.cpu_count() or 1),
-                 log=log, sleep_per_chunk=_sleep_per_chunk)
-  skipped, num_examples = _assemble(name, final, partial, work, split, fields, split_fields,
-                                    keep_splits, latent_shape, src.num_classes, autoencoder,
-                                    -(-src.num_images // chunk))
-  print(f'latents: {name}/{split}: {num_examples:,} examples from {src.num_images:,} images, '
-        f'{len(skipped)} unreadable image(s) skipped{" (listed in " + SIDECAR + ")" if skipped else ""}; '
-        f'{time.monotonic() - started:.1f} s. Ready in {final}; train with '
-        f'--config.data.name={name} --config.data.data_dir={data_dir}', file=log, flush=True)
-  return final
+    _encode_chunks(vae, src, work, latent_shape, batch_size=batch_size, chunk=chunk,
+                   workers=workers if workers is not None else min(32, os.cpu_count() or 1),
+                   log=log, sleep_per_chunk=_sleep_per_chunk)
+    skipped, num_examples = _assemble(name, final, partial, work, split, fields, split_fields,
+                                      keep_splits, latent_shape, src.num_classes, autoencoder,
+                                      -(-src.num_images // chunk))
+    print(f'latents: {name}/{split}: {num_examples:,} examples from {src.num_images:,} images, '
+          f'{len(skipped)} unreadable image(s) skipped{" (listed in " + SIDECAR + ")" if skipped else ""}; '
+          f'{time.monotonic() - started:.1f} s. Ready in {final}; train with '
+          f'--config.data.name={name} --config.data.data_dir={data_dir}', file=log, flush=True)
+    return final
 
 
 def _encode_chunks(vae, src, work: str, latent_shape, *, batch_size: int, chunk: int, workers: int,
