@@ -30,14 +30,17 @@ estimate of the order, not a promise: confirm the rows that fit narrowly on the 
   python benchmarks/memory_plan.py --devices 8 --meshes 1x8 --rules lsd --size XL --remat none,dots,block --schedule memory
   python benchmarks/memory_plan.py --devices 8 --meshes 8x1 --rules imf --size XL --microbatches 4   # iMF's batch on 8 chips
   python benchmarks/memory_plan.py --devices 64 --meshes 8x8,1x64 --rules lsd,imf --size XL --blocks scanned --remat block
+  python benchmarks/memory_plan.py --devices 8 --meshes 8x1 --rules lsd,sct --size unet --remat none,dots,block
   python benchmarks/memory_plan.py --tiny --devices 8 --meshes 8x1,1x8 --rules lsd       # CI size (seconds)
 
 Meshes are DATAxFSDP (their product is --devices). --microbatches k plans an update
 accumulated over k passes of batch/k (config.train.microbatches). --remat gives the DiT blocks'
-rematerialization policies (config.model.remat: none, dots, block; fmjax.models.dit), a row
+rematerialization policies (config.model.remat: none, dots, block; fmjax.models.remat), a row
 each; --blocks unrolled,scanned plans the DiT with its blocks unrolled and scanned
 (config.model.scan_blocks: one compiled block body, compiled in seconds), a row each. Batches:
-the experiments' global batches (MeanFlow and LSD 256, iMF 1024), or --batch.
+the experiments' global batches (MeanFlow and LSD 256, iMF 1024), or --batch. --size unet plans
+the CIFAR-10 U-Net of experiments/cifar10_unet.py instead (batch 512; remat applies to its
+residual blocks; --blocks does not).
 Rows print as they finish; --out writes the Markdown table, --json the rows.
 """
 
@@ -104,7 +107,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fmjax import benchmarking, models, sharding as sharding_lib, train  # noqa: E402
-from fmjax.models import dit  # noqa: E402
+from fmjax.models import remat as remat_lib  # noqa: E402
 import train_throughput as throughput  # noqa: E402
 
 GIB = 2**30
@@ -112,6 +115,7 @@ GIB = 2**30
 CHIPS = {'TPU v5e': 16, 'TPU v4': 32, 'TPU v6e': 32, 'H100': 80, 'TPU v5p': 95, 'H200': 141}
 HEADROOM = 0.9          # a row fits a chip when peak <= 90 % of its HBM
 BATCH = {'meanflow': 256, 'lsd': 256, 'imf': 1024}   # the experiments' global batches
+UNET = 'unet'                                         # --size: the CIFAR-10 U-Net preset
 TINY_FSDP_MIN_SIZE = 2**8   # --tiny: shard the tiny network's arrays too, as the large ones are
 
 
@@ -156,12 +160,15 @@ def fits(peak_bytes: float) -> list[str]:
 def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tiny: bool = False,
              remat: str = 'none', microbatches: int = 1, scan_blocks: bool = False,
              workdir: str = '/tmp/fmjax_memory_plan') -> dict:
-  """One row: the step of the DiT-SIZE/2 experiment with `rule`, on a DATA x FSDP mesh, its
-  blocks rematerialized under the policy `remat` (and scanned, with `scan_blocks`), each update
-  accumulated over `microbatches` passes."""
-  preset = f'dit-{size}'
-  throughput.PRESETS.setdefault(preset, ('imagenet256_dit', f'meanflow,{size}', (32, 32, 4), 256))
-  batch = batch or BATCH.get(rule, 256)
+  """One row: the step of the DiT-SIZE/2 experiment (size 'unet': the CIFAR-10 U-Net's) with
+  `rule`, on a DATA x FSDP mesh, its blocks rematerialized under the policy `remat` (and scanned,
+  with `scan_blocks`), each update accumulated over `microbatches` passes."""
+  if size == UNET:
+    preset, default_batch = UNET, throughput.PRESETS[UNET][3]
+  else:
+    preset, default_batch = f'dit-{size}', BATCH.get(rule, 256)
+    throughput.PRESETS.setdefault(preset, ('imagenet256_dit', f'meanflow,{size}', (32, 32, 4), 256))
+  batch = batch or default_batch
   config, shape = throughput.rule_config(preset, rule, tiny=tiny, batch=batch, remat=remat,
                                          scan_blocks=scan_blocks)
   with config.unlocked():
@@ -197,6 +204,8 @@ def plan_row(size: str, rule: str, mesh: tuple[int, int], *, batch: int = 0, tin
 
 
 def model_name(size: str, tiny: bool, scan_blocks: bool) -> str:
+  if size == UNET:
+    return 'U-Net (CIFAR-10)' if not tiny else 'U-Net (tiny)'
   return (f'DiT-{size}/2' if not tiny else 'DiT (tiny)') + (', scanned' if scan_blocks else '')
 
 
@@ -234,7 +243,8 @@ def main(argv=None):
   parser.add_argument('--devices', type=int, default=8, help='fake CPU devices (set before jax starts)')
   parser.add_argument('--meshes', default='8x1,1x8', help='DATAxFSDP,... (products = --devices)')
   parser.add_argument('--rules', default='meanflow,imf,lsd')
-  parser.add_argument('--size', default='XL', help='DiT sizes of experiments/imagenet256_dit.py: B,M,L,XL')
+  parser.add_argument('--size', default='XL', help='DiT sizes of experiments/imagenet256_dit.py: '
+                      "B,M,L,XL; or 'unet', the CIFAR-10 U-Net of experiments/cifar10_unet.py")
   parser.add_argument('--batch', type=int, default=0, help='global batch (0: the experiment\'s)')
   parser.add_argument('--schedule', default='concurrency', choices=('concurrency', 'memory'),
                       help="XLA:CPU's instruction schedule: its default (for parallelism) or the "
@@ -254,12 +264,14 @@ def main(argv=None):
              '(run it as a script, so that it sets XLA_FLAGS before jax starts).')
   meshes = [parse_mesh(m, args.devices) for m in args.meshes.split(',')]
   remats = args.remat.split(',')
-  unknown = sorted(set(remats) - set(dit.REMAT_POLICIES))
+  unknown = sorted(set(remats) - set(remat_lib.REMAT_POLICIES))
   if unknown:
-    parser.error(f'unknown --remat {unknown}; choose from {tuple(dit.REMAT_POLICIES)}.')
+    parser.error(f'unknown --remat {unknown}; choose from {tuple(remat_lib.REMAT_POLICIES)}.')
   blocks = args.blocks.split(',')
   if set(blocks) - {'unrolled', 'scanned'}:
     parser.error(f"unknown --blocks {sorted(set(blocks) - {'unrolled', 'scanned'})}; choose from unrolled, scanned.")
+  if UNET in args.size.split(',') and 'scanned' in blocks:
+    parser.error('--blocks scanned is a DiT option; plan --size unet with its blocks unrolled.')
   rows = []
   print(benchmarking.markdown_table(HEADER, []), flush=True)
   for size in args.size.split(','):
@@ -284,10 +296,11 @@ def main(argv=None):
           'policies with --schedule memory (and the kept column, which no schedule changes).', file=sys.stderr)
   text = [f'{args.devices} fake CPU devices (jax {jax.__version__}, XLA:CPU {schedule} schedule); peak = '
           'args + outputs not aliased + temp, per device.', '', benchmarking.markdown_table(HEADER, [cells(r) for r in rows])]
-  if any(r.get('rule') == 'lsd' for r in rows):
+  dit_rows = [r for r in rows if r['model'].startswith('DiT')]
+  if any(r.get('rule') == 'lsd' for r in dit_rows):
     text += ['', 'Largest DiT whose LSD step fits, per chip class:', '']
     text += [benchmarking.markdown_table(('chip', 'HBM GiB', 'largest LSD DiT'),
-                                         [[c, str(CHIPS[c]), m] for c, m in largest_per_chip(rows).items()])]
+                                         [[c, str(CHIPS[c]), m] for c, m in largest_per_chip(dit_rows).items()])]
   if args.out:
     benchmarking.write(args.out, '\n'.join(text) + '\n')
   if args.json:

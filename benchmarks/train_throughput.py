@@ -85,8 +85,8 @@ def experiment_config(name: str, arg: str):
 def rule_config(preset: str, rule: str, *, tiny: bool = False, batch: int = 0, dtype: str = '',
                 attention: str = '', size: str = '', remat: str = '', scan_blocks: bool = False):
   """(config, example shape) of one row: the preset's experiment with `rule` in force (and
-  `attention`, an implementation of fmjax.models.attention, and `remat`, a DiT block
-  rematerialization policy of fmjax.models.dit, when given; `scan_blocks` scans the DiT's blocks,
+  `attention`, an implementation of fmjax.models.attention, and `remat`, a block
+  rematerialization policy of fmjax.models.remat, when given; `scan_blocks` scans the DiT's blocks,
   config.model.scan_blocks). `size` replaces a
   DiT preset's network size (B, M, L, XL of experiments/imagenet256_dit.py)."""
   experiment, arg, shape, default_batch = PRESETS[preset]
@@ -354,7 +354,7 @@ def main(argv=None):
                       help='comma-separated attention implementations, a row each (default: the '
                            "preset's); e.g. naive,flash (flash: cuDNN forward on GPU)")
   parser.add_argument('--remat', default='',
-                      help='comma-separated DiT block remat policies, a row each (default: the '
+                      help='comma-separated block remat policies (DiT or U-Net), a row each (default: the '
                            "preset's, none); e.g. none,dots,block")
   parser.add_argument('--blocks', default='unrolled',
                       help="comma-separated, a row each: the DiT blocks 'unrolled' (one compiled copy "
@@ -380,10 +380,10 @@ def main(argv=None):
   if unknown:
     parser.error(f'unknown attention {unknown}; choose from {attention_lib.ATTENTION_IMPLEMENTATIONS}.')
   remats = [m for m in args.remat.split(',') if m] or ['']
-  from fmjax.models import dit   # pylint: disable=import-outside-toplevel
-  unknown = sorted(set(remats) - set(dit.REMAT_POLICIES) - {''})
+  from fmjax.models import remat as remat_lib   # pylint: disable=import-outside-toplevel
+  unknown = sorted(set(remats) - set(remat_lib.REMAT_POLICIES) - {''})
   if unknown:
-    parser.error(f'unknown remat {unknown}; choose from {tuple(dit.REMAT_POLICIES)}.')
+    parser.error(f'unknown remat {unknown}; choose from {tuple(remat_lib.REMAT_POLICIES)}.')
   blocks = [b for b in args.blocks.split(',') if b]
   if set(blocks) - {'unrolled', 'scanned'}:
     parser.error(f"unknown blocks {sorted(set(blocks) - {'unrolled', 'scanned'})}; choose from "

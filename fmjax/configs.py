@@ -61,7 +61,7 @@ from fmjax.data import datasets as _datasets
 # The dataset names live in fmjax.data.datasets (one registry); re-exported under their old names.
 from fmjax.data.datasets import IMAGE_DATASETS, LATENT_SUFFIX, TOY_DATASETS, is_latent_dataset
 from fmjax.models import attention as _attention
-from fmjax.models import dit as _dit
+from fmjax.models import remat as _remat
 from fmjax.models import embeddings
 from fmjax.steering import finetune as _finetune
 from fmjax.steering import methods as _methods
@@ -581,9 +581,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.model.get('attention') in (None, *_attention.ATTENTION_IMPLEMENTATIONS),
        f"config.model.attention = {config.model.get('attention')!r}; choose one of "
        f'{_attention.ATTENTION_IMPLEMENTATIONS}.')
-  need(config.model.get('remat') in (None, *_dit.REMAT_POLICIES),
-       f"config.model.remat = {config.model.get('remat')!r}; choose one of {tuple(_dit.REMAT_POLICIES)} "
-       "(what each DiT block keeps for the backward pass: everything, the matmul outputs, its input only).")
+  need(config.model.get('remat') in (None, *_remat.REMAT_POLICIES),
+       f"config.model.remat = {config.model.get('remat')!r}; choose one of {tuple(_remat.REMAT_POLICIES)} "
+       "(what each DiT or U-Net block keeps for the backward pass: everything, the linear layers' "
+       "outputs, its inputs only).")
 
 
 def validate_steer(config: ml_collections.ConfigDict) -> None:

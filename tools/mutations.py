@@ -725,6 +725,20 @@ SCAN_MUTATIONS = [
 ]
 MUTATIONS += SCAN_MUTATIONS
 
+REMAT_TESTS = ['tests/test_remat.py']
+REMAT_MUTATIONS = [
+    mutation('remat: the DiT blocks run without a checkpoint', 'fmjax/models/dit.py',
+             'call = block_caller(self.remat)', "call = block_caller('none')", tests=REMAT_TESTS, alone=True),
+    mutation('remat: the U-Net blocks run without a checkpoint', 'fmjax/models/unet.py',
+             'call = block_caller(self.remat)', "call = block_caller('none')", tests=REMAT_TESTS, alone=True),
+    mutation("remat: 'dots' keeps no convolution outputs", 'fmjax/models/remat.py',
+             'return (prim is jax.lax.conv_general_dilated_p\n', 'return (False\n', tests=REMAT_TESTS, alone=True),
+    mutation('remat: a stop-gradient on the block parameters in the checkpoint', 'fmjax/models/remat.py',
+             'policy=policy)(state, *inputs)', 'policy=policy)(jax.lax.stop_gradient(state), *inputs)',
+             tests=REMAT_TESTS, alone=True),
+]
+MUTATIONS += REMAT_MUTATIONS
+
 
 def run(mutation: Mutation, scratch: str) -> list[str]:
   """Applies one mutation to a fresh copy and returns the ids of the tests that fail."""

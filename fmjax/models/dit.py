@@ -14,16 +14,11 @@ one per time input ((s, t) or (t, t - s)), summed with the label embedding (null
 blockwise one is memory-efficient under `jax.jvp` and its gradients (fmjax.models.attention).
 `qk_norm=True` normalizes queries and keys per head (off by default).
 
-Rematerialization (`remat`, Chen et al. 2016, "Training deep nets with sublinear memory cost"):
-each transformer block is wrapped in `jax.checkpoint` with a saving policy, so the backward pass
-recomputes what the policy does not keep instead of holding it from the forward pass. 'none'
-keeps every activation (the default; fastest when it fits); 'dots' keeps the outputs of the
-linear layers (matmuls without batch dimensions) and recomputes norms, modulation, activations
-and attention; 'block' keeps only each block's input and recomputes the whole block (about one
-extra forward pass). Values, gradients and parameters are the same under every policy
-(tests/test_remat.py); only memory and time change (benchmarks/memory_plan.py --remat). It
-composes with the jvp of the flow-map rules: the jvp of a checkpointed block is checkpointed, so
-the tangents are recomputed too.
+Rematerialization (`remat`: 'none', 'dots' or 'block', fmjax.models.remat): each transformer
+block runs under `jax.checkpoint` with a saving policy. 'dots' keeps the outputs of the linear
+layers and recomputes norms, modulation, activations and attention; 'block' keeps only each
+block's input. Values, gradients and parameters are the same under every policy
+(tests/test_remat.py); only memory and time change (benchmarks/memory_plan.py --remat).
 
 Scanned blocks (`scan_blocks=True`): the blocks' parameters are stored stacked along a leading
 depth axis (one DiTBlock module whose arrays are [depth, ...]) and the forward pass is one
@@ -59,6 +54,7 @@ from fmjax import conditioning
 from fmjax.models import attention as attention_lib
 from fmjax.models import embeddings
 from fmjax.models import guidance_embedding as guidance_lib
+from fmjax.models.remat import block_caller, pure_block, remat_policy
 
 _zeros = nnx.initializers.zeros_init()
 _xavier = nnx.initializers.xavier_uniform()
@@ -110,51 +106,9 @@ class TimestepEmbedder(nnx.Module):
     return self.linear1(nnx.silu(self.linear0(embeddings.sinusoidal_embedding(t, self.frequency_dim, scale=self.scale))))
 
 
-# What each block keeps for the backward pass (jax.checkpoint policies); None: no checkpoint.
-REMAT_POLICIES = {
-    'none': None,
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'block': jax.checkpoint_policies.nothing_saveable,
-}
-
-
-def _call_block(block, h, c):
-  return block(h, c)
-
-
-def _pure_block(graphdef):
-  """(block arrays, h, c) -> block(h, c), the module rebuilt from `graphdef` inside."""
-  return lambda state, h, c: nnx.merge(graphdef, state)(h, c)
-
-
 def _stack_trees(trees):
   """Pytrees of one structure -> one pytree of their leaves stacked on a new leading axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def remat_policy(remat: str):
-  """The jax.checkpoint policy that `remat` names (None: no checkpoint); an unknown name raises."""
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f'Unknown remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}.')
-  return REMAT_POLICIES[remat]
-
-
-def block_caller(remat: str):
-  """(block, h, c) -> block(h, c), checkpointed under the policy `remat` names.
-
-  The checkpointed function is pure (the block's arrays in, the output out, the module rebuilt
-  inside by nnx.merge): a module merged under an outer jvp or grad trace cannot be updated from
-  the checkpoint's trace, which nnx.remat would attempt. DiT blocks hold no mutable state.
-  """
-  policy = remat_policy(remat)
-  if policy is None:
-    return _call_block
-
-  def call(block, h, c):
-    graphdef, state = nnx.split(block)
-    return jax.checkpoint(_pure_block(graphdef), policy=policy)(state, h, c)
-
-  return call
 
 
 def stack_modules(modules):
@@ -174,7 +128,7 @@ def scan_stacked_blocks(stacked, h, c, remat: str):
   """
   policy = remat_policy(remat)
   graphdef, state = nnx.split(stacked)
-  layer = _pure_block(graphdef)
+  layer = pure_block(graphdef)
   if policy is not None:
     layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
   h, _ = jax.lax.scan(lambda h, state: (layer(state, h, c), None), h, state)

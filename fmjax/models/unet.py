@@ -18,6 +18,12 @@ use an embedding with a null row `num_classes` for classifier-free guidance.
 Dropout is explicit: pass `key=` to `__call__` (or to the functional `apply`) to drop;
 without a key the network is deterministic, which is what the jvp rules need unless the
 same key is used for every evaluation that must agree.
+
+Rematerialization (`remat`: 'none', 'dots' or 'block', fmjax.models.remat): each residual
+block (with its attention) runs under `jax.checkpoint`; 'dots' keeps the convolutions' and
+dense layers' outputs and recomputes GroupNorm, SiLU, dropout and attention, 'block' keeps
+only the block's inputs. The dropout key is a block input, so the recomputation drops the
+same units. Values and gradients are the same under every policy (tests/test_remat.py).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from fmjax import conditioning
 from fmjax.models import attention as attention_lib
 from fmjax.models import embeddings
 from fmjax.models import guidance_embedding as guidance_lib
+from fmjax.models.remat import block_caller, remat_policy
 
 _SKIP_SCALE = math.sqrt(0.5)
 _zeros = nnx.initializers.zeros_init()
@@ -127,12 +134,14 @@ class UNet(nnx.Module):
                channels_per_head: int = 64, dropout: float = 0.0, emb_mult: int = 4,
                num_classes: int = 0, time_conditioning: str = 's_t', time_scale: float = 1000.0,
                guidance_conditioning: bool = False, velocity_head: bool = False, attention: str = 'naive',
-               attention_options: dict | None = None, dtype=jnp.float32,
+               attention_options: dict | None = None, remat: str = 'none', dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if image_size % 2 ** (len(channel_mult) - 1):
       raise ValueError(f'image_size {image_size} must be divisible by 2^{len(channel_mult) - 1} '
                        f'for {len(channel_mult)} levels; use fewer channel_mult entries.')
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
+    remat_policy(remat)                                        # and the remat policy's
+    self.remat = remat
     out_channels = out_channels or in_channels
     self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
     self.time_conditioning, self.dtype, self.model_channels = time_conditioning, dtype, model_channels
@@ -213,15 +222,16 @@ class UNet(nnx.Module):
     emb = self.embed(s, t, labels, x.shape[0]).astype(self.dtype)
     keys = iter(jax.random.split(key, len(self.encoder) + len(self.decoder))) if key is not None else None
     nxt = lambda: next(keys) if keys is not None else None
+    call = block_caller(self.remat)
     h = self.conv_in(x.astype(self.dtype))
     skips = [h]
     for blk in self.encoder:
-      h = blk(h, emb, nxt())
+      h = call(blk, h, emb, nxt())
       skips.append(h)
     for takes_skip, blk in zip(self.decoder_takes_skip, self.decoder):
       if takes_skip:
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-      h = blk(h, emb, nxt())
+      h = call(blk, h, emb, nxt())
     h = nnx.silu(self.norm_out(h))
     if head == 'both':   # (average, velocity) from one pass of the trunk
       return self.conv_out(h).astype(x.dtype), self.velocity_conv_out(h).astype(x.dtype)
