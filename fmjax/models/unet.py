@@ -140,7 +140,7 @@ class UNet(nnx.Module):
       raise ValueError(f'image_size {image_size} must be divisible by 2^{len(channel_mult) - 1} '
                        f'for {len(channel_mult)} levels; use fewer channel_mult entries.')
     embeddings.two_time_inputs(0.0, 0.0, time_conditioning)   # validates the name early
-    remat_policy(remat)                                        # and the remat policy's
+    remat_policy(remat)                                        # and the remat policy name
     self.remat = remat
     out_channels = out_channels or in_channels
     self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
